@@ -1,0 +1,1 @@
+"""Attribution methods of seq-instrument, one module per family, found through a registry."""
