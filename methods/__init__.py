@@ -1,1 +1,11 @@
-"""Attribution methods of seq-instrument, one module per family, found through a registry."""
+"""Attribution methods of seq-instrument, one module per family, found through a registry.
+
+    >>> import methods
+    >>> methods.list_methods()
+"""
+SEQ_INSTRUMENT_METHODS = True  # set first: instrument checks it while the imports below run
+
+from methods import gradient, layer  # noqa: E402,F401  (registers the methods)
+from methods.registry import get_method, list_methods, register  # noqa: E402
+
+__all__ = ["get_method", "list_methods", "register"]

@@ -1,0 +1,243 @@
+"""Attribution throughput of seq-instrument against Inseq, on a GPT-2-small-shaped model (random weights).
+
+    PYTHONPATH=. python benchmarks/throughput.py --repeats 3
+    PYTHONPATH=. python benchmarks/throughput.py --methods saliency,integrated_gradients --no-inseq
+
+One prompt of 13 tokens and a forced continuation of 10 tokens (23 in all) are attributed by both
+libraries, on the same model object, with the same texts and targets (attributed function: the
+probability of each target token), `show_progress=False`, and torch's default thread count. Repeats
+alternate ours / Inseq so that machine noise hits both alike; the table gives medians.
+
+Methods: saliency, input_x_gradient, integrated_gradients (n_steps=50, `--ig-internal-batch-size`
+for both libraries, default None = every path point of a call in one pass) and
+layer_gradient_x_activation over all 12 blocks: ours in one call with `target_layers="layers"`,
+Inseq in 12 calls, one per `target_layer=model.transformer.h[i]`, whose times are summed.
+
+The unit of the last column is one bare forward + backward (gradient w.r.t. the input embeddings of
+the probability of the last token) of the whole 23-token sequence. After the table, the largest
+difference between the two libraries' attributions per method, relative to Inseq's largest value,
+says whether both did the same work.
+
+No network: the tokenizer is a byte-level BPE trained at startup on the text below, wrapped in a
+`PreTrainedTokenizerFast` (its vocabulary is smaller than the model's 50257, which stays).
+Inseq is optional (`pip install --no-deps inseq` plus captum, jaxtyping, typeguard<=2.13.3,
+treescope, matplotlib, tqdm); when it cannot be imported the Inseq columns say why.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import instrument  # noqa: E402
+
+PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches"
+CONTINUATION = " from his porch and thinks about the long winter ahead"
+PROMPT_TOKENS, CONTINUATION_TOKENS = 13, 10
+CORPUS = f"""{PROMPT}{CONTINUATION}.
+A language model predicts the next token of a text from the tokens before it. Attribution methods
+say which input tokens mattered for each prediction: saliency takes the gradient of the predicted
+probability with respect to the input embeddings, input times gradient multiplies it by the
+embeddings, and integrated gradients averages gradients along a straight path from a baseline to
+the input. Layer methods do the same for the outputs of inner layers of the network.
+The farmer and his dog walk to the river in the morning, and the fox runs back to the old forest.
+"""
+METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "layer_gradient_x_activation")
+N_STEPS = 50
+
+
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on CORPUS: every word of the benchmark texts is one token."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([CORPUS] * 20, vocab_size=1000, min_frequency=1, show_progress=False,
+                            special_tokens=["<|endoftext|>", "<unk>"])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, unk_token="<unk>", bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+
+
+def build_model(tokenizer) -> transformers.GPT2LMHeadModel:
+    """GPT-2 small's shape with seeded random weights; special token ids follow the tokenizer
+    (Inseq reads EOS / BOS / PAD from the model config)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def check_texts(tokenizer) -> torch.Tensor:
+    prompt = tokenizer(PROMPT)["input_ids"]
+    full = tokenizer(PROMPT + CONTINUATION)["input_ids"]
+    if len(prompt) != PROMPT_TOKENS or len(full) != PROMPT_TOKENS + CONTINUATION_TOKENS or full[: len(prompt)] != prompt:
+        raise SystemExit(f"Tokenization changed: prompt {len(prompt)} tokens, prompt + continuation {len(full)} "
+                         f"(want {PROMPT_TOKENS} and {PROMPT_TOKENS + CONTINUATION_TOKENS}, the prompt a prefix)")
+    return torch.tensor([full])
+
+
+def load_inseq():
+    """(inseq module, None) or (None, why not)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import inseq
+    except Exception as error:  # ImportError, or an incompatibility with this transformers
+        return None, f"{type(error).__name__}: {error}".splitlines()[0][:160]
+    return inseq, None
+
+
+# -- the runs -------------------------------------------------------------------------------------
+
+def ours_runner(model, tokenizer, method: str, ig_batch):
+    """A function attributing the benchmark texts with seq-instrument; returns [23, 10(, 12), 768]."""
+    options = {
+        "saliency": {},
+        "input_x_gradient": {},
+        "integrated_gradients": {"n_steps": N_STEPS, "internal_batch_size": ig_batch},
+        "layer_gradient_x_activation": {"target_layers": "layers"},
+    }[method]
+    wrapped = instrument.load_model(model, method, tokenizer=tokenizer)
+
+    def run():
+        out = wrapped.attribute(PROMPT, PROMPT + CONTINUATION, show_progress=False, **options)
+        return out[0].target_attributions
+
+    return run
+
+
+def inseq_runner(inseq, model, tokenizer, method: str, ig_batch):
+    """The same with Inseq; the 12 layers are 12 wrappers, each hooked to one block, run in turn."""
+    tokenizer = copy.deepcopy(tokenizer)  # Inseq sets padding_side="left" on the tokenizer it gets
+    options = {"integrated_gradients": {"n_steps": N_STEPS, "internal_batch_size": ig_batch}}.get(method, {})
+    if method == "layer_gradient_x_activation":
+        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, target_layer=block) for block in model.transformer.h]
+    else:
+        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer)]
+
+    def run():
+        results = [
+            w.attribute(PROMPT, PROMPT + CONTINUATION, show_progress=False, **options)[0].target_attributions
+            for w in wrapped
+        ]
+        return results[0] if len(results) == 1 else torch.stack(results, dim=2)
+
+    return run
+
+
+def bare_runner(model, ids: torch.Tensor):
+    """One forward + backward of the whole sequence: d p(last token) / d input embeddings."""
+    embedding = model.get_input_embeddings()
+
+    def run():
+        with torch.enable_grad():
+            embeds = embedding(ids).detach().requires_grad_()
+            logits = model(inputs_embeds=embeds, use_cache=False).logits[0, -2]
+            probability = logits.softmax(-1)[ids[0, -1]]
+            return torch.autograd.grad(probability, embeds)[0]
+
+    return run
+
+
+def timed(run):
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
+    """max |ours - theirs| / max |theirs| over positions both fill; NaN layouts must agree."""
+    ours, theirs = ours.detach().float(), theirs.detach().float()
+    if ours.shape != theirs.shape:
+        return f"shapes differ: ours {tuple(ours.shape)}, Inseq {tuple(theirs.shape)}"
+    ours_nan, theirs_nan = torch.isnan(ours), torch.isnan(theirs)
+    note = "" if torch.equal(ours_nan, theirs_nan) else f" ({int((ours_nan != theirs_nan).sum())} NaN cells differ)"
+    both = ~(ours_nan | theirs_nan)
+    scale = theirs[both].abs().max()
+    return f"{float((ours[both] - theirs[both]).abs().max() / scale):.2e}{note}  shape {tuple(ours.shape)}"
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per library and method (median kept)")
+    parser.add_argument("--no-inseq", action="store_true", help="time seq-instrument only")
+    parser.add_argument("--ig-internal-batch-size", type=int, default=None,
+                        help="internal_batch_size of integrated gradients, both libraries (default: None)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) (default: leave torch's default, one per core)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}; choose from {','.join(METHODS)}")
+
+    print("$ PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    inseq, why_not = (None, "--no-inseq") if args.no_inseq else load_inseq()
+    tokenizer = build_tokenizer()
+    ids = check_texts(tokenizer)
+    model = build_model(tokenizer)
+    print(f"GPT-2-small shape (random weights), {ids.shape[1]} tokens ({PROMPT_TOKENS} prompt + {CONTINUATION_TOKENS} "
+          f"attributed), torch {torch.__version__}, {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
+          f"native kernels: {instrument.kernels.has_extension()}, load average {os.getloadavg()[0]:.2f}")
+    print("Inseq: " + ("available" if inseq else f"not available ({why_not})"))
+
+    bare = bare_runner(model, ids)
+    bare()
+    bare_times = [timed(bare)[0] for _ in range(max(5, args.repeats))]
+    bare_s = statistics.median(bare_times)
+
+    rows, differences = [], []
+    for method in methods:
+        ours = ours_runner(model, tokenizer, method, args.ig_internal_batch_size)
+        theirs = inseq_runner(inseq, model, tokenizer, method, args.ig_internal_batch_size) if inseq else None
+        ours_times, inseq_times = [], []
+        # The first call of each is a warm-up; its attributions are the ones compared.
+        _, ours_result = timed(ours)
+        inseq_result = timed(theirs)[1] if theirs else None
+        for _ in range(args.repeats):
+            ours_times.append(timed(ours)[0])
+            if theirs:
+                inseq_times.append(timed(theirs)[0])
+        ours_s = statistics.median(ours_times)
+        inseq_s = statistics.median(inseq_times) if inseq_times else None
+        rows.append((method, ours_s, inseq_s, ours_times, inseq_times))
+        if theirs:
+            differences.append((method, relative_difference(ours_result, inseq_result)))
+        print(f"  done {method}: ours {ours_s:.3f} s" + (f", Inseq {inseq_s:.3f} s" if inseq_s else ""), flush=True)
+
+    print()
+    print(f"{'method':30}{'ours s':>10}{'Inseq s':>10}{'Inseq/ours':>12}{'ours/bare':>11}")
+    print(f"{'bare fwd+bwd (23 tokens)':30}{bare_s:10.4f}")
+    for method, ours_s, inseq_s, _, _ in rows:
+        label = method + (" (12 layers)" if method.startswith("layer_") else "")
+        inseq_cell = f"{inseq_s:10.3f}{inseq_s / ours_s:12.2f}" if inseq_s else f"{'-':>10}{'-':>12}"
+        print(f"{label:30}{ours_s:10.3f}{inseq_cell}{ours_s / bare_s:11.1f}")
+    print(f"median of {args.repeats} repeats after one warm-up each; all times: "
+          + "; ".join(f"{m}: ours {[round(t, 3) for t in o]}" + (f" Inseq {[round(t, 3) for t in i]}" if i else "")
+                      for m, _, _, o, i in rows))
+    if differences:
+        print("\nmax |ours - Inseq| / max |Inseq| per method (target attributions; NaN = positions a step cannot see):")
+        for method, text in differences:
+            print(f"  {method:30}{text}")
+    print(f"load average after: {os.getloadavg()[0]:.2f} (2-core machine: above ~2 means other work shared the cores)")
+
+
+if __name__ == "__main__":
+    main()

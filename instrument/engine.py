@@ -1,0 +1,354 @@
+"""The batched attribution engine: rows, the embedding-patched forward, and scattering results back.
+
+    >>> engine = Engine(model, pad_token_id=tokenizer.pad_token_id)
+    >>> rows = Rows.for_examples(examples)                 # one row per (example, attributed step)
+    >>> logits, acts = engine.forward(rows, target_embeds=engine.embed(rows)[1])
+
+A *row* is one example at one attributed step `p`: the decoder sees the target prefix `target[:p]`
+(causal truncation: nothing after the step is computed) and predicts `target[p]`. All rows of all
+examples go through the model together, right-padded; the vocabulary projection runs only at each
+row's last real position.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from instrument.selection import select_modules
+from instrument.steps import StepFunction, StepFunctionArgs, call_step_function
+from instrument.trace import trace
+
+
+@dataclass
+class Example:
+    """One prepared example: token ids and the attributed target positions `[start, end)`.
+
+    `contrast_ids` / `contrast_source_ids` feed contrastive step functions; `alignment` maps a
+    target position to the contrast position holding its counterpart.
+    """
+
+    target_ids: torch.Tensor
+    start: int
+    end: int
+    source_ids: torch.Tensor | None = None
+    contrast_ids: torch.Tensor | None = None
+    contrast_source_ids: torch.Tensor | None = None
+    alignment: dict[int, int] | None = None
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.end)
+
+
+def _pad(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), length), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for index, seq in enumerate(sequences):
+        ids[index, : len(seq)] = seq
+        mask[index, : len(seq)] = 1
+    return ids, mask
+
+
+@dataclass
+class Rows:
+    """A padded batch of (example, step) rows. Row `i` predicts `token[i]` from `target_ids[i]`."""
+
+    example: torch.Tensor
+    position: torch.Tensor
+    token: torch.Tensor
+    target_ids: torch.Tensor
+    target_mask: torch.Tensor
+    source_ids: torch.Tensor | None = None
+    source_mask: torch.Tensor | None = None
+    contrast: "Rows | None" = None
+    contrast_uses_source_ids: bool = False
+
+    @classmethod
+    def build(cls, examples: Sequence[Example], pairs: Sequence[tuple[int, int]], pad_id: int) -> "Rows":
+        """Rows for `pairs` of (example index, target position)."""
+        target_ids, target_mask = _pad([examples[b].target_ids[:p] for b, p in pairs], pad_id)
+        rows = cls(
+            example=torch.tensor([b for b, _ in pairs], dtype=torch.long),
+            position=torch.tensor([p for _, p in pairs], dtype=torch.long),
+            token=torch.stack([examples[b].target_ids[p] for b, p in pairs]),
+            target_ids=target_ids,
+            target_mask=target_mask,
+        )
+        if examples[0].source_ids is not None:
+            rows.source_ids, rows.source_mask = _pad([examples[b].source_ids for b, _ in pairs], pad_id)
+        if examples[0].contrast_ids is not None:
+            rows.contrast = _contrast_rows(examples, pairs, pad_id)
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Index of each row's last real target position (where its prediction is read)."""
+        return self.target_mask.sum(1) - 1
+
+    def repeat(self, times: int) -> "Rows":
+        """The rows `times` times over, block after block (row `k * R + r` is row `r`)."""
+        if times == 1:
+            return self
+        values = {}
+        for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask"):
+            value = getattr(self, name)
+            values[name] = None if value is None else value.repeat(times, *([1] * (value.dim() - 1)))
+        contrast = self.contrast.repeat(times) if self.contrast is not None else None
+        return replace(self, **values, contrast=contrast)
+
+    def to(self, device) -> "Rows":
+        values = {
+            name: getattr(self, name).to(device)
+            for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask")
+            if getattr(self, name) is not None
+        }
+        return replace(self, **values, contrast=self.contrast.to(device) if self.contrast is not None else None)
+
+
+def _contrast_rows(examples: Sequence[Example], pairs: Sequence[tuple[int, int]], pad_id: int) -> Rows:
+    contrast_pairs = []
+    for b, p in pairs:
+        example = examples[b]
+        q = example.alignment.get(p, p) if example.alignment else p
+        if not 0 < q < len(example.contrast_ids):
+            raise ValueError(f"Contrast position {q} (aligned to target position {p}) is outside the contrast sequence")
+        contrast_pairs.append((b, q))
+    contrast_examples = [
+        Example(target_ids=e.contrast_ids, start=0, end=0, source_ids=e.contrast_source_ids if e.contrast_source_ids is not None else e.source_ids)
+        for e in examples
+    ]
+    rows = Rows.build(contrast_examples, contrast_pairs, pad_id)
+    rows.contrast_uses_source_ids = examples[0].contrast_source_ids is not None
+    return rows
+
+
+@dataclass
+class RowAttribution:
+    """What a method returns for R rows: granular scores over source / target positions.
+
+    `source`: `[R, source_len, ...]`, `target`: `[R, prefix_len, ...]`; `logits` are the logits at
+    the unperturbed input when the method computed them anyway; `delta` the convergence delta.
+    """
+
+    source: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def _head_at(head: nn.Module, positions: torch.Tensor):
+    """Feeds the vocabulary projection only the hidden state at `positions` (one per row)."""
+
+    def pick(module, args):
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, positions.to(hidden.device)].unsqueeze(1),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module):
+    """Dropout on for the block, every module's own training flag restored after, errors included."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+class Engine:
+    """Runs rows through a Hugging Face model with patched embeddings and optional layer capture."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int, unk_token_id: int | None, eos_token_id: int | None):
+        self.model = model
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.pad_token_id, self.unk_token_id, self.eos_token_id = pad_token_id, unk_token_id, eos_token_id
+        if self.is_encoder_decoder:
+            self.source_embedding = model.get_encoder().get_input_embeddings()
+            self.target_embedding = model.get_decoder().get_input_embeddings()
+        else:
+            self.source_embedding, self.target_embedding = None, model.get_input_embeddings()
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head); load a *ForCausalLM or *ForConditionalGeneration model")
+
+    @property
+    def device(self) -> torch.device:
+        return self.target_embedding.weight.device
+
+    # -- embeddings and baselines ---------------------------------------------------------------
+
+    def embed(self, rows: Rows) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Embedding-module outputs for the rows' source and target ids (no gradient history)."""
+        with torch.no_grad():
+            source = self.source_embedding(rows.source_ids) if rows.source_ids is not None else None
+            return source, self.target_embedding(rows.target_ids)
+
+    def baseline(self, rows: Rows, baselines: Any = None, include_eos_baseline: bool = False):
+        """Baseline embeddings: UNK everywhere (EOS kept unless `include_eos_baseline`), or
+        "zeros", "pad", a tensor, or a `(source, target)` pair of those."""
+        if isinstance(baselines, tuple):
+            source = self._baseline_side(rows.source_ids, self.source_embedding, baselines[0], include_eos_baseline)
+            return source, self._baseline_side(rows.target_ids, self.target_embedding, baselines[1], include_eos_baseline)
+        source = None
+        if rows.source_ids is not None:
+            source = self._baseline_side(rows.source_ids, self.source_embedding, baselines, include_eos_baseline)
+        return source, self._baseline_side(rows.target_ids, self.target_embedding, baselines, include_eos_baseline)
+
+    def _baseline_side(self, ids: torch.Tensor, embedding: nn.Module, baselines: Any, include_eos: bool):
+        with torch.no_grad():
+            if isinstance(baselines, torch.Tensor):
+                reference = embedding(ids)
+                return baselines.to(reference).expand_as(reference)
+            if baselines in (None, "unk"):
+                if self.unk_token_id is None:
+                    raise ValueError("The tokenizer has no UNK token for the default baseline; pass baselines='zeros' or 'pad'")
+                base = torch.full_like(ids, self.unk_token_id)
+                if not include_eos and self.eos_token_id is not None:
+                    base = torch.where(ids == self.eos_token_id, ids, base)
+                return embedding(base)
+            if baselines == "pad":
+                return embedding(torch.full_like(ids, self.pad_token_id))
+            if baselines == "zeros":
+                return torch.zeros_like(embedding(ids))
+        raise ValueError(f"Unknown baselines {baselines!r}; use None (UNK), 'zeros', 'pad' or a tensor")
+
+    # -- the forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        rows: Rows,
+        source_embeds: torch.Tensor | None = None,
+        target_embeds: torch.Tensor | None = None,
+        layers: Sequence[str] = (),
+        layer_patch: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits `[R, V]` at each row's last position, and the live outputs of `layers`.
+
+        Embeddings given here replace the embedding modules' outputs, so whatever the model does
+        after its embedding lookup (scaling, positions, norms) still happens.
+        """
+        patch = dict(layer_patch or {})
+        patch.update(self._embedding_patch(source_embeds, target_embeds))
+        kwargs = {"use_cache": False}
+        if self.is_encoder_decoder:
+            kwargs.update(input_ids=rows.source_ids, attention_mask=rows.source_mask,
+                          decoder_input_ids=rows.target_ids, decoder_attention_mask=rows.target_mask)
+        else:
+            kwargs.update(input_ids=rows.target_ids, attention_mask=rows.target_mask)
+        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at(self.head, rows.last):
+            output = self.model(**kwargs)
+        return output.logits[:, -1], t.activations
+
+    def _embedding_patch(self, source_embeds, target_embeds) -> dict[nn.Module, Any]:
+        if self.source_embedding is not None and self.source_embedding is self.target_embedding:
+            # One module embeds both sides (older transformers): replace its outputs in call order.
+            replacements = iter([source_embeds, target_embeds])
+            return {self.target_embedding: lambda out: _or(next(replacements, None), out)}
+        patch = {}
+        if source_embeds is not None:
+            patch[self.source_embedding] = source_embeds
+        if target_embeds is not None:
+            patch[self.target_embedding] = target_embeds
+        return patch
+
+    def layer_names(self, layers: Any) -> list[str]:
+        return select_modules(self.model, layers)
+
+    def layer_side(self, name: str) -> str:
+        """'source' for modules inside the encoder, 'target' otherwise."""
+        if not self.is_encoder_decoder:
+            return "target"
+        encoder = select_modules(self.model, self.model.get_encoder())[0]
+        return "source" if name == encoder or name.startswith(encoder + ".") else "target"
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def score(
+        self,
+        step: StepFunction,
+        rows: Rows,
+        logits: torch.Tensor,
+        kwargs: dict[str, Any],
+        source_embeds: torch.Tensor | None = None,
+        target_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The step function's value for each row, differentiable where the logits are."""
+        cache: dict[str, Any] = {}
+
+        def contrast():
+            if "value" not in cache:
+                cache["value"] = self.contrast_logits(rows, source_embeds)
+            return cache["value"]
+
+        def rerun(train: bool = True):
+            with train_mode(self.model) if train else contextlib.nullcontext():
+                return self.forward(rows, source_embeds, target_embeds)[0]
+
+        args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs)
+        scores = call_step_function(step, args, kwargs)
+        if scores.shape != (len(rows),):
+            raise ValueError(f"Step function {step.identifier!r} returned shape {tuple(scores.shape)}, expected ({len(rows)},)")
+        return scores
+
+    def contrast_logits(self, rows: Rows, source_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the contrastive rows. On encoder-decoders they share the (differentiable)
+        source embeddings unless `contrast_sources` replaced the source."""
+        contrast = rows.contrast
+        if contrast is None:
+            raise ValueError("This step function needs contrast_targets (or contrast_ids / contrast_sources)")
+        if self.is_encoder_decoder and not contrast.contrast_uses_source_ids and source_embeds is not None:
+            return self.forward(contrast, source_embeds=source_embeds)[0], contrast.token
+        with torch.no_grad():
+            return self.forward(contrast)[0], contrast.token
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def scatter(examples: Sequence[Example], rows: Rows, result: RowAttribution) -> list[dict[str, Any]]:
+    """Splits row results into `[positions, steps, ...]` tensors per example; unseen positions are NaN."""
+    out = []
+    for b, example in enumerate(examples):
+        picked = (rows.example == b).nonzero().squeeze(1)
+        steps = rows.position[picked] - example.start
+        n_steps = example.end - example.start
+        pieces: dict[str, Any] = {}
+        if result.source is not None and example.source_ids is not None:
+            src = result.source[picked, : len(example.source_ids)]
+            pieces["source"] = _columns(src, steps, n_steps, len(example.source_ids), None)
+        if result.target is not None:
+            tgt = result.target[picked]
+            pieces["target"] = _columns(tgt, steps, n_steps, len(example.target_ids), rows.position[picked])
+        if result.delta is not None:
+            pieces["delta"] = torch.full((n_steps,), float("nan")).index_copy(0, steps.cpu(), result.delta[picked].detach().float().cpu())
+        out.append(pieces)
+    return out
+
+
+def _columns(values: torch.Tensor, steps: torch.Tensor, n_steps: int, length: int, visible: torch.Tensor | None):
+    """`values [rows, positions, ...]` -> `[length, n_steps, ...]`, NaN past each row's prefix."""
+    values = values.detach().float().cpu()
+    extra = values.shape[2:]
+    grid = torch.full((length, n_steps, *extra), float("nan"))
+    for row, step in enumerate(steps.tolist()):
+        seen = values.shape[1] if visible is None else int(visible[row])
+        grid[: min(seen, length), step] = values[row, : min(seen, length)]
+    return grid

@@ -1,0 +1,312 @@
+"""`AttributionModel.attribute`: Inseq's entry point, on the batched engine.
+
+    >>> model = instrument.load_model(hf_model, "saliency", tokenizer=tokenizer)
+    >>> out = model.attribute("The capital of France is", step_scores=["probability"])
+"""
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from typing import Any, Sequence
+
+import torch
+from rich.progress import Progress
+
+from instrument.engine import Engine, Example, Rows, scatter
+from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+from instrument.steps import get_step_function
+from methods.base import Request
+from methods.registry import get_method
+
+CONTRAST_ARGS = ("contrast_targets", "contrast_sources", "contrast_ids", "contrast_attention_mask", "contrast_targets_alignments")
+# Accepted for compatibility with Inseq scripts; contrastive inputs are always used as given here.
+IGNORED_ARGS = ("contrast_force_inputs",)
+
+
+class AttributionModel:
+    """A Hugging Face model and tokenizer, ready to attribute. Subclasses say how texts become ids."""
+
+    is_encoder_decoder = False
+
+    def __init__(self, model, tokenizer, attribution_method: str | None = None, **method_kwargs):
+        self.model, self.tokenizer = model, tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token) first")
+        self.engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
+        self.attribution_method = attribution_method
+        self.method_kwargs = method_kwargs
+        if attribution_method is not None:
+            get_method(attribution_method)(**method_kwargs)  # fail now on an unknown name or option
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    # -- to be given by subclasses --------------------------------------------------------------
+
+    def encode_sources(self, texts: Sequence[str]) -> list[torch.Tensor] | None:
+        raise NotImplementedError
+
+    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def default_start(self, input_text: str, target_ids: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def generate(self, input_texts: Sequence[str], target_prefixes, generation_args: dict) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # -- attribution ----------------------------------------------------------------------------
+
+    def attribute(
+        self,
+        input_texts: str | Sequence[str],
+        generated_texts: str | Sequence[str] | None = None,
+        method: str | None = None,
+        attr_pos_start: int | None = None,
+        attr_pos_end: int | None = None,
+        show_progress: bool = True,
+        attribute_target: bool = False,
+        step_scores: Sequence[str] = (),
+        include_eos_baseline: bool = False,
+        attributed_fn: Any = None,
+        batch_size: int | None = None,
+        generate_from_target_prefix: bool = False,
+        skip_special_tokens: bool = False,
+        generation_args: dict | None = None,
+        reference: bool = False,
+        **kwargs,
+    ) -> FeatureAttributionOutput:
+        """Attribute `generated_texts` (or the model's own generations) to `input_texts`.
+
+            >>> out = model.attribute(["Hello world"], ["Hallo Welt"], step_scores=["probability"])
+
+        `reference=True` runs the step-by-step path (one prefix forward per step and example, as
+        Inseq does): slow, for tests. Method options (`n_steps`, `baselines`, `target_layers`...) and
+        step function options (`contrast_targets`, `logprob`, `top_k`...) go in `kwargs`.
+        """
+        started = time.perf_counter()
+        inputs = _as_list(input_texts, "input_texts")
+        targets = None if generated_texts is None else _as_list(generated_texts, "generated_texts")
+        if targets is not None and len(targets) != len(inputs):
+            raise ValueError(f"{len(inputs)} input texts but {len(targets)} generated texts; give one per input")
+        method_name = method or self.attribution_method
+        if method_name is None:
+            raise ValueError("No attribution method: pass method=... here or to load_model")
+        method_cls = get_method(method_name)
+        defaults = self.method_kwargs if method_name == self.attribution_method else {}
+        method_options = {k: v for k, v in kwargs.items() if k in method_cls.params}
+        if "include_eos_baseline" in method_cls.params:
+            method_options["include_eos_baseline"] = include_eos_baseline
+        attributor = method_cls(**{**defaults, **method_options})
+        step = get_step_function(attributed_fn or "probability")
+        scorers = {name: get_step_function(name) for name in step_scores}
+        step_kwargs = {k: v for k, v in kwargs.items() if k not in method_cls.params}
+        _check_step_kwargs(step_kwargs, [step, *scorers.values()])
+        if attribute_target and not self.is_encoder_decoder:
+            warnings.warn("attribute_target is ignored on decoder-only models: the whole prefix is always attributed", stacklevel=2)
+        attribute_target = attribute_target or not self.is_encoder_decoder
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+        if targets is None or generate_from_target_prefix:
+            target_ids = self.generate(inputs, targets, dict(generation_args or {}))
+            targets = [self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in target_ids]
+        else:
+            target_ids = self.encode_targets(inputs, targets)
+        examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs)
+
+        per_example: list[dict[str, Any]] = [dict() for _ in examples]
+        batch_size = batch_size or len(examples)
+        units = [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [
+            [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
+            for start in range(0, len(examples), batch_size)
+        ]
+        with Progress(disable=not show_progress, transient=True) as progress:
+            task = progress.add_task(f"Attributing with {method_name}", total=len(units))
+            for pairs in units:
+                self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example)
+                progress.advance(task)
+
+        sequences = [self._sequence_output(e, parts, attribute_target) for e, parts in zip(examples, per_example)]
+        info = {
+            "attribution_method": method_name,
+            "attributed_fn": getattr(step, "identifier", str(attributed_fn)),
+            "model_name": self.model_name,
+            "model_class": type(self.model).__name__,
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "input_texts": inputs,
+            "generated_texts": targets,
+            "attr_pos_start": attr_pos_start,
+            "attr_pos_end": attr_pos_end,
+            "attribute_target": attribute_target,
+            "step_scores": list(step_scores),
+            "attribution_args": attributor.defaults,
+            "step_scores_args": {k: v for k, v in step_kwargs.items() if k not in CONTRAST_ARGS},
+            "batch_size": batch_size,
+            "generation_args": dict(generation_args or {}),
+            "reference": reference,
+            "exec_time": time.perf_counter() - started,
+        }
+        return FeatureAttributionOutput(sequences, info=info)
+
+    def _attribute_rows(self, examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example):
+        engine = self.engine
+        batch = sorted({b for b, _ in pairs})
+        local = {b: i for i, b in enumerate(batch)}
+        sub = [examples[b] for b in batch]
+        rows = Rows.build(sub, [(local[b], p) for b, p in pairs], engine.pad_token_id).to(engine.device)
+
+        def score(rows_, logits, source, target):
+            return engine.score(step, rows_, logits, step_kwargs, source, target)
+
+        request = Request(engine, rows, score, attribute_target)
+        result = attributor.attribute(request, **attributor.defaults)
+        if attributor.attributes_inputs and not attribute_target:
+            result.target = None
+        with torch.no_grad():
+            logits = result.logits if result.logits is not None else engine.forward(rows)[0]
+            source = engine.embed(rows)[0]
+            scores = {name: engine.score(fn, rows, logits, step_kwargs, source) for name, fn in scorers.items()}
+        for i, parts in enumerate(scatter(sub, rows, result)):
+            target = per_example[batch[i]]
+            picked = (rows.example == i).nonzero().squeeze(1).cpu()
+            steps = rows.position[picked].cpu() - sub[i].start
+            n_steps = sub[i].end - sub[i].start
+            for name, values in scores.items():
+                parts.setdefault("steps", {})[name] = values[picked].float().cpu()
+            _merge(target, parts, steps, n_steps)
+
+    def _examples(self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs) -> list[Example]:
+        sources = self.encode_sources(inputs)
+        contrast_ids, contrast_sources, alignments = self._contrast(inputs, step_kwargs, len(inputs))
+        limit = _context_length(self.model.config)
+        examples = []
+        for b, ids in enumerate(target_ids):
+            start = self.default_start(inputs[b], ids) if attr_pos_start is None else attr_pos_start
+            end = len(ids) if attr_pos_end is None else attr_pos_end
+            if start < 0:
+                start += len(ids)
+            if end < 0:
+                end += len(ids)
+            if not 1 <= start < end <= len(ids):
+                raise ValueError(
+                    f"Example {b}: attributed positions [{start}, {end}) are out of range for a target of "
+                    f"{len(ids)} tokens (start must be at least 1 and below end, end at most {len(ids)})"
+                )
+            for name, seq in (("target", ids), ("source", sources[b] if sources is not None else None)):
+                if seq is not None and limit is not None and len(seq) > limit:
+                    raise ValueError(f"Example {b}: the {name} has {len(seq)} tokens, more than the model's context of {limit}")
+            example = Example(target_ids=ids, start=start, end=end, source_ids=None if sources is None else sources[b])
+            if contrast_ids is not None or contrast_sources is not None:
+                example.contrast_ids = contrast_ids[b] if contrast_ids is not None else ids
+                example.contrast_source_ids = contrast_sources[b] if contrast_sources is not None else None
+                example.alignment = alignments[b] if alignments is not None else None
+                if example.alignment is None and len(example.contrast_ids) != len(ids):
+                    raise ValueError(
+                        f"Example {b}: the contrast target has {len(example.contrast_ids)} tokens and the target "
+                        f"{len(ids)}; pass contrast_targets_alignments as (target position, contrast position) pairs"
+                    )
+            examples.append(example)
+        return examples
+
+    def _contrast(self, inputs, kwargs, count):
+        """Contrastive target ids, source ids and alignments per example, from the step kwargs."""
+        contrast_ids = contrast_sources = alignments = None
+        if kwargs.get("contrast_targets") is not None:
+            contrast_ids = self.encode_targets(inputs, _as_list(kwargs["contrast_targets"], "contrast_targets"))
+        elif kwargs.get("contrast_ids") is not None:
+            ids = torch.as_tensor(kwargs["contrast_ids"])
+            ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+            mask = kwargs.get("contrast_attention_mask")
+            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+            contrast_ids = [row[m.bool()] for row, m in zip(ids, mask)]
+        if kwargs.get("contrast_sources") is not None:
+            if not self.is_encoder_decoder:
+                raise ValueError("contrast_sources is for encoder-decoder models; on decoder-only models give the whole contrastive text in contrast_targets")
+            contrast_sources = self.encode_sources(_as_list(kwargs["contrast_sources"], "contrast_sources"))
+        for name, value in (("contrast targets", contrast_ids), ("contrast sources", contrast_sources)):
+            if value is not None and len(value) != count:
+                raise ValueError(f"{len(value)} {name} for {count} input texts; give one per input")
+        raw = kwargs.get("contrast_targets_alignments")
+        if raw is not None:
+            nested = raw and isinstance(raw[0], (list, tuple)) and raw[0] and isinstance(raw[0][0], (list, tuple))
+            per_example = raw if nested else [raw] * count
+            if len(per_example) != count:
+                raise ValueError(f"Give one alignment per input text ({count}), or one for all")
+            alignments = [{int(t): int(c) for t, c in pairs} for pairs in per_example]
+        return contrast_ids, contrast_sources, alignments
+
+    def _tokens(self, ids: torch.Tensor) -> list[TokenWithId]:
+        ids = ids.tolist()
+        return [TokenWithId(token, i) for token, i in zip(self.tokenizer.convert_ids_to_tokens(ids), ids)]
+
+    def _sequence_output(self, example: Example, parts: dict, attribute_target: bool):
+        step_scores = dict(parts.get("steps", {}))
+        if "delta" in parts:
+            step_scores["deltas"] = parts["delta"]
+        return FeatureAttributionSequenceOutput(
+            source=self._tokens(example.source_ids) if example.source_ids is not None else [],
+            target=self._tokens(example.target_ids),
+            source_attributions=parts.get("source"),
+            target_attributions=parts.get("target"),
+            step_scores=step_scores,
+            attr_pos_start=example.start,
+            attr_pos_end=example.end,
+        )
+
+
+def _merge(into: dict, parts: dict, steps: torch.Tensor, n_steps: int) -> None:
+    """Adds one chunk's results (some steps of one example) to what that example has so far."""
+    for key in ("source", "target", "delta"):
+        if key in parts:
+            if key not in into:
+                into[key] = parts[key]
+            else:
+                _fill(into[key], parts[key], steps, step_dim=0 if key == "delta" else 1)
+    for name, values in parts.get("steps", {}).items():
+        row = into.setdefault("steps", {}).setdefault(name, torch.full((n_steps,), float("nan")))
+        row[steps] = values
+
+
+def _fill(into: torch.Tensor, new: torch.Tensor, steps: torch.Tensor, step_dim: int) -> None:
+    index = [slice(None)] * into.dim()
+    index[step_dim] = steps
+    into[tuple(index)] = new[tuple(index)]
+
+
+def _as_list(texts, name: str) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{name} is empty")
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Every entry of {name} must be a non-empty string, got {text!r}")
+    return texts
+
+
+def _context_length(config) -> int | None:
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_step_kwargs(kwargs: dict, steps) -> None:
+    accepted = set(CONTRAST_ARGS) | set(IGNORED_ARGS)
+    for step in steps:
+        params = inspect.signature(step.fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        accepted |= set(list(params)[1:])
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise TypeError(f"Unknown argument(s) {sorted(unknown)}: neither the method nor the step functions take them")

@@ -1,0 +1,198 @@
+"""Step functions: one score per attributed step, usable as `step_scores` and as `attributed_fn`.
+
+    >>> out = model.attribute(text, step_scores=["probability", "entropy"])
+    >>> register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
+
+A step function takes a `StepFunctionArgs` (logits at the predicting position of each row, the
+target token of each row, and lazy access to a contrastive forward) plus keyword arguments from
+`attribute(...)`, and returns a tensor with one value per row.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class StepFunctionArgs:
+    """What a step function sees, for R rows (one row = one example at one attributed step).
+
+    `contrast()` returns `(logits [R, V], token ids [R])` of the contrastive input (from
+    `contrast_targets` / `contrast_ids` / `contrast_sources`), computed once on first use.
+    `rerun(train=True)` runs the rows' forward again (used by Monte Carlo dropout).
+    """
+
+    logits: torch.Tensor
+    target_ids: torch.Tensor
+    contrast: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    rerun: Callable[..., torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepFunction:
+    fn: Callable[..., torch.Tensor]
+    identifier: str
+    aggregate_map: dict[str, str] | None
+    needs_contrast: bool
+
+
+_REGISTRY: dict[str, StepFunction] = {}
+
+
+def register_step_function(
+    fn: Callable[..., torch.Tensor],
+    identifier: str,
+    aggregate_map: dict[str, str] | None = None,
+    overwrite: bool = False,
+    needs_contrast: bool = False,
+) -> None:
+    """Make `fn(args: StepFunctionArgs, **kwargs) -> Tensor[R]` available by `identifier`.
+
+    >>> register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
+    """
+    if not callable(fn):
+        raise TypeError(f"A step function must be callable, got {type(fn).__name__}")
+    if identifier in _REGISTRY and not overwrite:
+        raise ValueError(f"Step function {identifier!r} exists already; pass overwrite=True to replace it")
+    _REGISTRY[identifier] = StepFunction(fn, identifier, aggregate_map, needs_contrast)
+
+
+def list_step_functions() -> list[str]:
+    """Names of the registered step functions."""
+    return list(_REGISTRY)
+
+
+def get_step_function(identifier: str | Callable) -> StepFunction:
+    if callable(identifier):
+        return StepFunction(identifier, getattr(identifier, "__name__", "custom"), None, False)
+    if identifier not in _REGISTRY:
+        raise ValueError(f"Unknown step function {identifier!r}. Available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[identifier]
+
+
+def call_step_function(step: StepFunction, args: StepFunctionArgs, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Calls `step` with the keyword arguments its signature accepts."""
+    parameters = inspect.signature(step.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted = kwargs
+    else:
+        accepted = {key: value for key, value in kwargs.items() if key in parameters}
+    return step.fn(args, **accepted)
+
+
+def _gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def logit(args: StepFunctionArgs) -> torch.Tensor:
+    return _gather(args.logits.float(), args.target_ids)
+
+
+def probability(args: StepFunctionArgs, logprob: bool = False) -> torch.Tensor:
+    scores = args.logits.float().log_softmax(-1) if logprob else args.logits.float().softmax(-1)
+    return _gather(scores, args.target_ids)
+
+
+def entropy(args: StepFunctionArgs) -> torch.Tensor:
+    logprobs = args.logits.float().log_softmax(-1)
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def crossentropy(args: StepFunctionArgs) -> torch.Tensor:
+    return -_gather(args.logits.float().log_softmax(-1), args.target_ids)
+
+
+def perplexity(args: StepFunctionArgs) -> torch.Tensor:
+    """2 ** crossentropy, with the cross-entropy in nats (Inseq's definition, kept for comparability)."""
+    return 2 ** crossentropy(args)
+
+
+def _contrast_args(args: StepFunctionArgs) -> StepFunctionArgs:
+    logits, ids = args.contrast()
+    return StepFunctionArgs(logits, ids, args.contrast, args.rerun, args.extra)
+
+
+def contrast_logits(args: StepFunctionArgs) -> torch.Tensor:
+    return logit(_contrast_args(args))
+
+
+def contrast_prob(args: StepFunctionArgs, logprob: bool = False) -> torch.Tensor:
+    return probability(_contrast_args(args), logprob=logprob)
+
+
+def contrast_logits_diff(args: StepFunctionArgs) -> torch.Tensor:
+    return logit(args) - contrast_logits(args)
+
+
+def contrast_prob_diff(args: StepFunctionArgs, logprob: bool = False) -> torch.Tensor:
+    return probability(args, logprob=logprob) - contrast_prob(args, logprob=logprob)
+
+
+def pcxmi(args: StepFunctionArgs) -> torch.Tensor:
+    """Pointwise conditional cross-mutual information (Yin et al. 2021): -log2(p(y | input) / p(y | contrast))."""
+    return -torch.log2(probability(args) / contrast_prob(args))
+
+
+def in_context_pvi(args: StepFunctionArgs) -> torch.Tensor:
+    """In-context pointwise V-usable information (Lu et al. 2023): -log p(y | input) + log p(y | contrast)."""
+    return -probability(args, logprob=True) + contrast_prob(args, logprob=True)
+
+
+def _removed_by_top_p(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
+    """Tokens outside the nucleus: the least likely ones whose cumulative probability is <= 1 - top_p."""
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    ascending, order = logits.sort(dim=-1)
+    drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[..., -min_tokens_to_keep:] = False
+    return drop.scatter(-1, order, drop)
+
+
+def _removed_by_top_k(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int) -> torch.Tensor:
+    if not 0 <= top_k <= logits.shape[-1]:
+        raise ValueError(f"top_k must be in [0, {logits.shape[-1]}], got {top_k}")
+    return logits < logits.topk(max(top_k, min_tokens_to_keep), dim=-1).values[..., -1:]
+
+
+def kl_divergence(args: StepFunctionArgs, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """KL(p(. | input) || p(. | contrast)). With `top_p` and then `top_k`, both distributions keep only the
+    tokens selected on the sum of the two logit vectors (as Inseq's "merged" filtering does)."""
+    original, contrast = args.logits.float(), args.contrast()[0].float()
+    if top_p < 1.0:
+        removed = _removed_by_top_p(original + contrast, top_p, min_tokens_to_keep)
+        original, contrast = original.masked_fill(removed, float("-inf")), contrast.masked_fill(removed, float("-inf"))
+    if top_k > 0:
+        removed = _removed_by_top_k(original + contrast, top_k, min_tokens_to_keep)
+        original, contrast = original.masked_fill(removed, float("-inf")), contrast.masked_fill(removed, float("-inf"))
+    logp, logq = original.log_softmax(-1), contrast.log_softmax(-1)
+    kept = torch.isfinite(logp)
+    return torch.where(kept, logp.exp() * (logp - logq), torch.zeros_like(logp)).sum(-1)
+
+
+def mc_dropout_prob_avg(args: StepFunctionArgs, n_mcd_steps: int = 5, logprob: bool = False) -> torch.Tensor:
+    """Target probability z-scored against `n_mcd_steps` forwards with dropout active (Gal and Ghahramani
+    2016): (p - mean(p_dropout)) / std(p_dropout), as Inseq defines it."""
+    if n_mcd_steps < 2:
+        raise ValueError(f"n_mcd_steps must be at least 2 (a standard deviation is taken), got {n_mcd_steps}")
+    noisy = torch.stack([
+        probability(StepFunctionArgs(args.rerun(train=True), args.target_ids, args.contrast, args.rerun), logprob)
+        for _ in range(n_mcd_steps)
+    ])
+    return (probability(args, logprob) - noisy.mean(0)) / noisy.std(0)
+
+
+def top_p_size(args: StepFunctionArgs, top_p: float = 0.9) -> torch.Tensor:
+    """How many tokens the nucleus of probability mass `top_p` holds."""
+    return (~_removed_by_top_p(args.logits.float(), top_p, 1)).sum(-1).float()
+
+
+for _fn, _contrast in [
+    (logit, False), (probability, False), (entropy, False), (crossentropy, False), (perplexity, False),
+    (contrast_logits, True), (contrast_prob, True), (contrast_logits_diff, True), (contrast_prob_diff, True),
+    (pcxmi, True), (kl_divergence, True), (in_context_pvi, True), (mc_dropout_prob_avg, False), (top_p_size, False),
+]:
+    register_step_function(_fn, _fn.__name__, needs_contrast=_contrast)

@@ -1,0 +1,248 @@
+"""Trains the two demo models shipped in `instrument/demo/` on their synthetic tasks (CPU, a few minutes).
+
+    PYTHONPATH=. python scripts/train_demo_models.py             # both, into instrument/demo/demo-{lm,mt}
+    PYTHONPATH=. python scripts/train_demo_models.py --only mt --out /tmp/demo
+
+demo-mt: a MarianMTModel translating the invented SVO language Sral into the invented SOV language
+Oumi word by word (see `instrument.demo.tasks`); demo-lm: a GPT-2 that knows the capitals and
+languages of invented countries. Both use word-level tokenizers (one token = one word).
+Deterministic given `--seed` (same machine and torch version). Prints held-out accuracies at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from instrument.demo import tasks  # noqa: E402
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "instrument" / "demo"
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}  # ids 0..3
+MAX_POSITIONS = 64
+
+
+def word_tokenizer(words: list[str], append_eos: bool) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (after the special tokens); `append_eos` adds `</s>` to every
+    encoded text, as Marian tokenizers do for sources and targets."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    if append_eos:
+        eos = SPECIAL_TOKENS["eos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, vocab[eos])]
+        )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=MAX_POSITIONS,
+        padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
+
+
+def schedule(optimizer, warmup: int, total: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+# -- demo-mt ----------------------------------------------------------------------------------------------
+
+
+def train_mt(args, out: Path) -> dict:
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    tokenizer = word_tokenizer(tasks.vocabulary("mt"), append_eos=True)
+    config = transformers.MarianConfig(
+        vocab_size=len(tokenizer),
+        d_model=args.mt_dim,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=4 * args.mt_dim,
+        decoder_ffn_dim=4 * args.mt_dim,
+        max_position_embeddings=MAX_POSITIONS,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        activation_function="swish",
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        unk_token_id=tokenizer.unk_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    model = transformers.MarianMTModel(config)
+    n_train = args.mt_steps * args.batch_size
+    train = tasks.sample_translations(n_train, seed=args.seed)
+    sources = tokenizer([s for s, _, _ in train])["input_ids"]
+    targets = tokenizer(text_target=[t for _, t, _ in train])["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = schedule(optimizer, args.warmup, args.mt_steps)
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(n_train, generator=generator).tolist()
+    for step in range(args.mt_steps):
+        batch = order[step * args.batch_size : (step + 1) * args.batch_size]
+        input_ids = pad([sources[i] for i in batch], tokenizer.pad_token_id)
+        labels = pad([targets[i] for i in batch], -100)
+        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == args.mt_steps - 1:
+            print(f"mt step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+    model.eval()
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, max_length=MAX_POSITIONS, num_beams=1, do_sample=False,
+    )
+    held_out = tasks.sample_translations(args.eval_size, seed=args.seed + 1, held_out=True)
+    correct = words = word_correct = 0
+    with torch.no_grad():
+        for start in range(0, len(held_out), 100):
+            chunk = held_out[start : start + 100]
+            batch = tokenizer([s for s, _, _ in chunk], return_tensors="pt", padding=True)
+            generated = tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)
+            for (_, target, _), output in zip(chunk, generated):
+                correct += output == target
+                ref, hyp = target.split(), output.split()
+                words += len(ref)
+                word_correct += sum(r == h for r, h in zip(ref, hyp))
+    save(model, tokenizer, out)
+    return {"exact_match": correct / len(held_out), "word_accuracy": word_correct / words,
+            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - started}
+
+
+# -- demo-lm ----------------------------------------------------------------------------------------------
+
+
+def train_lm(args, out: Path) -> dict:
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    tokenizer = word_tokenizer(tasks.vocabulary("lm"), append_eos=False)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=args.lm_dim,
+        n_layer=args.lm_layers,
+        n_head=4,
+        n_inner=4 * args.lm_dim,
+        n_positions=MAX_POSITIONS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    corpus = [ids + [tokenizer.eos_token_id] for ids in tokenizer(tasks.lm_corpus())["input_ids"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = schedule(optimizer, args.warmup, args.lm_steps)
+    generator = torch.Generator().manual_seed(args.seed)
+    model.train()
+    order: list[int] = []
+    for step in range(args.lm_steps):
+        if len(order) < args.batch_size:
+            order += torch.randperm(len(corpus), generator=generator).tolist()
+        batch, order = order[: args.batch_size], order[args.batch_size :]
+        input_ids = pad([corpus[i] for i in batch], tokenizer.pad_token_id)
+        mask = (input_ids != tokenizer.pad_token_id).long()
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == args.lm_steps - 1:
+            print(f"lm step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+    model.eval()
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=8, do_sample=False
+    )
+    results = {}
+    for name, template in tasks.FACT_TEMPLATES.items():
+        pairs = [template(f) for f in tasks.facts()]
+        hits = 0
+        with torch.no_grad():
+            for prompt, answer in pairs:
+                ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+                generated = model.generate(ids, attention_mask=torch.ones_like(ids))[0, ids.shape[1] :]
+                hits += tokenizer.decode(generated, skip_special_tokens=True).strip() == answer
+        results[f"{name}_recall"] = hits / len(pairs)
+    save(model, tokenizer, out)
+    return {**results, "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - started}
+
+
+def save(model, tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="writes OUT/demo-mt and OUT/demo-lm")
+    parser.add_argument("--only", choices=["mt", "lm"], default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mt-steps", type=int, default=1500)
+    parser.add_argument("--mt-dim", type=int, default=64)
+    parser.add_argument("--lm-steps", type=int, default=1000)
+    parser.add_argument("--lm-dim", type=int, default=64)
+    parser.add_argument("--lm-layers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--eval-size", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: these small matrices gain nothing "
+                        "from more, and on a busy machine 2 threads were 10x slower)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    started = time.perf_counter()
+    report = {}
+    if args.only in (None, "mt"):
+        report["demo-mt"] = train_mt(args, args.out / "demo-mt")
+    if args.only in (None, "lm"):
+        report["demo-lm"] = train_lm(args, args.out / "demo-lm")
+    print(f"\ntotal {time.perf_counter() - started:.0f}s")
+    for name, values in report.items():
+        size = sum(f.stat().st_size for f in (args.out / name).iterdir())
+        print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}, f"{size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
