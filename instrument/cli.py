@@ -91,7 +91,13 @@ def _read_dataset(path: Path) -> tuple[list[str], list[str] | None]:
 
 
 def run_attribute(args: argparse.Namespace) -> None:
+    import transformers
+
     import instrument
+    from methods import get_method
+
+    get_method(args.attribution_method)  # an unknown name fails before the model loads
+    transformers.utils.logging.disable_progress_bar()  # one progress bar (ours) on stderr is enough
 
     if args.input_file is not None:
         inputs, targets = _read_dataset(args.input_file)

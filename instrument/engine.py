@@ -104,6 +104,16 @@ class Rows:
         contrast = self.contrast.repeat(times) if self.contrast is not None else None
         return replace(self, **values, contrast=contrast)
 
+    def take(self, index: torch.Tensor) -> "Rows":
+        """The rows at `index` (a 1-D index tensor), in that order; the padded width is kept."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        values = {}
+        for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask"):
+            value = getattr(self, name)
+            values[name] = None if value is None else value[index.to(value.device)]
+        contrast = self.contrast.take(index) if self.contrast is not None else None
+        return replace(self, **values, contrast=contrast)
+
     def to(self, device) -> "Rows":
         values = {
             name: getattr(self, name).to(device)
@@ -142,6 +152,73 @@ class RowAttribution:
     target: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+
+
+@dataclass
+class FullRows:
+    """Each row of `rows` read off one full-length forward of its example (see `full_rows`).
+
+    `full` holds one row per example, its longest prefix (every other row of the example is a
+    prefix of it, so under causal attention its hidden state at position `p - 1` is the one row
+    `p` computes). `owner[r]` is row r's full row, `positions[f]` the positions read from full row
+    f (padded by repeating its last one), `slot[r]` where row r's position sits in them.
+    """
+
+    full: Rows
+    owner: torch.Tensor
+    slot: torch.Tensor
+    positions: torch.Tensor
+
+    def gather(self, per_full: torch.Tensor) -> torch.Tensor:
+        """`[F, K, ...]` values at `positions` -> `[R, ...]` values, one per row."""
+        return per_full[self.owner.to(per_full.device), self.slot.to(per_full.device)]
+
+
+def full_rows(rows: Rows) -> FullRows:
+    """The longest row of each example in `rows`, and where every row reads from it.
+
+        >>> fr = full_rows(rows)
+        >>> logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])   # [R, V], as engine.forward(rows)[0]
+    """
+    examples = rows.example.tolist()
+    positions = rows.position.tolist()
+    longest: dict[int, int] = {}
+    for r, (b, p) in enumerate(zip(examples, positions)):
+        if b not in longest or p > positions[longest[b]]:
+            longest[b] = r
+    order = list(longest)
+    index = {b: f for f, b in enumerate(order)}
+    read: list[dict[int, int]] = [{} for _ in order]  # position -> slot, per full row
+    owner, slot = [], []
+    for b, p in zip(examples, positions):
+        f = index[b]
+        owner.append(f)
+        slot.append(read[f].setdefault(p - 1, len(read[f])))
+    width = max(len(q) for q in read)
+    padded = torch.tensor([list(q) + [list(q)[-1]] * (width - len(q)) for q in read], dtype=torch.long)
+    device = rows.target_ids.device
+    return FullRows(
+        full=rows.take(torch.tensor([longest[b] for b in order], dtype=torch.long, device=device)),
+        owner=torch.tensor(owner, dtype=torch.long, device=device),
+        slot=torch.tensor(slot, dtype=torch.long, device=device),
+        positions=padded.to(device),
+    )
+
+
+@contextlib.contextmanager
+def _head_at_many(head: nn.Module, positions: torch.Tensor):
+    """Feeds the vocabulary projection only the hidden states at `positions` `[R, K]`."""
+
+    def pick(module, args):
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        return (hidden[rows, positions.to(hidden.device)],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -255,6 +332,30 @@ class Engine:
         with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at(self.head, rows.last):
             output = self.model(**kwargs)
         return output.logits[:, -1], t.activations
+
+    def forward_steps(
+        self,
+        rows: Rows,
+        positions: torch.Tensor,
+        source_embeds: torch.Tensor | None = None,
+        target_embeds: torch.Tensor | None = None,
+        layers: Sequence[str] = (),
+        layer_patch: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Like `forward`, but logits `[R, K, V]` at `positions` `[R, K]` of each row: one forward
+        of a full-length row gives the logits of every attributed step of its example (with
+        `full_rows`). Embeddings and patches work as in `forward`."""
+        patch = dict(layer_patch or {})
+        patch.update(self._embedding_patch(source_embeds, target_embeds))
+        kwargs = {"use_cache": False}
+        if self.is_encoder_decoder:
+            kwargs.update(input_ids=rows.source_ids, attention_mask=rows.source_mask,
+                          decoder_input_ids=rows.target_ids, decoder_attention_mask=rows.target_mask)
+        else:
+            kwargs.update(input_ids=rows.target_ids, attention_mask=rows.target_mask)
+        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at_many(self.head, positions):
+            output = self.model(**kwargs)
+        return output.logits, t.activations
 
     def _embedding_patch(self, source_embeds, target_embeds) -> dict[nn.Module, Any]:
         if self.source_embedding is not None and self.source_embedding is self.target_embedding:

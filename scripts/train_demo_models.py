@@ -223,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lm-dim", type=int, default=64)
     parser.add_argument("--lm-layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: these small matrices gain nothing "

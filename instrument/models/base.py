@@ -11,6 +11,7 @@ import warnings
 from typing import Any, Sequence
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 
 from instrument.engine import Engine, Example, Rows, scatter
@@ -127,7 +128,7 @@ class AttributionModel:
             [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
             for start in range(0, len(examples), batch_size)
         ]
-        with Progress(disable=not show_progress, transient=True) as progress:
+        with Progress(disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
             task = progress.add_task(f"Attributing with {method_name}", total=len(units))
             for pairs in units:
                 self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example)

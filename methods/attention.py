@@ -1,0 +1,211 @@
+"""Attention weights as attributions: decoder self-attention, cross-attention, encoder self-attention.
+
+    >>> out = model.attribute(text, method="attention")                      # mean over layers and heads
+    >>> out = model.attribute(text, method="attention", layers=[-1], heads=[0, 2], aggregate_fn="max")
+    >>> out = model.attribute(text, method="attention", aggregate_fn=None)  # [..., layers, heads]
+
+Orientation as for every method: the column of step `p` holds the attention of the query at position
+`p - 1` (the position that predicts token `p`) over the keys: the target prefix for decoder
+self-attention (`target_attributions`), the source for cross-attention (`source_attributions` of
+an encoder-decoder). With `source_attention="encoder"` the source side holds the encoder's
+self-attention instead; it does not depend on the step, and as it has a query per source token, the
+column holds the attention each source token *receives*, averaged over the (real) source queries.
+
+One forward over the full sequence of each example gives every step (each attributed step is a
+prefix of the longest one, and attention is causal). Every attention module is hooked, and its
+weights `[batch, heads, queries, keys]` are cut down to the query rows that are read and reduced
+(heads selected, then mean / max or kept) while the forward goes on, so the weights of every head
+of every layer are never held at once. The model runs with eager attention during the call (the
+other implementations return no weights); its implementation is restored after, errors included.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from instrument.engine import RowAttribution, full_rows
+from instrument.selection import resolve_alias
+from methods.base import AttributionMethod, Request
+from methods.registry import register
+
+AGGREGATES = ("mean", "max", None)
+SOURCE_ATTENTION = ("cross", "encoder")
+
+
+def _configs(model: nn.Module) -> list:
+    """Every configuration object the model's modules read their attention implementation from."""
+    found: dict[int, Any] = {}
+    pending = [getattr(module, "config", None) for module in model.modules()]
+    while pending:
+        config = pending.pop()
+        if config is None or id(config) in found or not hasattr(config, "to_dict"):
+            continue
+        found[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            pending.append(getattr(config, key, None))
+    return list(found.values())
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """The model computes attention eagerly (and so returns attention weights) inside the block; every
+    configuration's attention implementation is put back as it was on exit, errors included."""
+    saved = [(config, config.__dict__.get("_attn_implementation_internal", _MISSING)) for config in _configs(model)]
+    try:
+        if getattr(model.config, "_attn_implementation", "eager") != "eager":
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+            else:  # older transformers
+                model.config._attn_implementation = "eager"
+        yield
+    finally:
+        for config, value in saved:
+            if value is _MISSING:
+                config.__dict__.pop("_attn_implementation_internal", None)
+            else:
+                config.__dict__["_attn_implementation_internal"] = value
+
+
+def attention_modules(model: nn.Module, kind: str, is_encoder_decoder: bool) -> list[str]:
+    """Names of the attention modules of one kind ("self": decoder self-attention, "cross", "encoder")."""
+    if kind == "self":
+        return resolve_alias(model, "attention", "decoder" if is_encoder_decoder else None)
+    if kind == "cross":
+        return resolve_alias(model, "cross_attention", "decoder")
+    return resolve_alias(model, "attention", "encoder")
+
+
+def attention_weights(output) -> torch.Tensor | None:
+    """The `[batch, heads, queries, keys]` weights an attention module returns (last tuple element)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[-1], torch.Tensor) and output[-1].dim() == 4:
+        return output[-1]
+    return None
+
+
+def _indices(value, count: int, what: str) -> list[int]:
+    """`value` (None: all, an int, or a sequence of ints, negative from the end) as indices in range."""
+    if value is None:
+        return list(range(count))
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
+        raise ValueError(f"{what} must be None, an index or a non-empty list of indices, got {value!r}")
+    picked = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"{what} must be integers, got {item!r}")
+        if not -count <= item < count:
+            raise ValueError(f"{what} index {item} is out of range: the model has {count} {what}")
+        picked.append(item % count)
+    return picked
+
+
+class _Reducer:
+    """Reduces each hooked module's weights to the query rows read, as the forward goes."""
+
+    def __init__(self, positions: torch.Tensor | None, heads: Any, aggregate_fn: str | None, n_layers: int):
+        self.positions, self.heads, self.aggregate_fn, self.n_layers = positions, heads, aggregate_fn, n_layers
+        self.total: torch.Tensor | None = None
+        self.kept: list[torch.Tensor] = []
+        self.key_mask: torch.Tensor | None = None  # for "encoder": which queries are real
+
+    def add(self, weights: torch.Tensor) -> None:
+        n_heads = weights.shape[1]
+        heads = _indices(self.heads, n_heads, "heads")
+        weights = weights.detach()
+        if self.positions is not None:
+            # [F, H, Q, K] -> [F, K_read, H', keys]: the query rows each full row is read at.
+            rows = torch.arange(weights.shape[0], device=weights.device)[:, None]
+            picked = weights[rows, :, self.positions.to(weights.device)][:, :, heads]
+        else:
+            # Encoder self-attention: attention received by each key, averaged over the real queries.
+            mask = self.key_mask.to(weights.device, weights.dtype)  # [F, Q]
+            received = torch.einsum("fhqk,fq->fhk", weights[:, heads].float(), mask) / mask.sum(1)[:, None, None]
+            picked = received[:, None]  # [F, 1, H', keys]
+        picked = picked.float()
+        if self.aggregate_fn is None:
+            self.kept.append(picked.transpose(2, 3))  # [F, K_read, keys, H']
+            return
+        self.count = len(heads)
+        value = picked.sum(2) if self.aggregate_fn == "mean" else picked.amax(2)
+        if self.total is None:
+            self.total = value
+        elif self.aggregate_fn == "mean":
+            self.total = self.total + value
+        else:
+            self.total = torch.maximum(self.total, value)
+
+    def result(self) -> torch.Tensor:
+        if self.aggregate_fn is None:
+            return torch.stack(self.kept, dim=3)  # [F, K_read, keys, layers, heads]
+        if self.aggregate_fn == "mean":
+            return self.total / (self.n_layers * self.count)
+        return self.total
+
+
+@register("attention")
+class Attention(AttributionMethod):
+    """Attention weights of the predicting position over the keys, selected and aggregated over
+    layers and heads (`aggregate_fn=None` keeps them: two more dimensions, `[layers, heads]`).
+
+    `layers` and `heads` take None (all), an index or a list of indices (negative from the end);
+    layer indices count within each stack (the decoder's for self- and cross-attention, the
+    encoder's for `source_attention="encoder"`).
+    """
+
+    params = {"layers": None, "heads": None, "aggregate_fn": "mean", "source_attention": "cross"}
+
+    def attribute(self, request: Request, layers=None, heads=None, aggregate_fn="mean", source_attention="cross") -> RowAttribution:
+        if aggregate_fn not in AGGREGATES:
+            raise ValueError(f"aggregate_fn must be 'mean', 'max' or None (keep layers and heads), got {aggregate_fn!r}")
+        if source_attention not in SOURCE_ATTENTION:
+            raise ValueError(f"source_attention must be 'cross' or 'encoder', got {source_attention!r}")
+        engine = request.engine
+        model, rows = engine.model, request.rows
+        fr = full_rows(rows)
+        kinds = {}
+        if request.attribute_target or not engine.is_encoder_decoder:
+            kinds["target"] = "self"
+        if engine.is_encoder_decoder:
+            kinds["source"] = source_attention
+        reducers, hooks = {}, []
+        for side, kind in kinds.items():
+            names = attention_modules(model, kind, engine.is_encoder_decoder)
+            if not names:
+                raise ValueError(f"Found no {kind} attention modules in {type(model).__name__}")
+            picked = [names[i] for i in _indices(layers, len(names), "layers")]
+            reducer = _Reducer(None if kind == "encoder" else fr.positions, heads, aggregate_fn, len(picked))
+            if kind == "encoder":
+                reducer.key_mask = fr.full.source_mask
+            reducers[side] = reducer
+            hooks.extend((model.get_submodule(name), name, reducer) for name in picked)
+        with torch.no_grad(), eager_attention(model), contextlib.ExitStack() as stack:
+            for module, name, reducer in hooks:
+                stack.callback(module.register_forward_hook(_hook(name, reducer)).remove)
+            logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])
+        out = {}
+        for side, reducer in reducers.items():
+            values = reducer.result()
+            if kinds[side] == "encoder":
+                out[side] = values[fr.owner.to(values.device), 0]
+            else:
+                out[side] = fr.gather(values)
+        return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
+
+
+def _hook(name: str, reducer: _Reducer):
+    def hook(module, args, output):
+        weights = attention_weights(output)
+        if weights is None:
+            raise RuntimeError(
+                f"{name} returned no attention weights under eager attention; this model family does not "
+                "expose them, so the attention method cannot be used with it"
+            )
+        reducer.add(weights)
+
+    return hook
