@@ -89,14 +89,16 @@ def check_texts(tokenizer) -> torch.Tensor:
 
 
 def load_inseq():
-    """(inseq module, None) or (None, why not)."""
+    """(inseq module, versions) or (None, why not)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import inseq
     except Exception as error:  # ImportError, or an incompatibility with this transformers
         return None, f"{type(error).__name__}: {error}".splitlines()[0][:160]
-    return inseq, None
+    from importlib.metadata import version
+
+    return inseq, f"inseq {version('inseq')}, captum {version('captum')}"
 
 
 # -- the runs -------------------------------------------------------------------------------------
@@ -189,14 +191,14 @@ def main(argv=None):
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {','.join(METHODS)}")
 
     print("$ PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
-    inseq, why_not = (None, "--no-inseq") if args.no_inseq else load_inseq()
+    inseq, about = (None, "--no-inseq") if args.no_inseq else load_inseq()
     tokenizer = build_tokenizer()
     ids = check_texts(tokenizer)
     model = build_model(tokenizer)
     print(f"GPT-2-small shape (random weights), {ids.shape[1]} tokens ({PROMPT_TOKENS} prompt + {CONTINUATION_TOKENS} "
           f"attributed), torch {torch.__version__}, {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
           f"native kernels: {instrument.kernels.has_extension()}, load average {os.getloadavg()[0]:.2f}")
-    print("Inseq: " + ("available" if inseq else f"not available ({why_not})"))
+    print("Inseq: " + (f"available ({about})" if inseq else f"not available ({about})"))
 
     bare = bare_runner(model, ids)
     bare()

@@ -3,6 +3,11 @@
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
+#include "cpu_vec.h"
+
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,7 +19,18 @@ namespace instrument {
 
 // CPU kernels (csrc/*.cpp).
 void interpolate_cpu(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
-                     at::Tensor& out);
+                     const bool* mask, at::Tensor& out);
+void accumulate_cpu(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& weights);
+void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines, int reduce,
+                  at::Tensor& out);
+void reduce_heads_cpu(const std::vector<at::Tensor>& layers, const std::vector<int64_t>& heads, bool max,
+                      at::Tensor& out);
+
+namespace {
+
+bool supported(at::ScalarType type) {
+  return type == at::kFloat || type == at::kHalf || type == at::kBFloat16 || type == at::kDouble;
+}
 
 #ifdef WITH_CUDA
 Dtype cuda_dtype(at::ScalarType type) {
@@ -34,11 +50,31 @@ void check_cuda(const char* error, const char* op) {
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
 
-// [K*B, L, D] rows k*B + b = baselines[b] + alphas[k] * (inputs[b] - baselines[b]).
-at::Tensor interpolate(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas) {
+[[noreturn]] void no_kernel(const char* op, const at::Tensor& tensor) {
+  TORCH_CHECK(false, op, ": instrument._C has no kernel for device ", tensor.device());
+  __builtin_unreachable();
+}
+
+int reduce_code(const std::string& reduce) {
+  if (reduce == "none") return 0;
+  if (reduce == "sum") return 1;
+  if (reduce == "l2") return 2;
+  if (reduce == "mean") return 3;
+  if (reduce == "absmax") return 4;
+  TORCH_CHECK(false, "finalize: reduce must be none, sum, l2, mean or absmax, got ", reduce);
+  return -1;
+}
+
+}  // namespace
+
+// [K*B, L, D] rows k*B + b = baselines[b] + alphas[k] * (inputs[b] - baselines[b]); positions where the [B, L]
+// mask is false keep inputs[b].
+at::Tensor interpolate(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
+                       const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(inputs.dim() == 3, "interpolate: inputs must be [B, L, D], got ", inputs.sizes());
   TORCH_CHECK(baselines.sizes() == inputs.sizes(), "interpolate: baselines ", baselines.sizes(),
               " != inputs ", inputs.sizes());
+  TORCH_CHECK(supported(inputs.scalar_type()), "interpolate: unsupported dtype ", inputs.scalar_type());
   TORCH_CHECK(baselines.scalar_type() == inputs.scalar_type(), "interpolate: dtype mismatch");
   TORCH_CHECK(alphas.dim() == 1 && alphas.scalar_type() == at::toOpMathType(inputs.scalar_type()),
               "interpolate: alphas must be 1-D of dtype ", at::toOpMathType(inputs.scalar_type()));
@@ -46,24 +82,147 @@ at::Tensor interpolate(const at::Tensor& inputs, const at::Tensor& baselines, co
               "interpolate: all tensors must be on one device");
   TORCH_CHECK(inputs.is_contiguous() && baselines.is_contiguous() && alphas.is_contiguous(),
               "interpolate: tensors must be contiguous");
+  const bool* mask_ptr = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == inputs.size(0) &&
+                    mask->size(1) == inputs.size(1),
+                "interpolate: mask must be a bool [B, L] = [", inputs.size(0), ", ", inputs.size(1), "], got ",
+                mask->scalar_type(), " ", mask->sizes());
+    TORCH_CHECK(mask->device() == inputs.device() && mask->is_contiguous(),
+                "interpolate: mask must be contiguous, on the inputs' device");
+    mask_ptr = mask->const_data_ptr<bool>();
+  }
 
   const int64_t batch = inputs.size(0), k = alphas.size(0);
   at::Tensor out = at::empty({k * batch, inputs.size(1), inputs.size(2)}, inputs.options());
   if (inputs.is_cpu()) {
-    interpolate_cpu(inputs, baselines, alphas, out);
+    interpolate_cpu(inputs, baselines, alphas, mask_ptr, out);
     return out;
   }
 #ifdef WITH_CUDA
   if (inputs.is_cuda()) {
     const c10::cuda::CUDAGuard guard(inputs.device());
     check_cuda(interpolate_cuda(cuda_dtype(inputs.scalar_type()), inputs.const_data_ptr(),
-                                baselines.const_data_ptr(), alphas.const_data_ptr(), out.mutable_data_ptr(), batch,
-                                inputs.size(1) * inputs.size(2), k, current_stream()),
+                                baselines.const_data_ptr(), alphas.const_data_ptr(), mask_ptr, out.mutable_data_ptr(),
+                                batch, inputs.size(1) * inputs.size(2), inputs.size(2), k, current_stream()),
                "interpolate");
     return out;
   }
 #endif
-  TORCH_CHECK(false, "interpolate: instrument._C has no kernel for device ", inputs.device());
+  no_kernel("interpolate", inputs);
+}
+
+// acc [B, L, D] += sum_k weights[k] * grads[k] (grads [K*B, L, D] k-major or [K, B, L, D]), in place.
+void accumulate(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& weights) {
+  TORCH_CHECK(acc.dim() == 3 && acc.scalar_type() == at::kFloat, "accumulate: acc must be a float32 [B, L, D]");
+  TORCH_CHECK(supported(grads.scalar_type()), "accumulate: unsupported grads dtype ", grads.scalar_type());
+  TORCH_CHECK(weights.dim() == 1 && weights.scalar_type() == at::kFloat, "accumulate: weights must be 1-D float32");
+  const int64_t k = weights.size(0);
+  TORCH_CHECK(grads.numel() == k * acc.numel() &&
+                  (grads.dim() == 4 ? grads.size(0) == k && grads.sizes().slice(1) == acc.sizes()
+                                    : grads.dim() == 3 && grads.size(0) == k * acc.size(0) &&
+                                          grads.sizes().slice(1) == acc.sizes().slice(1)),
+              "accumulate: grads ", grads.sizes(), " must be [K*B, L, D] or [K, B, L, D] with K = ", k,
+              " and acc [B, L, D] = ", acc.sizes());
+  TORCH_CHECK(grads.device() == acc.device() && weights.device() == acc.device(),
+              "accumulate: all tensors must be on one device");
+  TORCH_CHECK(acc.is_contiguous() && grads.is_contiguous() && weights.is_contiguous(),
+              "accumulate: tensors must be contiguous");
+  if (acc.is_cpu()) {
+    accumulate_cpu(acc, grads, weights);
+    return;
+  }
+#ifdef WITH_CUDA
+  if (acc.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(acc.device());
+    check_cuda(accumulate_cuda(cuda_dtype(grads.scalar_type()), acc.mutable_data_ptr<float>(), grads.const_data_ptr(),
+                               weights.const_data_ptr<float>(), k, acc.numel(), current_stream()),
+               "accumulate");
+    return;
+  }
+#endif
+  no_kernel("accumulate", acc);
+}
+
+// acc * (inputs - baselines) over [..., D], reduced over D unless reduce == "none"; float32.
+at::Tensor finalize(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines,
+                    const std::string& reduce) {
+  const int how = reduce_code(reduce);
+  TORCH_CHECK((acc.dim() == 3 || acc.dim() == 4) && acc.scalar_type() == at::kFloat,
+              "finalize: acc must be a float32 [B, L, D] or [layers, B, L, D]");
+  TORCH_CHECK(inputs.sizes() == acc.sizes() && baselines.sizes() == acc.sizes(), "finalize: inputs ", inputs.sizes(),
+              " and baselines ", baselines.sizes(), " must have the shape of acc ", acc.sizes());
+  TORCH_CHECK(supported(inputs.scalar_type()) && baselines.scalar_type() == inputs.scalar_type(),
+              "finalize: inputs and baselines must have one supported dtype");
+  TORCH_CHECK(inputs.device() == acc.device() && baselines.device() == acc.device(),
+              "finalize: all tensors must be on one device");
+  TORCH_CHECK(acc.is_contiguous() && inputs.is_contiguous() && baselines.is_contiguous(),
+              "finalize: tensors must be contiguous");
+  TORCH_CHECK(how == 0 || acc.size(-1) > 0 || acc.numel() == 0, "finalize: cannot reduce an empty hidden dimension");
+  const int64_t hidden = acc.size(-1);
+  at::Tensor out = how == 0 ? at::empty_like(acc) : at::empty(acc.sizes().slice(0, acc.dim() - 1), acc.options());
+  if (acc.is_cpu()) {
+    finalize_cpu(acc, inputs, baselines, how, out);
+    return out;
+  }
+#ifdef WITH_CUDA
+  if (acc.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(acc.device());
+    const int64_t rows = hidden == 0 ? 0 : acc.numel() / hidden;
+    check_cuda(finalize_cuda(cuda_dtype(inputs.scalar_type()), acc.const_data_ptr<float>(), inputs.const_data_ptr(),
+                             baselines.const_data_ptr(), out.mutable_data_ptr<float>(), rows, hidden,
+                             static_cast<Reduce>(how), current_stream()),
+               "finalize");
+    return out;
+  }
+#endif
+  no_kernel("finalize", acc);
+}
+
+// Mean or max over the given layers (each [B, H, T, S]) and head indices: [B, T, S] in the math type.
+at::Tensor reduce_heads(const std::vector<at::Tensor>& layers, const std::vector<int64_t>& heads,
+                        const std::string& reduce) {
+  TORCH_CHECK(reduce == "mean" || reduce == "max", "reduce_heads: reduce must be mean or max, got ", reduce);
+  TORCH_CHECK(!layers.empty() && !heads.empty(), "reduce_heads: select at least one layer and one head");
+  const at::Tensor& first = layers.front();
+  TORCH_CHECK(first.dim() == 4, "reduce_heads: each layer must be [B, H, T, S], got ", first.sizes());
+  TORCH_CHECK(supported(first.scalar_type()), "reduce_heads: unsupported dtype ", first.scalar_type());
+  for (const at::Tensor& layer : layers) {
+    TORCH_CHECK(layer.sizes() == first.sizes() && layer.scalar_type() == first.scalar_type() &&
+                    layer.device() == first.device(),
+                "reduce_heads: every layer must have one shape, dtype and device");
+    TORCH_CHECK(layer.is_contiguous(), "reduce_heads: layers must be contiguous");
+  }
+  for (const int64_t head : heads) {
+    TORCH_CHECK(0 <= head && head < first.size(1), "reduce_heads: head index ", head, " out of range [0, ",
+                first.size(1), ")");
+  }
+  const bool max = reduce == "max";
+  at::Tensor out = at::empty({first.size(0), first.size(2), first.size(3)},
+                             first.options().dtype(at::toOpMathType(first.scalar_type())));
+  if (first.is_cpu()) {
+    reduce_heads_cpu(layers, heads, max, out);
+    return out;
+  }
+#ifdef WITH_CUDA
+  if (first.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(first.device());
+    const int64_t plane = first.size(2) * first.size(3), elem = first.element_size();
+    std::vector<const void*> planes;
+    planes.reserve(layers.size() * heads.size());
+    for (const at::Tensor& layer : layers) {
+      for (const int64_t head : heads) {
+        planes.push_back(static_cast<const char*>(layer.const_data_ptr()) + head * plane * elem);
+      }
+    }
+    check_cuda(reduce_heads_cuda(cuda_dtype(first.scalar_type()), planes.data(), static_cast<int64_t>(planes.size()),
+                                 out.mutable_data_ptr(), first.size(0), first.size(1) * plane, plane, max,
+                                 current_stream()),
+               "reduce_heads");
+    return out;
+  }
+#endif
+  no_kernel("reduce_heads", first);
 }
 
 }  // namespace instrument
@@ -76,5 +235,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("interpolate", &instrument::interpolate, "Integrated-gradients interpolation; see instrument.kernels.",
-        py::arg("inputs"), py::arg("baselines"), py::arg("alphas"), py::call_guard<py::gil_scoped_release>());
+        py::arg("inputs"), py::arg("baselines"), py::arg("alphas"), py::arg("mask") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("accumulate", &instrument::accumulate, "In-place weighted sum of gradients; see instrument.kernels.",
+        py::arg("acc"), py::arg("grads"), py::arg("weights"), py::call_guard<py::gil_scoped_release>());
+  m.def("finalize", &instrument::finalize, "acc * (inputs - baselines), reduced; see instrument.kernels.",
+        py::arg("acc"), py::arg("inputs"), py::arg("baselines"), py::arg("reduce"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("reduce_heads", &instrument::reduce_heads, "Attention mean or max over layers and heads; see instrument.kernels.",
+        py::arg("layers"), py::arg("heads"), py::arg("reduce"), py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_simd", [] { return instrument::cpu::has_avx2(); },
+        "Whether the CPU kernels run their AVX2 versions (else the scalar ones).");
+  m.def(
+      "_set_cpu_simd",
+      [](bool enabled) { return instrument::cpu::avx2_allowed().exchange(enabled); },
+      "Allows (True) or forbids (False) the AVX2 CPU kernels; returns the previous setting. For tests.",
+      py::arg("enabled"));
 }

@@ -1,56 +1,38 @@
-// CPU implementation of the integrated-gradients interpolation.
+// CPU implementation of the integrated-gradients interpolation (kernel body: interpolate_tasks, cpu_kernels.inc).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
-#include <algorithm>
+#include "cpu_paths.h"
 
 namespace instrument {
 namespace {
+using namespace cpu;
 
-// Elements of a batch row converted to the math type at a time; two such buffers stay in L1.
-constexpr int64_t kChunk = 1024;
-// Output elements below which a task is not worth a thread (ATen's GRAIN_SIZE).
-constexpr int64_t kGrain = 32768;
-
-// A task is one chunk of one batch row, written for every alpha, so inputs and baselines are read once.
 template <typename T>
-void interpolate_kernel(const T* inputs, const T* baselines, const at::opmath_type<T>* alphas, T* out,
-                        int64_t batch, int64_t row, int64_t k) {
-  using Math = at::opmath_type<T>;
-  const int64_t chunks = (row + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, kGrain / (k * kChunk));
-  at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
-    Math lo[kChunk], diff[kChunk];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, start = task % chunks * kChunk;
-      const int64_t n = std::min(kChunk, row - start);
-      const T* x = inputs + b * row + start;
-      const T* base = baselines + b * row + start;
-      for (int64_t i = 0; i < n; ++i) {
-        lo[i] = static_cast<Math>(base[i]);
-        diff[i] = static_cast<Math>(x[i]) - lo[i];
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const Math alpha = alphas[j];
-        T* dst = out + (j * batch + b) * row + start;
-        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(lo[i] + alpha * diff[i]);
-      }
-    }
-  });
+auto interpolate_kernel() {
+  INSTRUMENT_PICK_AVX2(T, interpolate_tasks<T, Avx2>)
+  return &scalar_path::interpolate_tasks<T, Scalar<at::opmath_type<T>>>;
 }
 
 }  // namespace
 
 void interpolate_cpu(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
-                     at::Tensor& out) {
-  const int64_t batch = inputs.size(0), row = inputs.size(1) * inputs.size(2), k = alphas.numel();
+                     const bool* mask, at::Tensor& out) {
+  const int64_t batch = inputs.size(0), hidden = inputs.size(2), row = inputs.size(1) * hidden;
+  const int64_t k = alphas.numel();
   if (batch == 0 || row == 0 || k == 0) return;
+  const int64_t tasks = batch * ((row + kChunk - 1) / kChunk);
+  const int64_t grain = std::max<int64_t>(1, kGrain / (k * kChunk));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "interpolate_cpu", [&] {
-    interpolate_kernel<scalar_t>(inputs.const_data_ptr<scalar_t>(), baselines.const_data_ptr<scalar_t>(),
-                                 alphas.const_data_ptr<at::opmath_type<scalar_t>>(),
-                                 out.mutable_data_ptr<scalar_t>(), batch, row, k);
+    const auto run = interpolate_kernel<scalar_t>();
+    const scalar_t* x = inputs.const_data_ptr<scalar_t>();
+    const scalar_t* base = baselines.const_data_ptr<scalar_t>();
+    const auto* a = alphas.const_data_ptr<at::opmath_type<scalar_t>>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      run(x, base, a, mask, o, batch, row, hidden, k, begin, end);
+    });
   });
 }
 

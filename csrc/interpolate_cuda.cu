@@ -1,76 +1,34 @@
 // CUDA kernel of the integrated-gradients interpolation; see kernels_cuda.h for the contract.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "kernels_cuda.h"
+#include "cuda_common.cuh"
 
 namespace instrument {
+namespace cuda {
 namespace {
 
-// Conversions between an element type and its math type, rounding to nearest even like torch.
-template <typename T>
-struct Math;
-template <>
-struct Math<float> {
-  using type = float;
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
-};
-template <>
-struct Math<double> {
-  using type = double;
-  static __device__ __forceinline__ double load(double x) { return x; }
-  static __device__ __forceinline__ double store(double x) { return x; }
-};
-template <>
-struct Math<__half> {
-  using type = float;
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Math<__nv_bfloat16> {
-  using type = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
-
-// Explicitly rounded operations: nvcc would otherwise fuse base + alpha * diff into an FMA and differ from
-// the CPU and the PyTorch fallback in the last bit.
-__device__ __forceinline__ float sub(float x, float y) { return __fsub_rn(x, y); }
-__device__ __forceinline__ double sub(double x, double y) { return __dsub_rn(x, y); }
-__device__ __forceinline__ float lerp(float base, float alpha, float diff) {
-  return __fadd_rn(base, __fmul_rn(alpha, diff));
-}
-__device__ __forceinline__ double lerp(double base, double alpha, double diff) {
-  return __dadd_rn(base, __dmul_rn(alpha, diff));
-}
-
-// VEC consecutive elements, moved with one 16-byte (or narrower) load or store.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
 // A thread owns one pack of one batch row: it reads inputs and baselines once and writes the pack for the
-// alphas [blockIdx.z * k_chunk, +k_chunk). Neighbouring threads touch neighbouring packs (coalesced).
+// alphas [blockIdx.z * k_chunk, +k_chunk). Neighbouring threads touch neighbouring packs (coalesced). With a
+// mask, a pack lies within one position (hidden % VEC == 0) and a masked-out position copies the inputs.
 template <typename T, int VEC>
 __global__ void interpolate_kernel(const T* __restrict__ inputs, const T* __restrict__ baselines,
-                                   const typename Math<T>::type* __restrict__ alphas, T* __restrict__ out,
-                                   int64_t batch, int64_t row, int64_t k, int64_t k_chunk) {
+                                   const typename Math<T>::type* __restrict__ alphas, const bool* __restrict__ mask,
+                                   T* __restrict__ out, int64_t batch, int64_t row, int64_t hidden, int64_t k,
+                                   int64_t k_chunk) {
   using M = Math<T>;
   using P = Pack<T, VEC>;
   const int64_t pack = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pack >= row / VEC) return;
   const int64_t k_begin = blockIdx.z * k_chunk;
   const int64_t k_end = k_begin + k_chunk < k ? k_begin + k_chunk : k;
+  const int64_t positions = row / hidden;
 
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const int64_t offset = b * row + pack * VEC;
     const P x = *reinterpret_cast<const P*>(inputs + offset);
+    const bool keep = mask == nullptr || mask[b * positions + pack * VEC / hidden];
+    if (!keep) {
+      for (int64_t j = k_begin; j < k_end; ++j) *reinterpret_cast<P*>(out + j * batch * row + offset) = x;
+      continue;
+    }
     const P base = *reinterpret_cast<const P*>(baselines + offset);
     typename M::type lo[VEC], diff[VEC];
 #pragma unroll
@@ -88,17 +46,16 @@ __global__ void interpolate_kernel(const T* __restrict__ inputs, const T* __rest
   }
 }
 
-bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
-
 template <typename T>
-cudaError_t launch(const void* inputs, const void* baselines, const void* alphas, void* out, int64_t batch,
-                   int64_t row, int64_t k, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
+cudaError_t launch(const void* inputs, const void* baselines, const void* alphas, const bool* mask, void* out,
+                   int64_t batch, int64_t row, int64_t hidden, int64_t k, cudaStream_t stream) {
+  constexpr int kVec = vec_of<T>();
   constexpr int kThreads = 256;
   constexpr int64_t kMinBlocks = 1024;  // enough to fill any current GPU several times over
   if (batch == 0 || row == 0 || k == 0) return cudaSuccess;
 
-  const bool vectorized = row % kVec == 0 && aligned16(inputs) && aligned16(baselines) && aligned16(out);
+  const bool vectorized = row % kVec == 0 && (mask == nullptr || hidden % kVec == 0) && aligned(inputs, 16) &&
+                          aligned(baselines, 16) && aligned(out, 16);
   const int64_t packs = vectorized ? row / kVec : row;
   const int64_t blocks_x = (packs + kThreads - 1) / kThreads;
   const int64_t blocks_y = batch < 65535 ? batch : 65535;
@@ -115,27 +72,32 @@ cudaError_t launch(const void* inputs, const void* baselines, const void* alphas
   const A* a = static_cast<const A*>(alphas);
   T* o = static_cast<T*>(out);
   if (vectorized) {
-    interpolate_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(x, base, a, o, batch, row, k, k_chunk);
+    interpolate_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(x, base, a, mask, o, batch, row, hidden, k, k_chunk);
   } else {
-    interpolate_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, base, a, o, batch, row, k, k_chunk);
+    interpolate_kernel<T, 1><<<grid, kThreads, 0, stream>>>(x, base, a, mask, o, batch, row, hidden, k, k_chunk);
   }
   return cudaGetLastError();
 }
 
 }  // namespace
+}  // namespace cuda
 
-const char* interpolate_cuda(Dtype dtype, const void* inputs, const void* baselines, const void* alphas, void* out,
-                             int64_t batch, int64_t row, int64_t k, void* stream) {
+const char* interpolate_cuda(Dtype dtype, const void* inputs, const void* baselines, const void* alphas,
+                             const bool* mask, void* out, int64_t batch, int64_t row, int64_t hidden, int64_t k,
+                             void* stream) {
+  using namespace cuda;
   const auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t error;
   switch (dtype) {
-    case Dtype::Float32: error = launch<float>(inputs, baselines, alphas, out, batch, row, k, s); break;
-    case Dtype::Float16: error = launch<__half>(inputs, baselines, alphas, out, batch, row, k, s); break;
-    case Dtype::BFloat16: error = launch<__nv_bfloat16>(inputs, baselines, alphas, out, batch, row, k, s); break;
-    case Dtype::Float64: error = launch<double>(inputs, baselines, alphas, out, batch, row, k, s); break;
-    default: return "interpolate_cuda: unsupported dtype";
+    case Dtype::Float32:
+      return error_string(launch<float>(inputs, baselines, alphas, mask, out, batch, row, hidden, k, s));
+    case Dtype::Float16:
+      return error_string(launch<__half>(inputs, baselines, alphas, mask, out, batch, row, hidden, k, s));
+    case Dtype::BFloat16:
+      return error_string(launch<__nv_bfloat16>(inputs, baselines, alphas, mask, out, batch, row, hidden, k, s));
+    case Dtype::Float64:
+      return error_string(launch<double>(inputs, baselines, alphas, mask, out, batch, row, hidden, k, s));
   }
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  return "interpolate_cuda: unsupported dtype";
 }
 
 }  // namespace instrument

@@ -2,7 +2,8 @@
 //
 // Raw pointers and plain integers only, no torch or CUDA headers, so that the .cu files compile with a bare
 // `nvcc -c` and this header with any C++ compiler. Every launcher enqueues on `stream` (a cudaStream_t) and
-// returns nullptr on success or the CUDA error string.
+// returns nullptr on success or the CUDA error string. Every tensor argument is contiguous; results equal the
+// CPU kernels' (no FMA contraction: every multiply and add is rounded on its own).
 #pragma once
 
 #include <cstdint>
@@ -12,9 +13,31 @@ namespace instrument {
 // Element type of a tensor argument. The math type is float, or double for Float64.
 enum class Dtype : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
-// out[k, b, i] = baselines[b, i] + alphas[k] * (inputs[b, i] - baselines[b, i]), in the math type, rounded once.
-// inputs, baselines: [batch, row] contiguous; alphas: [k] in the math type; out: [k, batch, row] contiguous.
-const char* interpolate_cuda(Dtype dtype, const void* inputs, const void* baselines, const void* alphas, void* out,
-                             int64_t batch, int64_t row, int64_t k, void* stream);
+// Reduction over the hidden dimension in finalize_cuda (the values match csrc/cpu_kernels.inc).
+enum class Reduce : int { None = 0, Sum = 1, L2 = 2, Mean = 3, AbsMax = 4 };
+
+// out[k, b, i] = baselines[b, i] + alphas[k] * (inputs[b, i] - baselines[b, i]), in the math type, rounded once;
+// where mask (nullable, [batch, row / hidden]) is false at i's position, out[k, b, i] = inputs[b, i].
+// inputs, baselines: [batch, row]; alphas: [k] in the math type; out: [k, batch, row].
+const char* interpolate_cuda(Dtype dtype, const void* inputs, const void* baselines, const void* alphas,
+                             const bool* mask, void* out, int64_t batch, int64_t row, int64_t hidden, int64_t k,
+                             void* stream);
+
+// acc[i] += sum_j weights[j] * float(grads[j, i]) in float32, summed in the order j = 0, 1, ..., then added.
+// acc: [n] float32; grads: [k, n]; weights: [k] float32.
+const char* accumulate_cuda(Dtype dtype, float* acc, const void* grads, const float* weights, int64_t k, int64_t n,
+                            void* stream);
+
+// p = acc * float(inputs - baselines) (difference in the math type); out = p ([rows, hidden]) for None, else one
+// float32 per row ([rows]): the sum, the L2 norm, the mean (double accumulation) or the first element of the
+// largest magnitude (AbsMax; the first NaN if any). acc: [rows, hidden] float32; inputs, baselines: [rows, hidden].
+const char* finalize_cuda(Dtype dtype, const float* acc, const void* inputs, const void* baselines, float* out,
+                          int64_t rows, int64_t hidden, Reduce reduce, void* stream);
+
+// out[b, i] = mean (sum in order, then divided by n_pairs) or NaN-propagating max over p of planes[p][b *
+// batch_stride + i], in the math type. planes: n_pairs (>= 1) device pointers, one per selected (layer, head),
+// layer-major; out: [batch, plane] in the math type.
+const char* reduce_heads_cuda(Dtype dtype, const void* const* planes, int64_t n_pairs, void* out, int64_t batch,
+                              int64_t batch_stride, int64_t plane, bool max, void* stream);
 
 }  // namespace instrument

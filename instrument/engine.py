@@ -271,22 +271,38 @@ class Engine:
 
     # -- embeddings and baselines ---------------------------------------------------------------
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype embeddings, baselines and path points are built in: that of the first layer
+        after the embeddings (its first floating, not quantized parameter: on 8-/4-bit models a norm
+        or bias), else the embedding weights'. Attributions are float32 whatever it is."""
+        if not hasattr(self, "_input_dtype"):
+            self._input_dtype = _first_layer_dtype(self.model) or self.target_embedding.weight.dtype
+        return self._input_dtype
+
+    def _as_input(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or not tensor.is_floating_point() or tensor.dtype == self.input_dtype:
+            return tensor
+        return tensor.to(self.input_dtype)
+
     def embed(self, rows: Rows) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Embedding-module outputs for the rows' source and target ids (no gradient history)."""
+        """Embedding-module outputs for the rows' source and target ids (no gradient history), in `input_dtype`."""
         with torch.no_grad():
             source = self.source_embedding(rows.source_ids) if rows.source_ids is not None else None
-            return source, self.target_embedding(rows.target_ids)
+            return self._as_input(source), self._as_input(self.target_embedding(rows.target_ids))
 
     def baseline(self, rows: Rows, baselines: Any = None, include_eos_baseline: bool = False):
         """Baseline embeddings: UNK everywhere (EOS kept unless `include_eos_baseline`), or
         "zeros", "pad", a tensor, or a `(source, target)` pair of those."""
         if isinstance(baselines, tuple):
             source = self._baseline_side(rows.source_ids, self.source_embedding, baselines[0], include_eos_baseline)
-            return source, self._baseline_side(rows.target_ids, self.target_embedding, baselines[1], include_eos_baseline)
+            target = self._baseline_side(rows.target_ids, self.target_embedding, baselines[1], include_eos_baseline)
+            return self._as_input(source), self._as_input(target)
         source = None
         if rows.source_ids is not None:
             source = self._baseline_side(rows.source_ids, self.source_embedding, baselines, include_eos_baseline)
-        return source, self._baseline_side(rows.target_ids, self.target_embedding, baselines, include_eos_baseline)
+        target = self._baseline_side(rows.target_ids, self.target_embedding, baselines, include_eos_baseline)
+        return self._as_input(source), self._as_input(target)
 
     def _baseline_side(self, ids: torch.Tensor, embedding: nn.Module, baselines: Any, include_eos: bool):
         with torch.no_grad():
@@ -422,6 +438,21 @@ class Engine:
 
 def _or(value, default):
     return default if value is None else value
+
+
+def _first_layer_dtype(model: nn.Module) -> torch.dtype | None:
+    """Floating dtype of the first parameter of the first layer (block) that is not quantized storage
+    (bitsandbytes' Int8Params / Params4bit, whose dtype says nothing of the compute dtype)."""
+    try:
+        layers = select_modules(model, "layers")
+    except (ValueError, KeyError, AttributeError):  # no recognisable stack of layers
+        return None
+    if not layers:
+        return None
+    for parameter in model.get_submodule(layers[0]).parameters():
+        if parameter.is_floating_point() and not hasattr(parameter, "quant_state") and type(parameter).__name__ not in ("Int8Params", "Params4bit"):
+            return parameter.dtype
+    return None
 
 
 def scatter(examples: Sequence[Example], rows: Rows, result: RowAttribution) -> list[dict[str, Any]]:

@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
+from instrument import batching
 from instrument.engine import Engine, RowAttribution, Rows
 
 Score = Callable[[Rows, torch.Tensor, Any, Any], torch.Tensor]
@@ -72,7 +73,10 @@ def leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().requires_grad_()
 
 
-def chunks(total: int, rows: int, internal_batch_size: int | None) -> list[range]:
-    """Splits `total` path points into chunks of at most `internal_batch_size` rows in all."""
+def chunks(total: int, rows: int, internal_batch_size: int | str | None) -> Iterable[range]:
+    """Splits `total` path points into chunks of at most `internal_batch_size` rows in all; "auto":
+    chunks sized from the measured free memory (`instrument.batching.auto_chunks`, an iterator)."""
+    if batching.is_auto(internal_batch_size):
+        return batching.auto_chunks(total, rows)
     per_chunk = total if not internal_batch_size else max(1, internal_batch_size // max(rows, 1))
     return [range(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]

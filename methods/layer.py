@@ -51,8 +51,8 @@ def rows_first(tensor: torch.Tensor, n_rows: int) -> torch.Tensor:
 def by_side(request: Request, names: list[str], per_layer: dict[str, torch.Tensor], stacked: bool, logits) -> RowAttribution:
     """Groups per-layer `[R, positions, hidden]` results into the source and target sides."""
     sides: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
-    for name in names:
-        sides[request.engine.layer_side(name)].append(rows_first(per_layer[name], len(request.rows)))
+    for name in names:  # (to one device: with a device_map, layers may sit on several)
+        sides[request.engine.layer_side(name)].append(rows_first(per_layer[name], len(request.rows)).to(request.rows.token.device))
     merged = {}
     for side, values in sides.items():
         if not values:

@@ -11,6 +11,7 @@ Deterministic given `--seed` (same machine and torch version). Prints held-out a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -210,6 +211,13 @@ def save(model, tokenizer, out: Path) -> None:
             stale.unlink()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # transformers 5 writes its own class name; the 4.x one loads the same fast tokenizer in both.
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for file in out.iterdir():
+        file.chmod(0o644)  # safetensors writes 0600
 
 
 def main(argv=None) -> None:

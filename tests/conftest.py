@@ -16,6 +16,8 @@ if TESTS_DIR not in sys.path:  # not added by pytest itself under --import-mode=
 
 
 def pytest_configure(config):
+    # The fixtures are tiny: intra-op threads only add overhead, and oversubscribe a busy machine.
+    torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: takes long; deselect with -m 'not slow'")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when torch.cuda is unavailable")
 

@@ -30,12 +30,19 @@ def load_model(
     >>> load_model(hf_model, "saliency", tokenizer=tokenizer)
 
     The model is put in eval mode. It is moved to `device` only when one is given and it was not
-    loaded quantized or with a `device_map` (those stay where they are).
+    loaded quantized or with a `device_map` (those stay where they are, in their dtypes). Quantized
+    loading by name or path: `model_kwargs={"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}`
+    (with `device`, it is the `device_map` unless model_kwargs has one).
     """
     import transformers
 
     model_kwargs, tokenizer_kwargs = dict(model_kwargs or {}), dict(tokenizer_kwargs or {})
+    if not isinstance(model, str) and model_kwargs.get("quantization_config") is not None:
+        raise ValueError("model_kwargs={'quantization_config': ...} applies when loading by name or path; "
+                         "load the model object with from_pretrained(..., quantization_config=...) instead")
     if isinstance(model, str):
+        if model_kwargs.get("quantization_config") is not None and device is not None:
+            model_kwargs.setdefault("device_map", str(device))  # quantized weights are placed while loading
         name = _demo_path(model) or model
         config = transformers.AutoConfig.from_pretrained(name, **{k: v for k, v in model_kwargs.items() if k == "trust_remote_code"})
         auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
@@ -49,7 +56,7 @@ def load_model(
             raise ValueError("Pass tokenizer=... : the model does not say where its tokenizer is")
     if isinstance(tokenizer, str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, **tokenizer_kwargs)
-    placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     if device is not None and not placed:
         model = model.to(device)
     model.eval()

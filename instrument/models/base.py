@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from instrument import batching
 from instrument.engine import Engine, Example, Rows, scatter
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 from instrument.steps import get_step_function
@@ -76,7 +77,7 @@ class AttributionModel:
         step_scores: Sequence[str] = (),
         include_eos_baseline: bool = False,
         attributed_fn: Any = None,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         generate_from_target_prefix: bool = False,
         skip_special_tokens: bool = False,
         generation_args: dict | None = None,
@@ -112,8 +113,7 @@ class AttributionModel:
         if attribute_target and not self.is_encoder_decoder:
             warnings.warn("attribute_target is ignored on decoder-only models: the whole prefix is always attributed", stacklevel=2)
         attribute_target = attribute_target or not self.is_encoder_decoder
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batching.check_size("batch_size", batch_size)
 
         if targets is None or generate_from_target_prefix:
             target_ids = self.generate(inputs, targets, dict(generation_args or {}))
@@ -123,8 +123,18 @@ class AttributionModel:
         examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs)
 
         per_example: list[dict[str, Any]] = [dict() for _ in examples]
+        internal_auto = batching.is_auto(attributor.defaults.get("internal_batch_size"))
+        if not reference and (batching.is_auto(batch_size) or internal_auto):
+            # Memory-aware chunks, halved and run again on out-of-memory errors (instrument/batching.py).
+            with Progress(disable=not show_progress, transient=True) as progress:
+                task = progress.add_task(f"Attributing with {method_name}", total=sum(len(e.positions) for e in examples))
+                batching.run_rows(
+                    examples, lambda pairs: self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example),
+                    devices=batching.model_devices(self.model), batch_size=batch_size, internal_auto=internal_auto,
+                    progress=lambda n: progress.advance(task, n),
+                )
         batch_size = batch_size or len(examples)
-        units = [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [
+        units = [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [] if per_example[0] else [
             [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
             for start in range(0, len(examples), batch_size)
         ]

@@ -1,0 +1,170 @@
+"""The shipped demo models (`instrument/demo/demo-{mt,lm}`): files, task generators, and attributions
+checked against the synthetic tasks' ground truth.
+
+demo-mt translates word by word with known reordering, so every target word has one true source
+word; demo-lm completes "the capital of X is" with X's capital, so the subject X decides the answer.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import instrument
+from instrument.demo import DEMO_MODELS, alignment_examples, fact_examples, model_path, tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """These models are tiny: one thread is as fast, and on a busy machine far faster, than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mt():
+    return instrument.load_model(model_path("demo-mt"), "integrated_gradients", n_steps=20)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return instrument.load_model(model_path("demo-lm"), "saliency")
+
+
+# -- files and generators ---------------------------------------------------------------------------------
+
+
+def test_model_path_finds_both_models():
+    for name in DEMO_MODELS:
+        folder = Path(model_path(name))
+        assert folder.is_dir() and folder.parent == ROOT / "instrument" / "demo"
+        for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (folder / file).is_file(), f"{name} lacks {file}"
+    assert model_path("gpt2") is None
+
+
+def test_shipped_files_fit_in_10_mb():
+    files = [f for name in DEMO_MODELS for f in Path(model_path(name)).iterdir() if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 10 * 1024 * 1024
+
+
+def test_models_load_as_float32(mt, lm):
+    assert mt.model.dtype == torch.float32 and lm.model.dtype == torch.float32
+
+
+def test_alignment_examples_are_deterministic_per_seed_and_well_formed():
+    first, again, other = alignment_examples(30, seed=1), alignment_examples(30, seed=1), alignment_examples(30, seed=2)
+    assert first == again
+    assert first != other
+    for source, target, alignment in first + other:
+        words, translated = source.split(), target.split()
+        assert [j for j, _ in alignment] == list(range(len(translated)))  # one pair per target word, in order
+        assert sorted(i for _, i in alignment) == list(range(len(words)))  # a permutation: word by word
+        assert len(set(words)) == len(words)  # no repeated word, so the true source word is unambiguous
+        assert tasks.is_held_out(source)  # never trained on
+
+
+def test_fact_examples_are_deterministic_and_from_the_training_facts():
+    examples = fact_examples(50, seed=0)
+    assert examples == fact_examples(50, seed=0) and examples != fact_examples(50, seed=1)
+    assert len(set(examples)) == 50  # no repeats while n <= the number of facts
+    known = {(f.subject, f.capital) for f in tasks.facts()}
+    for prompt, answer, subject in examples:
+        assert prompt == f"the capital of {subject} is" and (subject, answer) in known
+    assert len(fact_examples(300, seed=0)) == 300
+
+
+def test_load_model_works_offline():
+    """A fresh interpreter with HF_HUB_OFFLINE=1 (the hub library reads it at import) loads both models
+    from their folders, generates and attributes."""
+    code = (
+        "import instrument; from instrument.demo import alignment_examples, fact_examples, model_path\n"
+        "(prompt, answer, _), = fact_examples(1, seed=0)\n"
+        "lm = instrument.load_model(model_path('demo-lm'), 'saliency')\n"
+        "out = lm.attribute(prompt, skip_special_tokens=True, show_progress=False)\n"
+        "assert out.info['generated_texts'] == [f'{prompt} {answer}'], out.info\n"
+        "(source, target, _), = alignment_examples(1, seed=0)\n"
+        "mt = instrument.load_model(model_path('demo-mt'), 'saliency')\n"
+        "out = mt.attribute(source, skip_special_tokens=True, show_progress=False)\n"
+        "assert out.info['generated_texts'] == [target], out.info\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- the models know their tasks --------------------------------------------------------------------------
+
+
+def test_demo_mt_translates_held_out_sentences(mt, one_thread):
+    examples = alignment_examples(50, seed=7)
+    tokenizer, model = mt.tokenizer, mt.model
+    batch = tokenizer([s for s, _, _ in examples], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        outputs = tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)
+    assert sum(o == t for o, (_, t, _) in zip(outputs, examples)) >= 48
+
+
+def test_demo_lm_recalls_the_capitals(lm, one_thread):
+    prompts = [tasks.fact_prompt(f) for f in tasks.facts()]
+    tokenizer, model = lm.tokenizer, lm.model
+    hits = 0
+    with torch.no_grad():
+        for prompt, answer in prompts:  # no batching: right padding would move the last position
+            logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+            hits += tokenizer.convert_ids_to_tokens(int(logits.argmax())) == answer
+    assert hits >= 0.95 * len(prompts)
+
+
+# -- attributions against the ground truth ----------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~15-20 s on 2 busy cores: 200 examples x ~7 steps x 20 IG points
+def test_integrated_gradients_finds_the_aligned_source_word(mt, one_thread):
+    examples = alignment_examples(200, seed=2024)
+    # The given targets are attributed (forced), not generations of the model.
+    out = mt.attribute([s for s, _, _ in examples], [t for _, t, _ in examples], batch_size=50, show_progress=False)
+    hits = total = 0
+    for (source, target, alignment), seq in zip(examples, out.sequence_attributions):
+        # Word-level tokenizer: source tokens are the source words plus a final </s>; the attributed
+        # steps are the target words plus a final </s>. Both </s> are dropped from the scoring: the last
+        # row (the source </s>, whose attribution is zero anyway since the UNK baseline keeps EOS) and
+        # the last column (the step predicting </s>, which has no aligned word).
+        assert [t.token for t in seq.source] == source.split() + ["</s>"]
+        assert [t.token for t in seq.generated] == target.split() + ["</s>"]
+        scores = seq.source_attributions.norm(dim=-1)[:-1, :-1]  # [source words, target words]
+        for j, i in alignment:
+            hits += int(scores[:, j].argmax()) == i
+            total += 1
+    accuracy = hits / total
+    print(f"demo-mt integrated gradients alignment accuracy: {accuracy:.3f} over {total} target words")
+    assert accuracy >= 0.8
+
+
+def test_saliency_puts_the_capital_on_the_subject(lm, one_thread):
+    """Saliency (|gradient| of the answer's probability w.r.t. the input embeddings), because it is the
+    one of the three candidates that clearly works here. Measured on the shipped model over all 120
+    facts: saliency 0.99, input x gradient 0.95, integrated gradients (UNK baseline, 20 steps) 0.56.
+    IG compares with an all-<unk> prompt, from which the model predicts no city at all; it then
+    credits much of the answer to "is", the token right before the answer, which is what makes the
+    model name a city at all rather than which one."""
+    examples = fact_examples(120, seed=0)
+    out = lm.attribute([p for p, _, _ in examples], [f"{p} {a}" for p, a, _ in examples], batch_size=120, show_progress=False)
+    hits = 0
+    for (prompt, answer, subject), seq in zip(examples, out.sequence_attributions):
+        words = prompt.split()
+        assert [t.token for t in seq.target] == words + [answer] and len(seq.generated) == 1
+        scores = seq.target_attributions[: len(words), 0].norm(dim=-1)  # one score per prompt word
+        subject_positions = range(3, 3 + len(subject.split()))  # "the capital of X is"; X may be two words
+        assert " ".join(words[i] for i in subject_positions) == subject
+        hits += int(scores.argmax()) in subject_positions
+    accuracy = hits / len(examples)
+    print(f"demo-lm saliency subject accuracy: {accuracy:.3f} over {len(examples)} facts")
+    assert accuracy >= 0.8

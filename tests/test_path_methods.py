@@ -1,0 +1,256 @@
+"""Discretized (DIG) and sequential (SIG) integrated gradients, against their papers' definitions
+written out by hand here, on the tiny fixture models (float64 for the by-hand checks).
+
+DIG (Sanyal and Ren 2021): the anchor search and monotonization are re-implemented below with plain
+Python loops over a brute-force neighbour list, following the paper (and its authors' code), and the
+attribution is `sum_k grad f(c_k) * (c_{k+1} - c_k)` with autograd on one unpadded step at a time.
+SIG (Enguehard 2023): for each token i, integrated gradients along the path on which only token i
+moves from its baseline to its embedding, summed with the Gauss-Legendre weights, by autograd.
+"""
+import pytest
+import torch
+
+import instrument
+from methods.approximation import approximation
+from methods.path import Vocabulary
+from test_engine import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
+from test_perturbation import Case
+from tiny_models import ALL_ARCHS, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+METHOD_OPTIONS = {
+    "sequential_integrated_gradients": {"n_steps": 3, "internal_batch_size": 50},
+    "discretized_integrated_gradients": {"n_steps": 4, "n_neighbors": 20, "internal_batch_size": 7},
+}
+
+
+@pytest.fixture(scope="module", params=ALL_ARCHS)
+def wrapped(request):
+    model, tokenizer = tiny_model(request.param)
+    return instrument.load_model(model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_batched_equals_step_by_step(wrapped, method):
+    inputs, targets = (SOURCES, TRANSLATIONS) if wrapped.is_encoder_decoder else (SOURCES, DECODER_TARGETS)
+    common = dict(method=method, show_progress=False, step_scores=["probability"],
+                  attribute_target=wrapped.is_encoder_decoder, **METHOD_OPTIONS[method])
+    batched = wrapped.attribute(inputs, targets, **common)
+    reference = wrapped.attribute(inputs, targets, reference=True, **common)
+    for got, expected in zip(batched, reference):
+        assert_same(got.source_attributions, expected.source_attributions)
+        assert_same(got.target_attributions, expected.target_attributions)
+        torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7)
+        assert not got.target_attributions[got.attr_pos_start - 1:].isnan().all()
+
+
+def close(actual, expected, rtol=1e-6):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=1e-6 * float(expected.abs().max()))
+
+
+def grad_at(c, p, attribute_target, points):
+    """Gradient of f at step p w.r.t. each input of the tuple `points` (each [1, length, H])."""
+    points = tuple(x.detach().clone().requires_grad_() for x in points)
+    value = c.prob_fn(p, attribute_target)(*points).sum()
+    return torch.autograd.grad(value, points)
+
+
+def baseline_ids(c, ids):
+    return torch.where(ids == c.tok.eos_token_id, ids, torch.full_like(ids, c.tok.unk_token_id))
+
+
+# -- SIG -----------------------------------------------------------------------------------------
+
+
+def sig_by_hand(c, p, attribute_target, n_steps):
+    alphas, weights = approximation("gausslegendre", n_steps)
+    inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id)
+    result = []
+    for side, (x, b) in enumerate(zip(inputs, baselines)):
+        attribution = torch.zeros_like(x[0])
+        for i in range(x.shape[1]):
+            for alpha, weight in zip(alphas, weights):
+                moved = x.clone()
+                moved[0, i] = b[0, i] + alpha * (x[0, i] - b[0, i])
+                point = list(inputs)
+                point[side] = moved
+                attribution[i] += weight * grad_at(c, p, attribute_target, point)[side][0, i]
+            attribution[i] *= x[0, i] - b[0, i]
+        result.append(attribution)
+    return result
+
+
+@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False)])
+def test_sig_equals_definition(arch, attribute_target):
+    c = Case(arch)
+    seq = c.attribute("sequential_integrated_gradients", n_steps=4, attribute_target=attribute_target)
+    for j, p in enumerate(c.steps):
+        for side, expected in zip(c.sides(attribute_target), sig_by_hand(c, p, attribute_target, 4)):
+            close(c.ours(seq, j, p, side), expected)
+
+
+def test_sig_completeness_per_token():
+    """SIG's axiom: token i's attributions sum to f(x) - f(x with token i at its baseline)."""
+    c = Case("gpt2")
+    seq = c.attribute("sequential_integrated_gradients", n_steps=16)
+    for j, p in enumerate(c.steps):
+        (x,), (b,) = c.embeds(p, False, c.tok.unk_token_id)
+        f = c.prob_fn(p)
+        with torch.no_grad():
+            at_input = f(x)
+            for i in range(p):
+                removed = x.clone()
+                removed[0, i] = b[0, i]
+                expected = at_input - f(removed)
+                torch.testing.assert_close(seq.target_attributions[i, j].sum().double(), expected[0].double(),
+                                           rtol=1e-4, atol=1e-6 * float(at_input))
+
+
+# -- DIG -----------------------------------------------------------------------------------------
+
+
+def dig_monotonic(baseline, current, anchor):
+    """Per dimension, as in the paper: anchor between baseline and current (equal if they are)."""
+    out = []
+    for b, x, a in zip(baseline.tolist(), current.tolist(), anchor.tolist()):
+        if b > x:
+            out.append(x <= a <= b)
+        elif b < x:
+            out.append(b <= a <= x)
+        else:
+            out.append(a == b == x)
+    return out
+
+
+def dig_monotonize(baseline, current, anchor, steps):
+    ok = dig_monotonic(baseline, current, anchor)
+    return torch.tensor([a if good else x - (x - b) / steps
+                         for good, b, x, a in zip(ok, baseline.tolist(), current.tolist(), anchor.tolist())], dtype=torch.float64)
+
+
+def dig_path_by_hand(features, word, ref, steps, strategy, k):
+    """Anchor words (DIG's find_word_path), then monotonized points reversed (make_monotonic_path)."""
+    distances = torch.cdist(features, features)
+    path, current = [word], word
+    for _ in range(steps):
+        if current == ref:
+            path.append(ref)
+            continue
+        order = [j for j in torch.argsort(distances[current], stable=True).tolist() if j != current][:k]
+        scores = {}
+        for j in order:
+            if j == ref:
+                continue
+            if strategy == "greedy":
+                moved = dig_monotonize(features[ref], features[current], features[j], steps)
+                scores[j] = float(torch.sqrt(((features[j] - moved) ** 2).sum()))
+            else:
+                scores[j] = 10000 - sum(dig_monotonic(features[ref], features[current], features[j]))
+        ranked = [j for j in sorted(scores, key=lambda j: scores[j]) if j not in path]
+        current = ranked[0] if ranked else ref
+        path.append(current)
+    points = [features[path[0]]]
+    for nxt in path[1:]:
+        points.append(dig_monotonize(features[ref], points[-1], features[nxt], steps))
+    points.append(features[ref])
+    return torch.stack(points[::-1])
+
+
+def upscale(points):
+    out = []
+    for a, b in zip(points[:-1], points[1:]):
+        out += [a, 0.5 * (a + b)]
+    return torch.stack(out + [points[-1]])
+
+
+@pytest.mark.parametrize("arch, attribute_target, strategy, factor", [
+    ("gpt2", False, "greedy", 0), ("llama", False, "maxcount", 1), ("bart", True, "greedy", 0), ("t5", False, "maxcount", 0),
+])
+def test_dig_equals_definition(arch, attribute_target, strategy, factor):
+    c = Case(arch)
+    steps, k = 5, 12
+    seq = c.attribute("discretized_integrated_gradients", n_steps=steps, n_neighbors=k, strategy=strategy,
+                      factor=factor, attribute_target=attribute_target, return_convergence_delta=True)
+    embeddings = [c.src_emb, c.tgt_emb] if c.enc_dec else [c.tgt_emb]
+    vocab = c.tgt_emb.weight.shape[0]
+    features = [emb(torch.arange(vocab)[None])[0].detach().double() for emb in embeddings]
+    deltas = []
+    for j, p in enumerate(c.steps):
+        inputs, _ = c.embeds(p, attribute_target)
+        ids = [c.source, c.target[:p]] if c.enc_dec else [c.target[:p]]
+        paths = []
+        for side, (side_ids, feats) in enumerate(zip(ids, features)):
+            if side >= len(inputs):
+                continue
+            refs = baseline_ids(c, side_ids)
+            per_token = []
+            for word, ref in zip(side_ids.tolist(), refs.tolist()):
+                length = 2 ** factor * (steps + 1) + 1
+                if word == ref:
+                    per_token.append(feats[word].expand(length, -1))
+                    continue
+                points = dig_path_by_hand(feats, word, ref, steps, strategy, k)
+                for _ in range(factor):
+                    points = upscale(points)
+                for a, b in zip(points[:-1], points[1:]):  # monotonic towards the input, as DIG checks
+                    assert all(dig_monotonic(points[-1], a, b))
+                per_token.append(points)
+            paths.append(torch.stack(per_token, dim=1))  # [points, tokens, H]
+        expected = [torch.zeros_like(path[0]) for path in paths]
+        for point in range(len(paths[0]) - 1):
+            grads = grad_at(c, p, attribute_target, tuple(path[point][None] for path in paths))
+            for side, path in enumerate(paths):
+                expected[side] += grads[side][0] * (path[point + 1] - path[point])
+        for side, ref in zip(c.sides(attribute_target), expected):
+            close(c.ours(seq, j, p, side), ref)
+        with torch.no_grad():
+            f = c.prob_fn(p, attribute_target)
+            change = f(*(path[-1][None] for path in paths)) - f(*(path[0][None] for path in paths))
+        deltas.append(float(sum(e.sum() for e in expected) - change))
+    torch.testing.assert_close(seq.step_scores["deltas"].double(), torch.tensor(deltas, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-9)
+
+
+def test_dig_neighbours_cached_per_model_and_refreshed_when_weights_change():
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, "discretized_integrated_gradients", tokenizer=tokenizer, n_steps=3, n_neighbors=8)
+    first = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], show_progress=False)[0]
+    vocab = Vocabulary.of(model.get_input_embeddings(), model.get_input_embeddings().weight.shape[0])
+    assert vocab.neighbours and vocab.paths
+    again = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], show_progress=False)[0]
+    assert Vocabulary.of(model.get_input_embeddings(), vocab.features.shape[0]) is vocab
+    assert_same(again.target_attributions, first.target_attributions)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(2.0)
+    assert Vocabulary.of(model.get_input_embeddings(), vocab.features.shape[0]) is not vocab
+    expected = torch.topk(torch.cdist(vocab.features[None] * 2, vocab.features[None] * 2)[0, 5].index_fill(0, torch.tensor(5), float("inf")),
+                          8, largest=False).indices
+    assert torch.equal(Vocabulary.of(model.get_input_embeddings(), vocab.features.shape[0]).knn(5, 8), expected)
+
+
+@pytest.mark.parametrize(
+    "method, options, match",
+    [
+        ("discretized_integrated_gradients", {"strategy": "random"}, "strategy"),
+        ("discretized_integrated_gradients", {"n_steps": 0}, "n_steps"),
+        ("discretized_integrated_gradients", {"baselines": "zeros"}, "vocabulary tokens"),
+        ("discretized_integrated_gradients", {"baselines": 10**6}, "outside the vocabulary"),
+        ("sequential_integrated_gradients", {"n_steps": 0}, "n_steps"),
+        ("sequential_integrated_gradients", {"internal_batch_size": 0}, "internal_batch_size"),
+        ("sequential_integrated_gradients", {"baselines": "mask"}, "Unknown baselines"),
+    ],
+)
+def test_bad_options(method, options, match):
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method=method, show_progress=False, **options)

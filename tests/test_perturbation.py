@@ -1,0 +1,329 @@
+"""Perturbation methods (occlusion, LIME, value zeroing, ReAGent) against Captum or a direct computation.
+
+The models are the tiny random fixtures in float64: perturbation methods take differences of
+attributed functions, and on these models a source token moves a probability of ~3e-3 by ~1e-6,
+so in float32 such differences carry ~1e-3 relative rounding noise and batched (padded, full-length)
+and step-by-step forwards would differ by that much. In float64 both paths agree to ~1e-12.
+"""
+import contextlib
+import math
+
+import pytest
+import torch
+from captum.attr import Occlusion as CaptumOcclusion
+
+import instrument
+from test_engine import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
+from tiny_models import ALL_ARCHS, tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def double_model(arch, attn_implementation="eager"):
+    model, tokenizer = tiny_model(arch, attn_implementation=attn_implementation)
+    return model.double(), tokenizer
+
+
+def texts(wrapped):
+    return (SOURCES, TRANSLATIONS) if wrapped.is_encoder_decoder else (SOURCES, DECODER_TARGETS)
+
+
+def check_batched_equals_reference(wrapped, method, **options):
+    common = dict(method=method, show_progress=False, step_scores=["probability"],
+                  attribute_target=wrapped.is_encoder_decoder, **options)
+    batched = wrapped.attribute(*texts(wrapped), **common)
+    reference = wrapped.attribute(*texts(wrapped), reference=True, **common)
+    for got, expected in zip(batched, reference):
+        assert_same(got.source_attributions, expected.source_attributions)
+        assert_same(got.target_attributions, expected.target_attributions)
+        torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"])
+        assert not got.target_attributions[got.attr_pos_start - 1:].isnan().all()
+    return batched
+
+
+class Case:
+    """One float64 tiny model, one example, and the attributed function of each step for Captum:
+    `f(*embeds) = p(target[p] | prefix)` with the embedding modules' outputs replaced."""
+
+    TEXTS = {"gpt2": ("Hello world", "Hello world, this is"), "llama": ("Hello world", "Hello world, this is"),
+             "bart": ("Hello world", "Le chat"), "t5": ("Hello world", "Le chat")}
+
+    def __init__(self, arch, attn_implementation="eager"):
+        self.model, self.tok = double_model(arch, attn_implementation)
+        self.am = instrument.load_model(self.model, tokenizer=self.tok)
+        self.enc_dec = bool(self.model.config.is_encoder_decoder)
+        source, target = self.TEXTS[arch]
+        self.texts = (source, target)
+        if self.enc_dec:
+            self.source = torch.tensor(self.tok(source)["input_ids"])
+            self.target = torch.tensor([self.model.config.decoder_start_token_id, *self.tok(text_target=target)["input_ids"]])
+            self.steps = list(range(1, len(self.target)))
+            self.src_emb = self.model.get_encoder().get_input_embeddings()
+            self.tgt_emb = self.model.get_decoder().get_input_embeddings()
+        else:
+            self.source = None
+            self.target = torch.tensor(self.tok(target)["input_ids"])
+            self.steps = list(range(len(self.tok(source)["input_ids"]), len(self.target)))
+            self.src_emb, self.tgt_emb = None, self.model.get_input_embeddings()
+
+    def attribute(self, method, **kwargs):
+        return self.am.attribute(*self.texts, method=method, show_progress=False, **kwargs)[0]
+
+    def sides(self, attribute_target):
+        if not self.enc_dec:
+            return ["target"]
+        return ["source", "target"] if attribute_target else ["source"]
+
+    @torch.no_grad()
+    def embeds(self, p, attribute_target, baseline_id=None):
+        """Inputs (and baselines made of `baseline_id`, EOS kept) Captum attributes at step p."""
+        def base(ids):
+            return torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, baseline_id))
+
+        prefix = self.target[:p][None]
+        sides = [(self.tgt_emb, prefix)] if not self.enc_dec else [(self.src_emb, self.source[None])] + (
+            [(self.tgt_emb, prefix)] if attribute_target else [])
+        inputs = tuple(emb(ids) for emb, ids in sides)
+        if baseline_id is None:
+            return inputs, None
+        return inputs, tuple(emb(base(ids)) for emb, ids in sides)
+
+    def logits(self, n, p, src_embeds=None, tgt_embeds=None):
+        tgt_ids = self.target[:p].expand(n, -1)
+        with contextlib.ExitStack() as stack:
+            for module, value in ((self.src_emb, src_embeds), (self.tgt_emb, tgt_embeds)):
+                if value is not None:
+                    stack.callback(module.register_forward_hook(lambda m, a, o, value=value: value).remove)
+            if self.enc_dec:
+                src_ids = self.source.expand(n, -1)
+                return self.model(input_ids=src_ids, decoder_input_ids=tgt_ids).logits[:, -1]
+            return self.model(input_ids=tgt_ids).logits[:, -1]
+
+    def prob_fn(self, p, attribute_target=False):
+        token = int(self.target[p])
+
+        def f(*embeds):
+            n = embeds[0].shape[0]
+            if self.enc_dec:
+                logits = self.logits(n, p, src_embeds=embeds[0], tgt_embeds=embeds[1] if attribute_target else None)
+            else:
+                logits = self.logits(n, p, tgt_embeds=embeds[0])
+            return logits.float().softmax(-1)[:, token]  # float32 softmax, as the library's step function
+
+        return f
+
+    def ours(self, seq, j, p, side):
+        return seq.source_attributions[:, j] if side == "source" else seq.target_attributions[:p, j]
+
+
+def close(actual, expected, rtol=1e-6):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    atol = 1e-6 * float(expected.abs().max())
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+# -- occlusion -----------------------------------------------------------------------------------
+
+
+OCCLUSION_OPTIONS = [
+    {},
+    {"sliding_window_shapes": (1, 16), "strides": (1, 8), "perturbations_per_eval": 5},
+    {"sliding_window_shapes": ((2, 32), (1, 12)), "strides": ((1, 32), (1, 10)), "baselines": None},
+]
+
+
+@pytest.fixture(scope="module", params=ALL_ARCHS)
+def wrapped(request):
+    model, tokenizer = double_model(request.param)
+    return instrument.load_model(model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("options", OCCLUSION_OPTIONS)
+def test_occlusion_batched_equals_step_by_step(wrapped, options):
+    check_batched_equals_reference(wrapped, "occlusion", **options)
+
+
+OCCLUSION_CAPTUM = [
+    # (arch, attribute_target, our options, Captum's sliding windows, strides, UNK baselines)
+    ("gpt2", False, {}, ((1, 32),), 1, False),
+    ("gpt2", False, {"sliding_window_shapes": (2, 12), "strides": (1, 5), "baselines": None}, ((2, 12),), ((1, 5),), True),
+    ("llama", False, {"sliding_window_shapes": (3, 32), "strides": (2, 32)}, ((3, 32),), ((2, 32),), False),
+    ("bart", False, {}, ((1, 32),), 1, False),
+    ("bart", True, {"sliding_window_shapes": ((2, 32), (1, 16)), "strides": ((2, 32), (1, 16))},
+     ((2, 32), (1, 16)), ((2, 32), (1, 16)), False),
+    ("t5", True, {"baselines": None}, ((1, 32), (1, 32)), 1, True),
+]
+
+
+@pytest.mark.parametrize("arch, attribute_target, options, windows, strides, unk", OCCLUSION_CAPTUM)
+def test_occlusion_equals_captum(arch, attribute_target, options, windows, strides, unk):
+    c = Case(arch)
+    seq = c.attribute("occlusion", attribute_target=attribute_target, **options)
+    sides = c.sides(attribute_target)
+    for j, p in enumerate(c.steps):
+        if not c.enc_dec and p < windows[0][0]:
+            continue
+        inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id if unk else None)
+        expected = CaptumOcclusion(c.prob_fn(p, attribute_target)).attribute(
+            inputs, sliding_window_shapes=windows, strides=(strides,) * len(inputs) if isinstance(strides, int) else strides,
+            baselines=baselines if unk else None)
+        for side, ref in zip(sides, expected):
+            close(c.ours(seq, j, p, side), ref[0])
+        if "target" in sides:
+            assert seq.target_attributions[p:, j].isnan().all()
+
+
+def test_occlusion_one_forward_per_perturbation_chunk_for_all_steps():
+    model, tokenizer = double_model("gpt2")
+    wrapped = instrument.load_model(model, "occlusion", tokenizer=tokenizer, perturbations_per_eval=4)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    out = wrapped.attribute(SOURCES, DECODER_TARGETS, show_progress=False, step_scores=["probability"])
+    handle.remove()
+    # one window per token of each example's longest attributed prefix, read at every step
+    perturbations = sum(seq.attr_pos_end - 1 for seq in out)
+    assert len(calls) == 1 + math.ceil(perturbations / 4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"sliding_window_shapes": (9, 32)}, ValueError, "spans 9 tokens"),
+        ({"sliding_window_shapes": (1, 64)}, ValueError, "out of range"),
+        ({"sliding_window_shapes": (1, 8), "strides": (1, 16)}, ValueError, "cannot be larger"),
+        ({"sliding_window_shapes": "token"}, ValueError, "pair of ints"),
+        ({"perturbations_per_eval": 0}, ValueError, "perturbations_per_eval"),
+        ({"baselines": "mask"}, ValueError, "Unknown baselines"),
+        ({"windows": 2}, TypeError, "windows"),
+    ],
+)
+def test_occlusion_bad_options(options, error, match):
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(error, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="occlusion", show_progress=False, **options)
+
+
+# -- value zeroing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"layers": -1, "normalize": True, "perturbations_per_eval": 5},
+                                     {"similarity_metric": "euclidean", "layers": [0]}])
+def test_value_zeroing_batched_equals_step_by_step(wrapped, options):
+    batched = check_batched_equals_reference(wrapped, "value_zeroing", **options)
+    n_layers = 1 if "layers" in options else 2
+    assert batched[0].target_attributions.shape[2:] == (n_layers,)
+
+
+class ZeroValue:
+    """A reference independent of the library's hooks on value projections: an attention function
+    registered with transformers that zeroes `value[:, :, j]` (token j, every head) in one attention
+    module, then runs that module's own eager attention."""
+
+    module, token = None, None
+
+    @classmethod
+    def attention(cls, module, query, key, value, attention_mask, **kwargs):
+        import sys
+
+        if module is cls.module:
+            value = value.clone()
+            value[:, :, cls.token] = 0
+        return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    @classmethod
+    def register(cls):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register("test_value_zeroing", cls.attention)
+        AttentionMaskInterface.register("test_value_zeroing", eager_mask)
+
+
+def value_zeroing_by_hand(arch, seq, layers, metric="cosine"):
+    """`{side: [positions, steps, layers]}`: for each step p, layer l and token j, one unpadded
+    forward of the prefix with token j's values zeroed in layer l only, then the distance between
+    block l's outputs at query p - 1 with and without it."""
+    from instrument.selection import resolve_alias
+
+    model, _ = double_model(arch)
+    ZeroValue.register()
+    model.set_attn_implementation("test_value_zeroing")
+    enc_dec = model.config.is_encoder_decoder
+    blocks = resolve_alias(model, "layers", "decoder" if enc_dec else None)
+    modules = {"target": resolve_alias(model, "attention", "decoder" if enc_dec else None)}
+    if enc_dec:
+        modules["source"] = resolve_alias(model, "cross_attention", "decoder")
+    target = torch.tensor([t.id for t in seq.target])
+    source = torch.tensor([t.id for t in seq.source])[None] if enc_dec else None
+    out = {}
+    for side, names in modules.items():
+        length = len(seq.source) if side == "source" else len(seq.target)
+        grid = torch.full((length, seq.attr_pos_end - seq.attr_pos_start, len(layers)), float("nan"), dtype=torch.float64)
+        for step, p in enumerate(range(seq.attr_pos_start, seq.attr_pos_end)):
+            kwargs = {"decoder_input_ids": target[:p][None], "input_ids": source} if enc_dec else {"input_ids": target[:p][None]}
+            for column, layer in enumerate(layers):
+                block = model.get_submodule(blocks[layer])
+                attention = model.get_submodule(next(n for n in names if n.startswith(blocks[layer] + ".")))
+                captured = []
+                handle = block.register_forward_hook(lambda m, a, o: captured.append(o if isinstance(o, torch.Tensor) else o[0]))
+                with torch.no_grad():
+                    ZeroValue.module = None
+                    model(**kwargs)
+                    ZeroValue.module = attention
+                    for j in range(length if side == "source" else p):
+                        ZeroValue.token = j
+                        model(**kwargs)
+                handle.remove()
+                ZeroValue.module = None
+                clean = captured[0][0, p - 1]
+                for j, zeroed in enumerate(captured[1:]):
+                    zeroed = zeroed[0, p - 1]
+                    if metric == "cosine":
+                        grid[j, step, column] = 1 - torch.dot(clean, zeroed) / (clean.norm() * zeroed.norm())
+                    else:
+                        grid[j, step, column] = (clean - zeroed).norm()
+        out[side] = grid
+    return out
+
+
+@pytest.mark.parametrize("arch, options", [
+    ("gpt2", {}), ("gpt_neox", {"layers": [-1]}), ("llama", {"similarity_metric": "euclidean"}),
+    ("t5", {}), ("bart", {"normalize": True}),
+])
+def test_value_zeroing_equals_direct_computation(arch, options):
+    model, tokenizer = double_model(arch, attn_implementation="sdpa")  # the method does not need eager
+    wrapped = instrument.load_model(model, "value_zeroing", tokenizer=tokenizer)
+    inputs, targets = texts(wrapped)
+    out = wrapped.attribute(inputs[:2], targets[:2], show_progress=False, attribute_target=wrapped.is_encoder_decoder, **options)
+    layers = [1] if options.get("layers") else [0, 1]
+    for seq in out:
+        expected = value_zeroing_by_hand(arch, seq, layers, options.get("similarity_metric", "cosine"))
+        for side, grid in expected.items():
+            if options.get("normalize"):
+                grid = grid / grid.nansum(0, keepdim=True)
+            ours = getattr(seq, f"{side}_attributions")
+            assert torch.equal(ours.isnan(), grid.isnan())
+            torch.testing.assert_close(ours.nan_to_num().double(), grid.nan_to_num(), rtol=1e-5, atol=1e-7 * float(grid.nan_to_num().abs().max()))
+            assert grid.nan_to_num().abs().max() > 0
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"similarity_metric": "dot"}, "similarity_metric"),
+    ({"layers": 7}, "layers index 7 is out of range"),
+    ({"perturbations_per_eval": -1}, "perturbations_per_eval"),
+])
+def test_value_zeroing_bad_options(options, match):
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="value_zeroing", show_progress=False, **options)
