@@ -69,7 +69,7 @@ def check_size(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be a positive integer or 'auto', got {value!r}")
 
 
-_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "cublas_status_alloc_failed")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

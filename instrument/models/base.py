@@ -123,23 +123,21 @@ class AttributionModel:
         examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs)
 
         per_example: list[dict[str, Any]] = [dict() for _ in examples]
+        batch_size = batch_size or len(examples)
         internal_auto = batching.is_auto(attributor.defaults.get("internal_batch_size"))
-        if not reference and (batching.is_auto(batch_size) or internal_auto):
-            # Memory-aware chunks, halved and run again on out-of-memory errors (instrument/batching.py).
-            with Progress(disable=not show_progress, transient=True) as progress:
-                task = progress.add_task(f"Attributing with {method_name}", total=sum(len(e.positions) for e in examples))
+        auto = not reference and (batching.is_auto(batch_size) or internal_auto)
+        units = [] if auto else [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [
+            [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
+            for start in range(0, len(examples), batch_size)
+        ]
+        with Progress(disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
+            task = progress.add_task(f"Attributing with {method_name}", total=sum(len(e.positions) for e in examples) if auto else len(units))
+            if auto:  # memory-aware chunks, halved and run again on out-of-memory errors (instrument/batching.py)
                 batching.run_rows(
                     examples, lambda pairs: self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example),
                     devices=batching.model_devices(self.model), batch_size=batch_size, internal_auto=internal_auto,
                     progress=lambda n: progress.advance(task, n),
                 )
-        batch_size = batch_size or len(examples)
-        units = [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [] if per_example[0] else [
-            [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
-            for start in range(0, len(examples), batch_size)
-        ]
-        with Progress(disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
-            task = progress.add_task(f"Attributing with {method_name}", total=len(units))
             for pairs in units:
                 self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example)
                 progress.advance(task)
