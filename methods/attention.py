@@ -88,8 +88,9 @@ def attention_weights(output) -> torch.Tensor | None:
     return None
 
 
-def _indices(value, count: int, what: str) -> list[int]:
-    """`value` (None: all, an int, or a sequence of ints, negative from the end) as indices in range."""
+def pick_indices(value, count: int, what: str) -> list[int]:
+    """`value` (None: all, an int, or a sequence of ints, negative from the end) as sorted, distinct
+    indices in range."""
     if value is None:
         return list(range(count))
     items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
@@ -102,7 +103,7 @@ def _indices(value, count: int, what: str) -> list[int]:
         if not -count <= item < count:
             raise ValueError(f"{what} index {item} is out of range: the model has {count} {what}")
         picked.append(item % count)
-    return picked
+    return sorted(set(picked))
 
 
 class _Reducer:
@@ -116,7 +117,7 @@ class _Reducer:
 
     def add(self, weights: torch.Tensor) -> None:
         n_heads = weights.shape[1]
-        heads = _indices(self.heads, n_heads, "heads")
+        heads = pick_indices(self.heads, n_heads, "heads")
         weights = weights.detach()
         if self.positions is not None:
             # [F, H, Q, K] -> [F, K_read, H', keys]: the query rows each full row is read at.
@@ -153,14 +154,16 @@ class Attention(AttributionMethod):
     """Attention weights of the predicting position over the keys, selected and aggregated over
     layers and heads (`aggregate_fn=None` keeps them: two more dimensions, `[layers, heads]`).
 
-    `layers` and `heads` take None (all), an index or a list of indices (negative from the end);
-    layer indices count within each stack (the decoder's for self- and cross-attention, the
-    encoder's for `source_attention="encoder"`).
+    `layers` and `heads` take None (all), an index or a list of indices (negative from the end),
+    used in model order without duplicates (kept dimensions follow that order). Layer indices count
+    within each stack: the decoder's for self- and cross-attention, the encoder's for
+    `source_attention="encoder"`.
     """
 
     params = {"layers": None, "heads": None, "aggregate_fn": "mean", "source_attention": "cross"}
 
-    def attribute(self, request: Request, layers=None, heads=None, aggregate_fn="mean", source_attention="cross") -> RowAttribution:
+    def attribute(self, request: Request, layers=None, heads=None, aggregate_fn="mean",
+                  source_attention="cross") -> RowAttribution:
         if aggregate_fn not in AGGREGATES:
             raise ValueError(f"aggregate_fn must be 'mean', 'max' or None (keep layers and heads), got {aggregate_fn!r}")
         if source_attention not in SOURCE_ATTENTION:
@@ -178,7 +181,7 @@ class Attention(AttributionMethod):
             names = attention_modules(model, kind, engine.is_encoder_decoder)
             if not names:
                 raise ValueError(f"Found no {kind} attention modules in {type(model).__name__}")
-            picked = [names[i] for i in _indices(layers, len(names), "layers")]
+            picked = [names[i] for i in pick_indices(layers, len(names), "layers")]
             reducer = _Reducer(None if kind == "encoder" else fr.positions, heads, aggregate_fn, len(picked))
             if kind == "encoder":
                 reducer.key_mask = fr.full.source_mask

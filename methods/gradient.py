@@ -92,17 +92,18 @@ class IntegratedGradients(PathMethod):
         rows = request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
-        totals = [torch.zeros_like(x, dtype=torch.float32) for x, _ in sides]
+        totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
         for chunk in chunks(n_steps, len(rows), internal_batch_size):
             chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
             points = [leaf(kernels.interpolate(x, base, chunk_alphas)) for x, base in sides]
             grads, _, _ = gradients(request, rows.repeat(len(chunk)), points,
                                     points[0] if source is not None else None, points[-1])
-            chunk_weights = torch.tensor([weights[k] for k in chunk], dtype=torch.float32, device=rows.token.device)
+            chunk_weights = torch.tensor([weights[k] for k in chunk], dtype=torch.float32)
             for total, grad in zip(totals, grads):
-                total += torch.einsum("k,k...->...", chunk_weights.to(grad.device), grad.float().unflatten(0, (len(chunk), -1)))
+                kernels.accumulate(total, grad, chunk_weights)  # in place, float32, one read of the gradients
+            del points, grads  # the next chunk's path points replace these, never adding to them
         attributions = [
-            total * (x - base).float() if multiply_by_inputs else total for total, (x, base) in zip(totals, sides)
+            kernels.finalize(total, x, base) if multiply_by_inputs else total for total, (x, base) in zip(totals, sides)
         ]
         logits, delta = None, None
         with torch.no_grad():
@@ -134,7 +135,10 @@ class GradientShap(PathMethod):
         if source is not None and not request.attribute_target:
             noises[-1].zero_()  # the target prefix is no attributed input: it stays as it is
         noised = [x + noise.to(x) for (x, _), noise in zip(sides, noises)]
-        totals = [torch.zeros_like(x, dtype=torch.float32) for x, _ in sides]
+        # Without noise every sample has the same input - baseline: the mean gradient is accumulated and
+        # multiplied once at the end, like integrated gradients. With noise, each sample's own.
+        scale_each = multiply_by_inputs and bool(stdevs)
+        totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
         for chunk in chunks(n_samples, len(rows), internal_batch_size):
             index = torch.tensor(list(chunk))
             points = []
@@ -143,10 +147,14 @@ class GradientShap(PathMethod):
                 points.append(leaf((base + a * (noisy[index] - base)).flatten(0, 1)))
             grads, _, _ = gradients(request, rows.repeat(len(chunk)), points,
                                     points[0] if source is not None else None, points[-1])
+            mean = [1.0 / n_samples] * len(chunk)
             for total, grad, (x, base), noisy in zip(totals, grads, sides, noised):
-                grad = grad.float().unflatten(0, (len(chunk), -1))
-                scale = (noisy[index] - base).float() if multiply_by_inputs else 1.0
-                total += (grad * scale).sum(0) / n_samples
+                if scale_each:
+                    grad = grad.float().unflatten(0, (len(chunk), -1)) * (noisy[index] - base).float()
+                kernels.accumulate(total, grad, mean)
+            del points, grads
+        if multiply_by_inputs and not scale_each:
+            totals = [kernels.finalize(total, x, base) for total, (x, base) in zip(totals, sides)]
         with torch.no_grad():
             logits = request.engine.forward(rows, source, target)[0]
         return RowAttribution(source=totals[0] if source is not None else None, target=totals[-1], logits=logits)
@@ -213,8 +221,10 @@ class DeepLift(PathMethod):
         points = [leaf(torch.cat([x, base])) for x, base in sides]
         with rescale_rule(request.engine.model):
             grads, logits, _ = gradients(request, rows.repeat(2), points, points[0] if source is not None else None, points[-1])
+        # The multipliers (gradients under the rescale rule) times input - baseline, in one pass.
         attributions = [
-            grad[: len(rows)] * ((x - base) if multiply_by_inputs else 1.0) for grad, (x, base) in zip(grads, sides)
+            kernels.finalize(grad[: len(rows)].float(), x, base) if multiply_by_inputs else grad[: len(rows)]
+            for grad, (x, base) in zip(grads, sides)
         ]
         return RowAttribution(
             source=attributions[0] if source is not None else None, target=attributions[-1], logits=logits[: len(rows)]

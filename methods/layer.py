@@ -108,23 +108,27 @@ class LayerIntegratedGradients(AttributionMethod):
         embeddings = set(engine.layer_names("embeddings"))
         groups = [[n for n in names if n in embeddings]] + [[n] for n in names if n not in embeddings]
         per_layer = {}
+        n_rows = len(rows)
         for group in (g for g in groups if g):
-            totals = {name: torch.zeros_like(at_input[name], dtype=torch.float32) for name in group}
-            for chunk in chunks(n_steps, len(rows), internal_batch_size):
+            totals = {name: torch.zeros(at_input[name].shape, dtype=torch.float32, device=at_input[name].device)
+                      for name in group}
+            for chunk in chunks(n_steps, n_rows, internal_batch_size):
                 chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
                 points = {
-                    name: leaf(kernels.interpolate(rows_first(at_input[name], len(rows)), rows_first(at_base[name], len(rows)),
+                    name: leaf(kernels.interpolate(rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows),
                                                    chunk_alphas).reshape(-1, *at_input[name].shape[1:]))
                     for name in group
                 }
                 grads, _, _ = gradients(request, rows.repeat(len(chunk)), list(points.values()), layer_patch=points)
                 chunk_weights = torch.tensor([weights[k] for k in chunk], dtype=torch.float32)
-                for name, grad in zip(group, grads):
-                    grad = grad.float().reshape(len(chunk), *at_input[name].shape)
-                    totals[name] += torch.einsum("k,k...->...", chunk_weights.to(grad.device), grad)
+                for name, grad in zip(group, grads):  # in place into the [R, positions, hidden] view of the total
+                    kernels.accumulate(rows_first(totals[name], n_rows), rows_first(grad, len(chunk) * n_rows),
+                                       chunk_weights)
+                del points, grads
             for name in group:
-                diff = (at_input[name] - at_base[name]).float()
-                per_layer[name] = totals[name] * diff if multiply_by_inputs else totals[name]
+                per_layer[name] = kernels.finalize(
+                    rows_first(totals[name], n_rows), rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows)
+                ).reshape(at_input[name].shape) if multiply_by_inputs else totals[name]
         return by_side(request, names, per_layer, stacked, logits)
 
 
@@ -154,5 +158,6 @@ class LayerDeepLift(AttributionMethod):
         per_layer = {}
         for name, grad in zip(names, grads):
             grad, act = rows_first(grad, 2 * half), rows_first(acts[name], 2 * half)
-            per_layer[name] = grad[:half] * ((act[:half] - act[half:]) if multiply_by_inputs else 1.0)
+            per_layer[name] = kernels.finalize(grad[:half].float(), act[:half], act[half:]) if multiply_by_inputs \
+                else grad[:half]
         return by_side(request, names, per_layer, stacked, logits[:half])

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from instrument import batching
 from instrument.engine import RowAttribution
 from methods.approximation import approximation
 from methods.base import AttributionMethod, Request, chunks, gradients, leaf
@@ -22,14 +23,8 @@ from methods.gradient import PathMethod
 from methods.registry import register
 
 
-def _chunked(total: int, size: int | None) -> list[range]:
-    size = total if not size else max(1, int(size))
-    return [range(start, min(start + size, total)) for start in range(0, total, size)]
-
-
 def _check_batch_size(internal_batch_size) -> None:
-    if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1):
-        raise ValueError(f"internal_batch_size must be None or a positive integer, got {internal_batch_size!r}")
+    batching.check_size("internal_batch_size", internal_batch_size)
 
 
 # -- sequential integrated gradients ---------------------------------------------------------------
@@ -44,13 +39,15 @@ class SequentialIntegratedGradients(PathMethod):
     source tokens and (with `attribute_target`) the target tokens each get their path; the other
     side stays at its input.
 
-    Cost: `n_steps` forwards per attributed token per row (all batched).
+    Cost: `n_steps` path points per attributed token per row, all batched, at most
+    `internal_batch_size` (default 512; None: all at once; "auto": sized from free memory) rows per
+    forward and backward.
     """
 
-    params = {"n_steps": 50, "method": "gausslegendre", "internal_batch_size": None, "baselines": None,
+    params = {"n_steps": 50, "method": "gausslegendre", "internal_batch_size": 512, "baselines": None,
               "include_eos_baseline": False, "multiply_by_inputs": True}
 
-    def attribute(self, request: Request, n_steps=50, method="gausslegendre", internal_batch_size=None, baselines=None,
+    def attribute(self, request: Request, n_steps=50, method="gausslegendre", internal_batch_size=512, baselines=None,
                   include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
         _check_batch_size(internal_batch_size)
         alphas, weights = approximation(method, n_steps)
@@ -65,7 +62,7 @@ class SequentialIntegratedGradients(PathMethod):
         totals = {name: torch.zeros_like(sides[name][0], dtype=torch.float32) for name in moving}
         points = [(u, k) for u in range(len(units)) for k in range(n_steps)]
         device = rows.target_ids.device
-        for chunk in _chunked(len(points), internal_batch_size):
+        for chunk in chunks(len(points), 1, internal_batch_size):  # one row per path point
             picked = [points[j] for j in chunk]
             row_index = torch.tensor([units[u][1] for u, _ in picked], dtype=torch.long, device=device)
             embeds = {}
@@ -82,7 +79,8 @@ class SequentialIntegratedGradients(PathMethod):
             wrt = [embeds[name] for name in moving]
             grads, _, _ = gradients(request, rows.take(row_index), wrt, embeds.get("source"), embeds["target"])
             for name, grad in zip(moving, grads):
-                on_side = [(e, units[u][1], units[u][2], weights[k]) for e, (u, k) in enumerate(picked) if units[u][0] == name]
+                on_side = [(e, units[u][1], units[u][2], weights[k])
+                           for e, (u, k) in enumerate(picked) if units[u][0] == name]
                 if not on_side:
                     continue
                 e = torch.tensor([e for e, _, _, _ in on_side], device=device)
@@ -117,7 +115,7 @@ class Vocabulary:
             ids = torch.arange(vocab_size, device=device)
             self.features = torch.cat([module(ids[start : start + 4096][None])[0] for start in range(0, vocab_size, 4096)])
         self.features = self.features.detach()
-        self.squared = (self.features.double() ** 2).sum(1)
+        self.squared = (self.features.float() ** 2).sum(1)
         self.neighbours: dict[tuple[int, int], torch.Tensor] = {}
         self.paths: dict[tuple, torch.Tensor] = {}
 
@@ -129,15 +127,28 @@ class Vocabulary:
         return cached
 
     def knn(self, word: int, k: int) -> torch.Tensor:
-        """Ids of the `k` nearest other tokens of `word`, nearest first."""
+        """Ids of the `k` nearest other tokens of `word`, nearest first (ties: lower id first).
+
+        Candidates come from float32 distances `|a|^2 - 2 a.b + |b|^2` (one matrix-vector product,
+        no `[V, H]` temporary), then the `k + 32` best are ranked again by exact float64 distances."""
         key = (word, k)
         if key not in self.neighbours:
-            features = self.features.double()
-            distances = self.squared - 2 * features @ features[word] + self.squared[word]
-            distances[word] = float("inf")
+            features = self.features.float()
+            approximate = self.squared - 2 * (features @ features[word]) + self.squared[word]
+            approximate[word] = float("inf")
             k = min(k, len(features) - 1)
-            self.neighbours[key] = torch.topk(distances, k, largest=False, sorted=True).indices
+            pool = torch.topk(approximate, min(k + 32, len(features) - 1), largest=False).indices.sort().values
+            exact = ((self.features[pool].double() - self.features[word].double()) ** 2).sum(1)
+            self.neighbours[key] = pool[torch.sort(exact, stable=True).indices[:k]]
         return self.neighbours[key]
+
+
+def _rows_of(module: nn.Module) -> int:
+    """Vocabulary size of an embedding module (its weight's rows)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise ValueError(f"DIG needs an embedding module with a weight matrix, got {type(module).__name__}")
+    return int(weight.shape[0])
 
 
 def _weights_key(module: nn.Module):
@@ -167,7 +178,8 @@ def monotonize(baseline: torch.Tensor, current: torch.Tensor, anchor: torch.Tens
 
 def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int) -> list[int]:
     """DIG's anchor words from `word` towards the baseline word `ref` (`steps + 1` ids, `word` first)."""
-    features = vocab.features.double()
+    features = vocab.features
+    baseline = features[ref].double()
     path = [word]
     current = word
     for _ in range(steps):
@@ -180,12 +192,12 @@ def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str,
             current = ref
             path.append(ref)
             continue
-        anchors = features[candidates]
+        anchors = features[candidates].double()
         if strategy == "greedy":
-            moved = monotonize(features[ref], features[current], anchors, steps)
+            moved = monotonize(baseline, features[current].double(), anchors, steps)
             score = (anchors - moved).norm(dim=1)
         else:  # maxcount: fewest non-monotonic dimensions first
-            score = -monotonic(features[ref], features[current], anchors).sum(1).double()
+            score = -monotonic(baseline, features[current].double(), anchors).sum(1).double()
         order = torch.sort(score, stable=True).indices
         seen = set(path)
         nxt = next((int(candidates[j]) for j in order.tolist() if int(candidates[j]) not in seen), ref)
@@ -194,17 +206,18 @@ def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str,
     return path
 
 
-def monotonic_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int, factor: int) -> torch.Tensor:
+def monotonic_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int,
+                   factor: int) -> torch.Tensor:
     """DIG's interpolation points `[2 ** factor * (steps + 1) + 1, H]` for one token, from the
     baseline (first) to the token's embedding (last); cached per vocabulary."""
     key = (word, ref, steps, strategy, n_neighbors, factor)
     if key not in vocab.paths:
-        features = vocab.features.double()
+        features = vocab.features
         ids = word_path(vocab, word, ref, steps, strategy, n_neighbors)
-        points = [features[ids[0]]]
+        points = [features[ids[0]].double()]
         for nxt in ids[1:]:
-            points.append(monotonize(features[ref], points[-1], features[nxt], steps))
-        points.append(features[ref])
+            points.append(monotonize(features[ref].double(), points[-1], features[nxt].double(), steps))
+        points.append(features[ref].double())
         path = torch.stack(points[::-1])
         for _ in range(factor):
             middle = 0.5 * (path[:-1] + path[1:])
@@ -248,23 +261,23 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         if rows.source_ids is not None:
             sides = {"source": (rows.source_ids, rows.source_mask, engine.source_embedding), **sides}
         moving = [name for name in sides if name == "source" or request.attribute_target]
-        vocab_size = self._vocab_size(engine)
         paths = {}
+        inputs = dict(zip(("source", "target"), engine.embed(rows)))
         for name, (ids, mask, module) in sides.items():
-            vocab = Vocabulary.of(module, vocab_size)
-            with torch.no_grad():
-                x = module(ids)
+            vocab = Vocabulary.of(module, _rows_of(module))
+            x = inputs[name]
             if name not in moving:
                 paths[name] = x[None].expand(2, *x.shape)  # stays at its input
                 continue
-            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline)
+            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline, len(vocab.features))
             length = 2 ** factor * (n_steps + 1) + 1
-            path = x[None].repeat(length, *([1] * x.dim())).double()
+            path = x[None].repeat(length, *([1] * x.dim()))
             for r, i in mask.nonzero().tolist():
                 word, ref = int(ids[r, i]), int(refs[r, i])
                 if word != ref:
-                    path[:, r, i] = monotonic_path(vocab, word, ref, n_steps, strategy, n_neighbors, factor).to(path.device)
-            paths[name] = path.to(x.dtype)
+                    points = monotonic_path(vocab, word, ref, n_steps, strategy, n_neighbors, factor)
+                    path[:, r, i] = points.to(path.device, path.dtype)
+            paths[name] = path
         n_points = max(len(p) for p in paths.values())
         paths = {name: p if len(p) == n_points else p[:1].expand(n_points, *p.shape[1:]) for name, p in paths.items()}
         totals = {name: torch.zeros_like(paths[name][0], dtype=torch.float32) for name in moving}
@@ -286,16 +299,13 @@ class DiscretizedIntegratedGradients(AttributionMethod):
             if return_convergence_delta:
                 at_input = request.score(rows, logits, source_x, target_x)
                 source_b = paths["source"][0] if "source" in paths else None
-                at_base = request.score(rows, engine.forward(rows, source_b, paths["target"][0])[0], source_b, paths["target"][0])
+                target_b = paths["target"][0]
+                at_base = request.score(rows, engine.forward(rows, source_b, target_b)[0], source_b, target_b)
                 delta = sum(totals[name].flatten(1).sum(1) for name in moving) - (at_input - at_base).float()
         return RowAttribution(source=totals.get("source"), target=totals.get("target"), logits=logits, delta=delta)
 
     @staticmethod
-    def _vocab_size(engine) -> int:
-        return int(engine.target_embedding.weight.shape[0])
-
-    @staticmethod
-    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool) -> torch.Tensor:
+    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int) -> torch.Tensor:
         if baselines in (None, "unk"):
             if engine.unk_token_id is None:
                 raise ValueError("The tokenizer has no UNK token for the default baseline; pass baselines='pad' or a token id")
@@ -306,7 +316,6 @@ class DiscretizedIntegratedGradients(AttributionMethod):
             ref = baselines
         else:
             raise ValueError(f"DIG baselines are vocabulary tokens: None ('unk'), 'pad' or a token id, got {baselines!r}")
-        vocab_size = DiscretizedIntegratedGradients._vocab_size(engine)
         if not 0 <= ref < vocab_size:
             raise ValueError(f"Baseline token id {ref} is outside the vocabulary of {vocab_size} tokens")
         refs = torch.full_like(ids, ref)

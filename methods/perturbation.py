@@ -1,16 +1,21 @@
-"""Perturbation methods: occlusion and LIME on the input embeddings, value zeroing inside attention.
+"""Perturbation methods: occlusion and LIME on the input embeddings, value zeroing inside attention,
+and ReAGent on the input tokens.
 
     >>> out = model.attribute(text, method="occlusion")                          # one token at a time
     >>> out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
     >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)
+    >>> out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
+    >>> out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
 
-Everything runs under `torch.no_grad()`. A perturbed input is a perturbed copy of the *full* row of
-an example (its longest attributed prefix): under causal attention one forward of it gives the
-attributed function at every step of the example (`Engine.forward_steps`), so the number of forwards
-depends on the number of perturbations, not on the number of steps; perturbed copies of all
-examples go through the model together, `perturbations_per_eval` at a time. Where a step cannot
-see a perturbation (a window on target tokens after its prefix), that perturbation does not count
-for it, so every step gets what the method computes on its own prefix.
+Everything runs under `torch.no_grad()`. For occlusion, LIME and value zeroing, a perturbed input is
+a perturbed copy of the *full* row of an example (its longest attributed prefix): under causal
+attention one forward of it gives the attributed function at every step of the example
+(`Engine.forward_steps`), so the number of forwards depends on the number of perturbations, not on
+the number of steps; perturbed copies of all examples go through the model together,
+`perturbations_per_eval` at a time. Where a step cannot see a perturbation (a window on target
+tokens after its prefix), that perturbation does not count for it, so every step gets what the
+method computes on its own prefix. ReAGent's probes depend on each step's own importance scores, so
+they run per step; the probes of all steps and examples share each forward.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import torch
 from torch import nn
 
 from instrument.engine import FullRows, RowAttribution, full_rows
+from instrument.selection import resolve_alias, select_modules
+from methods.attention import pick_indices
 from methods.base import AttributionMethod, Request
 from methods.registry import register
 
@@ -87,7 +94,8 @@ def _pair(value, what: str, hidden: int, default) -> tuple[int, int]:
         value = default
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value) if what == "strides" else (value, hidden)
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    is_int = [isinstance(v, int) and not isinstance(v, bool) for v in value] if isinstance(value, (tuple, list)) else []
+    if len(is_int) != 2 or not all(is_int):
         raise ValueError(f"{what} must be a (tokens, hidden) pair of ints, got {value!r}")
     tokens, dims = value
     if tokens < 1 or not 1 <= dims <= hidden:
@@ -149,51 +157,64 @@ class Occlusion(AttributionMethod):
                 shortest = int(_side_lengths(rows, side).min())
                 if window[0] > shortest:
                     raise ValueError(
-                        f"The {side} sliding window spans {window[0]} tokens but a {side} {'prefix ' if side == 'target' else ''}"
-                        f"has only {shortest}; use a smaller window or a later attr_pos_start"
+                        f"The {side} sliding window spans {window[0]} tokens but a {side} "
+                        f"{'prefix ' if side == 'target' else ''}has only {shortest}; use a smaller window "
+                        "or a later attr_pos_start"
                     )
             logits, original = perturber.original()
-            totals = {side: torch.zeros(len(rows), *inputs[side].shape[1:]) for side in sides}
-            counts = {side: torch.zeros(len(rows), *inputs[side].shape[1:]) for side in sides}
-            for side in sides:
-                self._side(perturber, side, inputs, bases, windows[side], stride[side], original,
-                           totals[side], counts[side], perturbations_per_eval)
-        out = {side: totals[side] / counts[side] for side in sides}
+            out = {side: self._side(perturber, side, inputs, bases, windows[side], stride[side], original, perturbations_per_eval)
+                   for side in sides}
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
 
-    def _side(self, perturber: Perturber, side, inputs, bases, window, stride, original, total, count, per_eval):
+    def _side(self, perturber: Perturber, side, inputs, bases, window, stride, original, per_eval) -> torch.Tensor:
+        """`[R, length, hidden]` occlusion attributions of one side. Windows are rectangles (token range x
+        hidden range), so totals and counts are kept per token and hidden window, `[R, length, W]`,
+        and spread over the hidden dimension once at the end."""
         fr, rows = perturber.fr, perturber.request.rows
         x, base = inputs[side], bases[side]
         row_lengths = _side_lengths(rows, side).tolist()
         full_lengths = _side_lengths(fr.full, side).tolist()
         hidden_starts = _starts(x.shape[-1], window[1], stride[1])
-        # Every (full row, token window, hidden window) perturbation; the token window's index k.
+        # Every (full row, token window index k, token start, hidden window index) perturbation.
         perturbations = [
-            (f, k, t0, h0)
+            (f, k, t0, w)
             for f, length in enumerate(full_lengths)
             for k, t0 in enumerate(_starts(length, window[0], stride[0]))
-            for h0 in hidden_starts
+            for w in range(len(hidden_starts))
         ]
         # Step r counts window k if Captum's windows over its own prefix include it.
         last_k = [math.ceil((length - window[0]) / stride[0]) for length in row_lengths]
+        n_windows = len(hidden_starts)
+        total = torch.zeros(len(rows) * n_windows, x.shape[1], dtype=torch.float64)
+        count = torch.zeros(len(rows) * n_windows, x.shape[1], dtype=torch.float64)
         for start in range(0, len(perturbations), per_eval):
             chunk = perturbations[start : start + per_eval]
             owners = torch.tensor([f for f, _, _, _ in chunk], dtype=torch.long)
+            tokens = torch.zeros(len(chunk), x.shape[1], dtype=torch.bool)
             mask = torch.zeros(len(chunk), *x.shape[1:], dtype=torch.bool)
-            for n, (f, k, t0, h0) in enumerate(chunk):
-                mask[n, t0 : min(t0 + window[0], full_lengths[f]), h0 : h0 + window[1]] = True
-            device_mask = mask.to(x.device)
-            perturbed = torch.where(device_mask, base[owners.to(x.device)], x[owners.to(x.device)])
+            for n, (f, _, t0, w) in enumerate(chunk):
+                tokens[n, t0 : min(t0 + window[0], full_lengths[f])] = True
+                mask[n, :, hidden_starts[w] : hidden_starts[w] + window[1]] = tokens[n, :, None]
+            perturbed = torch.where(mask.to(x.device), base[owners.to(x.device)], x[owners.to(x.device)])
             embeds = {"source": None, "target": None, side: perturbed}
             n_index, r_index, scores = perturber.run(
                 owners, embeds["source"], embeds["target"], pairs=lambda n, r: chunk[n][1] <= last_k[r]
             )
             if not len(n_index):
                 continue
-            diff = (original[r_index] - scores).cpu()
-            hit = mask[n_index.cpu()].float()
-            total.index_add_(0, r_index.cpu(), diff[:, None, None] * hit)
-            count.index_add_(0, r_index.cpu(), hit)
+            n_index, r_index = n_index.cpu(), r_index.cpu()
+            diff = (original[r_index] - scores).double().cpu()
+            hit = tokens[n_index].double()  # [E, length]
+            slot = r_index * n_windows + torch.tensor([chunk[n][3] for n in n_index.tolist()], dtype=torch.long)
+            total.index_add_(0, slot, diff[:, None] * hit)
+            count.index_add_(0, slot, hit)
+        total, count = total.view(len(rows), n_windows, -1), count.view(len(rows), n_windows, -1)
+        spread_total = torch.zeros(len(rows), *x.shape[1:], dtype=torch.float64)
+        spread_count = torch.zeros(len(rows), *x.shape[1:], dtype=torch.float64)
+        for w, h0 in enumerate(hidden_starts):
+            spread_total[:, :, h0 : h0 + window[1]] += total[:, w, :, None]
+            spread_count[:, :, h0 : h0 + window[1]] += count[:, w, :, None]
+        return (spread_total / spread_count).float()
 
 
 # -- value zeroing ---------------------------------------------------------------------------------
@@ -269,9 +290,6 @@ class ValueZeroing(AttributionMethod):
 
     def attribute(self, request: Request, layers=None, similarity_metric="cosine", normalize=False,
                   perturbations_per_eval=32) -> RowAttribution:
-        from instrument.selection import resolve_alias, select_modules
-        from methods.attention import _indices
-
         if similarity_metric not in ("cosine", "euclidean"):
             raise ValueError(f"similarity_metric must be 'cosine' or 'euclidean', got {similarity_metric!r}")
         if not isinstance(perturbations_per_eval, int) or perturbations_per_eval < 1:
@@ -281,7 +299,7 @@ class ValueZeroing(AttributionMethod):
         blocks = resolve_alias(model, "layers", "decoder" if enc_dec else None)
         if not blocks:
             raise ValueError(f"Found no transformer blocks in {type(model).__name__}")
-        picked = sorted(set(_indices(layers, len(blocks), "layers")))
+        picked = pick_indices(layers, len(blocks), "layers")
         kinds = {}
         if request.attribute_target or not enc_dec:
             kinds["target"] = resolve_alias(model, "attention", "decoder" if enc_dec else None)
@@ -293,7 +311,8 @@ class ValueZeroing(AttributionMethod):
             for index in picked:
                 inside = [n for n in names if n.startswith(blocks[index] + ".")]
                 if len(inside) != 1:
-                    raise ValueError(f"Expected one {'cross-' if side == 'source' else 'self-'}attention module in {blocks[index]}, found {inside}")
+                    kind = "cross-" if side == "source" else "self-"
+                    raise ValueError(f"Expected one {kind}attention module in {blocks[index]}, found {inside}")
                 zeroers[side].append(value_projection(model.get_submodule(inside[0]), inside[0]))
         fr = full_rows(rows)
         perturber = Perturber(request, fr)
@@ -337,8 +356,8 @@ class ValueZeroing(AttributionMethod):
             owners = torch.tensor([f for f, _ in chunk], dtype=torch.long, device=full.target_ids.device)
             zero_at = torch.tensor([j for _, j in chunk], dtype=torch.long, device=full.target_ids.device)
             sub = full.take(owners)
-            captured = {}
-            handles = []
+            captured, handles = {}, []
+            picked_names = {blocks[i] for i in picked}
 
             def patch(name):
                 def hook(module, args, output):
@@ -346,10 +365,9 @@ class ValueZeroing(AttributionMethod):
                         captured[name] = _first(output)
                     if name == read[-1]:
                         raise _Stop
-                    return _with_first(output, clean[name][owners])
+                    return _with_first(output, clean[name][owners])  # the next block sees its clean input
                 return hook
 
-            picked_names = {blocks[i] for i in picked}
             try:
                 for projection, zero in zeroers:
                     handles.append(projection.register_forward_hook(lambda m, a, o, zero=zero: zero(o, zero_at)))
@@ -389,3 +407,270 @@ class ValueZeroing(AttributionMethod):
             pairs_n, pairs_r = torch.tensor(pairs_n), torch.tensor(pairs_r)
             result[pairs_r, zero_at.cpu()[pairs_n]] = distances[pairs_n, fr.slot.cpu()[pairs_r]]
         return result
+
+
+# -- LIME ------------------------------------------------------------------------------------------
+
+
+def token_samples(seed: int, side: int, length: int, n_samples: int) -> torch.Tensor:
+    """`[n_samples, length]` booleans, sample k keeping token j, each Bernoulli(0.5) as Captum's
+    default LIME sampling. Token j's column comes from a generator seeded by `(seed, side, j)` (side 0:
+    source, 1: target), so it does not depend on the sequence's length: a step's samples are its
+    example's samples restricted to its prefix, whether steps are attributed together or one by one."""
+    columns = []
+    for j in range(length):
+        generator = torch.Generator().manual_seed(hash((int(seed), int(side), j)) & 0x7FFFFFFF)
+        columns.append(torch.rand(n_samples, generator=generator) < 0.5)
+    return torch.stack(columns, dim=1) if columns else torch.zeros(n_samples, 0, dtype=torch.bool)
+
+
+def weighted_least_squares(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Coefficients (intercept dropped) of `targets ~ features @ coef + intercept` minimising
+    `sum(weights * residual ** 2)`, in float64 on the CPU; minimum-norm when underdetermined."""
+    design = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+    root = weights.double().clamp_min(0).sqrt()[:, None]
+    weighted_targets = (root[:, 0] * targets.double()).cpu()[:, None]
+    solution = torch.linalg.lstsq((root * design).cpu(), weighted_targets, driver="gelsd").solution
+    return solution[:-1, 0]
+
+
+@register("lime")
+class Lime(AttributionMethod):
+    """LIME (Ribeiro et al. 2016) with tokens as interpretable features, as Captum's `Lime` with a
+    token feature mask: `n_samples` random subsets of the attributed tokens (each kept with
+    probability 0.5, seeded by `seed`; the others set to `baselines`, default "zeros" as Captum),
+    weighted by Captum's default similarity `exp(-d ** 2 / (2 * kernel_width ** 2))`, `d` the cosine
+    distance between the flattened original and perturbed embeddings (of the step's own prefix and
+    the source), and a linear surrogate with intercept fitted per step by weighted least squares
+    (torch, float64; Captum's default surrogate is a Lasso, which needs scikit-learn). A token's
+    coefficient is its attribution, repeated over the embedding dimension as Captum returns it.
+
+    Batched: sample k of an example is one perturbed copy of its full row (the same token subsets for
+    every example), read at every step; each step fits on its own tokens' bits.
+    """
+
+    params = {"n_samples": 25, "perturbations_per_eval": 32, "baselines": "zeros", "include_eos_baseline": False,
+              "kernel_width": 1.0, "distance_mode": "cosine", "seed": 42}
+
+    def attribute(self, request: Request, n_samples=25, perturbations_per_eval=32, baselines="zeros",
+                  include_eos_baseline=False, kernel_width=1.0, distance_mode="cosine", seed=42) -> RowAttribution:
+        for name, value in (("n_samples", n_samples), ("perturbations_per_eval", perturbations_per_eval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if distance_mode not in ("cosine", "euclidean"):
+            raise ValueError(f"distance_mode must be 'cosine' or 'euclidean', got {distance_mode!r}")
+        if not kernel_width > 0:
+            raise ValueError(f"kernel_width must be positive, got {kernel_width!r}")
+        engine, rows = request.engine, request.rows
+        fr = full_rows(rows)
+        perturber = Perturber(request, fr)
+        with torch.no_grad():
+            inputs = dict(zip(("source", "target"), engine.embed(fr.full)))
+            bases = dict(zip(("source", "target"), engine.baseline(fr.full, baselines, include_eos_baseline)))
+            sides = (["source"] if inputs["source"] is not None else []) + (["target"] if request.attribute_target else [])
+            keep = {side: token_samples(seed, int(side == "target"), inputs[side].shape[1], n_samples) for side in sides}
+            logits, _ = perturber.original()
+            outputs = torch.full((len(rows), n_samples), float("nan"), dtype=torch.float64)
+            jobs = [(f, k) for f in range(len(fr.full)) for k in range(n_samples)]
+            for start in range(0, len(jobs), perturbations_per_eval):
+                chunk = jobs[start : start + perturbations_per_eval]
+                owners = torch.tensor([f for f, _ in chunk], dtype=torch.long)
+                samples = torch.tensor([k for _, k in chunk], dtype=torch.long)
+                embeds = {"source": None, "target": None}
+                for side in sides:
+                    x, base = inputs[side], bases[side]
+                    kept = keep[side][samples].to(x.device)[:, :, None]
+                    embeds[side] = torch.where(kept, x[owners.to(x.device)], base[owners.to(x.device)])
+                n_index, r_index, scores = perturber.run(owners, embeds["source"], embeds["target"])
+                outputs[r_index.cpu(), samples[n_index.cpu()]] = scores.double().cpu()
+            similarity = self._similarity(rows, fr, sides, inputs, bases, keep, kernel_width, distance_mode)
+            out = {side: torch.zeros(len(rows), *inputs[side].shape[1:]) for side in sides}
+            lengths = {side: _side_lengths(rows, side).tolist() for side in sides}
+            for r in range(len(rows)):
+                bits = torch.cat([keep[side][:, : lengths[side][r]] for side in sides], dim=1)
+                coef = weighted_least_squares(bits, outputs[r], similarity[r]).float()
+                offset = 0
+                for side in sides:
+                    n = lengths[side][r]
+                    out[side][r, :n] = coef[offset : offset + n, None]
+                    offset += n
+        return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
+
+    @staticmethod
+    def _similarity(rows, fr, sides, inputs, bases, keep, kernel_width, distance_mode) -> torch.Tensor:
+        """`[R, n_samples]` kernel weights from per-token dot products (float64): the distance between
+        the row's flattened inputs and each perturbed version, over the row's own tokens."""
+        owner = fr.owner.cpu()
+        dot = pert = orig = 0
+        for side in sides:
+            x, b = inputs[side].double().cpu()[owner], bases[side].double().cpu()[owner]  # [R, L, H]
+            visible = (torch.arange(x.shape[1])[None] < _side_lengths(rows, side).cpu()[:, None]).double()  # [R, L]
+            kept = keep[side].double()  # [n, L]
+            xx, xb, bb = (x * x).sum(-1) * visible, (x * b).sum(-1) * visible, (b * b).sum(-1) * visible
+            if distance_mode == "cosine":
+                dot = dot + xx @ kept.T + xb @ (1 - kept).T
+                pert = pert + xx @ kept.T + bb @ (1 - kept).T
+                orig = orig + xx.sum(1, keepdim=True)
+            else:  # squared L2 distance: only the removed tokens differ
+                dot = dot + (xx - 2 * xb + bb) @ (1 - kept).T
+        if distance_mode == "cosine":
+            eps = 1e-8
+            distance = 1 - dot / (orig.sqrt() * pert.sqrt()).clamp_min(eps)
+        else:
+            distance = dot.clamp_min(0).sqrt()
+        return torch.exp(-(distance**2) / (2 * kernel_width**2))
+
+
+# -- ReAGent ---------------------------------------------------------------------------------------
+
+
+def probe_generator(seed: int, probe: int, rows, r: int) -> torch.Generator:
+    """The random stream of probe `probe` of row r, seeded by the row's own tokens (its prefix and
+    source), so that it does not depend on which other rows share the batch."""
+    prefix = rows.target_ids[r, : int(rows.target_mask[r].sum())].tolist()
+    source = [] if rows.source_ids is None else rows.source_ids[r, : int(rows.source_mask[r].sum())].tolist()
+    return torch.Generator().manual_seed(hash((int(seed), int(probe), tuple(prefix), tuple(source))) & 0x7FFFFFFF)
+
+
+class _Probe:
+    """One ReAGent probe of one row: its tokens, its logit importance scores and its random stream."""
+
+    def __init__(self, r: int, ids: torch.Tensor, generator: torch.Generator, candidates: torch.Tensor):
+        self.r, self.ids, self.generator, self.candidates = r, ids, generator, candidates
+        self.logit = torch.rand(len(ids), generator=generator, dtype=torch.float64)
+        self.stopped = False
+
+    def replacements(self) -> torch.Tensor:
+        """A random replacement token for every position (uniform over the candidate vocabulary)."""
+        return self.candidates[torch.randint(len(self.candidates), (len(self.ids),), generator=self.generator)]
+
+    def update_mask(self, ratio: float) -> torch.Tensor:
+        return torch.rand(len(self.ids), generator=self.generator, dtype=torch.float64) < ratio
+
+    @property
+    def importance(self) -> torch.Tensor:
+        return self.logit.softmax(-1)
+
+
+@register("reagent")
+class Reagent(AttributionMethod):
+    """ReAGent (Zhao et al. 2024), with Inseq's parameters, run for every step and probe together.
+
+    Per step, `num_probes` probes each start from random logit importance scores over the attributed
+    tokens (the source, plus the target prefix when it is attributed) and repeat, at most
+    `max_probe_steps` times: replace a random `replacing_ratio` of the tokens, take
+    `delta = f(original) - f(replaced)` of the attributed function (default: the target's
+    probability, as ReAGent), and add `logit(0.5 + 0.5 * delta)` to the replaced tokens' scores and
+    `logit(0.5 - 0.5 * delta)` to the others'; then, with importance `softmax(scores)`, keep the
+    `keep_top_n` most important tokens (or `ceil(keep_ratio * length)` when `keep_top_n` is 0;
+    `invert_keep_ratio` replaces those instead), replace the rest, and stop the probe once the
+    target token is among the `stopping_condition_top_k` top predictions. The attribution is the
+    mean importance over the probes that stopped (over all probes if none did), repeated over the
+    embedding dimension as Inseq returns it.
+
+    Replacement tokens: ReAGent draws them from a language model (Inseq: same-POS words); here they
+    are drawn uniformly from the attributed model's vocabulary (special tokens pad / UNK / EOS
+    excluded), which needs no second model. Randomness is seeded per (seed, probe, row tokens).
+    Every active probe of every row of the batch goes through one forward per stage.
+    """
+
+    params = {"keep_top_n": 5, "keep_ratio": None, "invert_keep_ratio": False, "stopping_condition_top_k": 3,
+              "replacing_ratio": 0.3, "max_probe_steps": 3000, "num_probes": 16, "seed": 42, "internal_batch_size": None}
+
+    def attribute(self, request: Request, keep_top_n=5, keep_ratio=None, invert_keep_ratio=False,
+                  stopping_condition_top_k=3, replacing_ratio=0.3, max_probe_steps=3000, num_probes=16, seed=42,
+                  internal_batch_size=None) -> RowAttribution:
+        for name, value, low in (("keep_top_n", keep_top_n, 0), ("stopping_condition_top_k", stopping_condition_top_k, 1),
+                                 ("max_probe_steps", max_probe_steps, 1), ("num_probes", num_probes, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if keep_top_n == 0 and (keep_ratio is None or not 0 <= keep_ratio <= 1):
+            raise ValueError(f"With keep_top_n=0, keep_ratio must be a fraction in [0, 1], got {keep_ratio!r}")
+        if not 0 < replacing_ratio <= 1:
+            raise ValueError(f"replacing_ratio must be in (0, 1], got {replacing_ratio!r}")
+        if internal_batch_size is not None and (
+                isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+            raise ValueError(f"internal_batch_size must be None or a positive integer, got {internal_batch_size!r}")
+        engine, rows = request.engine, request.rows
+        vocab = int(engine.target_embedding.weight.shape[0])
+        special = {t for t in (engine.pad_token_id, engine.unk_token_id, engine.eos_token_id) if t is not None}
+        candidates = torch.tensor([t for t in range(vocab) if t not in special], dtype=torch.long)
+        sides = (["source"] if rows.source_ids is not None else []) + (["target"] if request.attribute_target else [])
+        lengths = {side: _side_lengths(rows, side).tolist() for side in sides}
+        probes = []
+        for r in range(len(rows)):
+            ids = torch.cat([
+                (rows.source_ids if side == "source" else rows.target_ids)[r, : lengths[side][r]].cpu() for side in sides
+            ])
+            probes += [_Probe(r, ids, probe_generator(seed, k, rows, r), candidates) for k in range(num_probes)]
+        with torch.no_grad():
+            logits = engine.forward(rows)[0]
+            original = request.score(rows, logits, *engine.embed(rows)).double().cpu()
+            for _ in range(max_probe_steps):
+                active = [probe for probe in probes if not probe.stopped]
+                if not active:
+                    break
+                masks = [probe.update_mask(replacing_ratio) for probe in active]
+                replaced = [torch.where(mask, probe.replacements(), probe.ids) for probe, mask in zip(active, masks)]
+                scores, _ = self._run(request, active, replaced, lengths, sides, internal_batch_size)
+                for probe, mask, score in zip(active, masks, scores):
+                    delta = original[probe.r] - score
+                    signed = torch.where(mask, delta, -delta)
+                    probe.logit = probe.logit + torch.logit(signed * 0.5 + 0.5)
+                kept = [self._keep_mask(probe.importance, keep_top_n, keep_ratio, invert_keep_ratio) for probe in active]
+                replaced = [torch.where(keep, probe.ids, probe.replacements()) for probe, keep in zip(active, kept)]
+                _, hits = self._run(request, active, replaced, lengths, sides, internal_batch_size,
+                                    top_k=stopping_condition_top_k)
+                for probe, hit in zip(active, hits):
+                    probe.stopped = bool(hit)
+        out = {side: torch.zeros(len(rows), *(rows.source_ids if side == "source" else rows.target_ids).shape[1:],
+                                 engine.target_embedding.weight.shape[1]) for side in sides}
+        for r in range(len(rows)):
+            mine = probes[r * num_probes : (r + 1) * num_probes]
+            done = [probe for probe in mine if probe.stopped] or mine
+            mean = torch.stack([probe.importance for probe in done]).mean(0).float()
+            offset = 0
+            for side in sides:
+                n = lengths[side][r]
+                out[side][r, :n] = mean[offset : offset + n, None]
+                offset += n
+        return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
+
+    @staticmethod
+    def _keep_mask(importance: torch.Tensor, top_n: int, ratio, invert: bool) -> torch.Tensor:
+        """Tokens left in place for the stopping check: the top-n by importance (the others when inverted)."""
+        n = top_n if top_n > 0 else int(math.ceil(ratio * len(importance)))
+        top = torch.zeros(len(importance), dtype=torch.bool)
+        top[torch.argsort(importance, descending=True, stable=True)[:n]] = True
+        return ~top if invert else top
+
+    @staticmethod
+    def _run(request, probes, replaced, lengths, sides, batch_size, top_k=None):
+        """Attributed function (and, with top_k, whether the target is among the top-k predictions)
+        of each probe's row with its tokens replaced, in forwards of at most `batch_size` rows."""
+        from dataclasses import replace
+
+        engine, rows = request.engine, request.rows
+        scores, hits = [], []
+        size = batch_size or len(probes)
+        for start in range(0, len(probes), size):
+            chunk, ids = probes[start : start + size], replaced[start : start + size]
+            index = torch.tensor([probe.r for probe in chunk], dtype=torch.long, device=rows.target_ids.device)
+            sub = rows.take(index)
+            fields = {}
+            for side in sides:
+                name = "source_ids" if side == "source" else "target_ids"
+                values = getattr(sub, name).clone()
+                offset_of = {"source": 0, "target": 0}
+                for n, (probe, new) in enumerate(zip(chunk, ids)):
+                    offset = sum(lengths[s][probe.r] for s in sides[: sides.index(side)])
+                    length = lengths[side][probe.r]
+                    values[n, :length] = new[offset : offset + length].to(values.device)
+                fields[name] = values
+            sub = replace(sub, **fields)
+            logits = engine.forward(sub)[0]
+            scores.append(request.score(sub, logits, None, None).double().cpu())
+            if top_k is not None:
+                top = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+                hits.append((top == sub.token[:, None]).any(-1).cpu())
+        return torch.cat(scores), (torch.cat(hits) if hits else None)

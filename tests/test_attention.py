@@ -184,3 +184,17 @@ def test_implementation_restored_when_the_forward_fails_and_eager_stays_eager():
     eager, tokenizer = tiny_model("gpt2", attn_implementation="eager")
     instrument.load_model(eager, "attention", tokenizer=tokenizer).attribute(SOURCES[0], DECODER_TARGETS[0], show_progress=False)
     assert eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_short():
+    """benchmarks/attention_memory.py on 256 tokens (its default is 4,096): it runs, stays in budget."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import attention_memory
+    finally:
+        sys.path.pop(0)
+    assert attention_memory.main(["--tokens", "256", "--steps", "2", "--budget-gb", "2"]) == 0

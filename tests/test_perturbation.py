@@ -327,3 +327,209 @@ def test_value_zeroing_bad_options(options, match):
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=match):
         wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="value_zeroing", show_progress=False, **options)
+
+
+# -- LIME ----------------------------------------------------------------------------------------
+
+
+def test_lime_batched_equals_step_by_step(wrapped):
+    check_batched_equals_reference(wrapped, "lime", n_samples=9, perturbations_per_eval=7)
+
+
+class WeightedLeastSquares:
+    """A Captum interpretable model: least squares with intercept weighted by the similarities,
+    solved here through the pseudo-inverse of the weighted normal equations."""
+
+    def __new__(cls):
+        from captum._utils.models.model import Model
+
+        class Surrogate(Model):
+            def fit(self, train_data, **kwargs):
+                x, y, w = next(iter(train_data))
+                design = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+                weighted = design.T * w.double()
+                self.coef = torch.linalg.pinv(weighted @ design) @ weighted @ y.double()
+
+            def representation(self):
+                return self.coef[:-1]
+
+            def __call__(self, x):
+                return x.double() @ self.coef[:-1] + self.coef[-1]
+
+        return Surrogate()
+
+
+@pytest.mark.parametrize("arch, attribute_target, options", [
+    ("gpt2", False, {}),
+    ("llama", False, {"baselines": None, "kernel_width": 0.5}),
+    ("bart", True, {}),
+    ("t5", False, {"distance_mode": "euclidean", "kernel_width": 3.0}),
+])
+def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, options):
+    """Captum's Lime (its sampling loop, interpretable-to-input transform, similarity kernel and
+    feature mask handling) fed the token subsets the library drew, with a least-squares surrogate."""
+    from captum.attr import Lime as CaptumLime
+    from captum.attr._core.lime import get_exp_kernel_similarity_function
+    from methods.perturbation import token_samples
+
+    n_samples, seed = 40, 3
+    c = Case(arch)
+    seq = c.attribute("lime", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options)
+    sides = c.sides(attribute_target)
+    for j, p in enumerate(c.steps):
+        inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id if "baselines" in options else None)
+        lengths = [x.shape[1] for x in inputs]
+        bits = torch.cat([token_samples(seed, int(side == "target"), n, n_samples) for side, n in zip(sides, lengths)], dim=1)
+
+        def replay(original, **kwargs):
+            for k in range(n_samples):
+                yield bits[k][None].long()
+
+        masks, offset = [], 0
+        for x in inputs:
+            masks.append((offset + torch.arange(x.shape[1]))[None, :, None].expand_as(x))
+            offset += x.shape[1]
+        lime = CaptumLime(c.prob_fn(p, attribute_target), interpretable_model=WeightedLeastSquares(),
+                          similarity_func=get_exp_kernel_similarity_function(options.get("distance_mode", "cosine"),
+                                                                             options.get("kernel_width", 1.0)),
+                          perturb_func=replay)
+        expected = lime.attribute(inputs, baselines=baselines if baselines is not None else tuple(0.0 for _ in inputs),
+                                  feature_mask=tuple(masks), n_samples=n_samples, perturbations_per_eval=8)
+        for side, ref in zip(sides, expected):
+            close(c.ours(seq, j, p, side), ref[0], rtol=1e-5)
+        assert float(expected[0].abs().max()) > 0
+
+
+def test_lime_sampling_is_seeded_bernoulli_half_and_prefix_consistent():
+    from methods.perturbation import token_samples
+
+    samples = token_samples(0, 1, 300, 400)
+    assert abs(samples.double().mean() - 0.5) < 0.01  # 120000 fair coins: sd 0.0014
+    per_token = samples.double().mean(0)
+    assert per_token.min() > 0.4 and per_token.max() < 0.6  # 400 coins per token: sd 0.025, 4 sd
+    assert torch.equal(token_samples(0, 1, 12, 400), samples[:, :12])  # a shorter prefix sees the same bits
+    assert not torch.equal(token_samples(1, 1, 12, 400), samples[:, :12])
+    assert not torch.equal(token_samples(0, 0, 12, 400), samples[:, :12])
+    c = Case("gpt2")
+    first, again = (c.attribute("lime", n_samples=10, seed=5) for _ in range(2))
+    other = c.attribute("lime", n_samples=10, seed=6)
+    assert torch.equal(first.target_attributions.nan_to_num(), again.target_attributions.nan_to_num())
+    assert not torch.equal(first.target_attributions.nan_to_num(), other.target_attributions.nan_to_num())
+
+
+def test_lime_recovers_a_token_effect_statistically():
+    """With many samples, the coefficient of a token is its average marginal effect; the last prompt
+    token moves the first generated token's probability most of all in this model, and LIME ranks
+    it first, as occlusion of that token alone does."""
+    c = Case("gpt2")
+    lime = c.attribute("lime", n_samples=400, seed=0)
+    occlusion = c.attribute("occlusion")
+    p = c.steps[0]
+    lime_scores = lime.target_attributions[:p, 0, 0]
+    occlusion_scores = occlusion.target_attributions[:p, 0].mean(-1)
+    assert int(lime_scores.abs().argmax()) == int(occlusion_scores.abs().argmax())
+    assert torch.sign(lime_scores[occlusion_scores.abs().argmax()]) == torch.sign(occlusion_scores[occlusion_scores.abs().argmax()])
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"n_samples": 0}, "n_samples"),
+    ({"distance_mode": "manhattan"}, "distance_mode"),
+    ({"kernel_width": 0}, "kernel_width"),
+])
+def test_lime_bad_options(options, match):
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="lime", show_progress=False, **options)
+
+
+# -- ReAGent -------------------------------------------------------------------------------------
+
+REAGENT = {"max_probe_steps": 4, "num_probes": 3, "stopping_condition_top_k": 40}
+
+
+def test_reagent_batched_equals_step_by_step(wrapped):
+    check_batched_equals_reference(wrapped, "reagent", **REAGENT)
+
+
+def reagent_by_hand(c, p, attribute_target, seed, num_probes, max_steps, top_k, keep_top_n, ratio, candidates):
+    """ReAGent for one step, written out after the paper / Inseq's DeltaProbImportanceScoreEvaluator,
+    TopKStoppingConditionEvaluator and AggregateRationalizer, on one unpadded forward per probe, with
+    the random streams the library gives each probe (initial scores, then per iteration: update mask,
+    update replacements, stopping-check replacements)."""
+    from instrument.engine import Example, Rows
+    from methods.perturbation import probe_generator
+
+    example = Example(target_ids=c.target, start=p, end=p + 1, source_ids=c.source)
+    rows = Rows.build([example], [(0, p)], c.tok.pad_token_id)
+    token = int(c.target[p])
+    n_source = len(c.source) if c.enc_dec else 0
+    ids = torch.cat([c.source, c.target[:p]]) if c.enc_dec and attribute_target else (c.source if c.enc_dec else c.target[:p])
+
+    def prob_and_top(new_ids):
+        with torch.no_grad():
+            if c.enc_dec:
+                source = new_ids[:n_source][None]
+                target = (new_ids[n_source:] if attribute_target else c.target[:p])[None]
+                logits = c.model(input_ids=source, decoder_input_ids=target).logits[0, -1]
+            else:
+                logits = c.model(input_ids=new_ids[None]).logits[0, -1]
+        return float(logits.float().softmax(-1)[token]), token in logits.topk(top_k).indices.tolist()
+
+    original, _ = prob_and_top(ids)
+    finals = []
+    for k in range(num_probes):
+        g = probe_generator(seed, k, rows, 0)
+        logit = torch.rand(len(ids), generator=g, dtype=torch.float64)
+        stopped = False
+        for _ in range(max_steps):
+            mask = torch.rand(len(ids), generator=g, dtype=torch.float64) < ratio
+            sampled = candidates[torch.randint(len(candidates), (len(ids),), generator=g)]
+            replaced_prob, _ = prob_and_top(torch.where(mask, sampled, ids))
+            delta = original - replaced_prob
+            logit = logit + torch.logit(torch.where(mask, torch.tensor(delta), torch.tensor(-delta)).double() * 0.5 + 0.5)
+            importance = logit.softmax(-1)
+            keep = torch.zeros(len(ids), dtype=torch.bool)
+            keep[torch.argsort(importance, descending=True, stable=True)[:keep_top_n]] = True
+            sampled = candidates[torch.randint(len(candidates), (len(ids),), generator=g)]
+            _, hit = prob_and_top(torch.where(keep, ids, sampled))
+            if hit:
+                stopped = True
+                break
+        finals.append((logit.softmax(-1), stopped))
+    done = [score for score, stopped in finals if stopped] or [score for score, _ in finals]
+    return torch.stack(done).mean(0), sum(stopped for _, stopped in finals)
+
+
+@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False)])
+def test_reagent_equals_the_algorithm_written_out(arch, attribute_target):
+    c = Case(arch)
+    options = dict(seed=7, num_probes=4, max_probe_steps=6, stopping_condition_top_k=25, keep_top_n=2, replacing_ratio=0.4)
+    seq = c.attribute("reagent", attribute_target=attribute_target, **options)
+    special = {c.tok.pad_token_id, c.tok.unk_token_id, c.tok.eos_token_id}
+    candidates = torch.tensor([t for t in range(c.tgt_emb.weight.shape[0]) if t not in special])
+    stops = 0
+    for j, p in enumerate(c.steps):
+        expected, stopped = reagent_by_hand(c, p, attribute_target, options["seed"], options["num_probes"], options["max_probe_steps"],
+                                            options["stopping_condition_top_k"], options["keep_top_n"], options["replacing_ratio"], candidates)
+        stops += stopped
+        ours = torch.cat([c.ours(seq, j, p, side) for side in c.sides(attribute_target)])
+        assert torch.equal(ours, ours[:, :1].expand_as(ours))  # one score per token, repeated over the embedding
+        torch.testing.assert_close(ours[:, 0].double(), expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ours[:, 0].sum().double(), torch.tensor(1.0, dtype=torch.float64))
+    assert 0 < stops < len(c.steps) * options["num_probes"]  # some probes stopped early, some ran out of steps
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"keep_top_n": 0}, "keep_ratio"),
+    ({"keep_top_n": 0, "keep_ratio": 1.5}, "keep_ratio"),
+    ({"replacing_ratio": 0}, "replacing_ratio"),
+    ({"num_probes": 0}, "num_probes"),
+    ({"stopping_condition_top_k": 0}, "stopping_condition_top_k"),
+    ({"internal_batch_size": 0}, "internal_batch_size"),
+])
+def test_reagent_bad_options(options, match):
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, **options)
