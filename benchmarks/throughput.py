@@ -13,7 +13,8 @@ for both libraries, default None = every path point of a call in one pass) and
 layer_gradient_x_activation over all 12 blocks: ours in one call with `target_layers="layers"`,
 Inseq in 12 calls, one per `target_layer=model.transformer.h[i]`, whose times are summed.
 
-The unit of the last column is one bare forward + backward (gradient w.r.t. the input embeddings of
+The unit of the last column ("bare s", timed between the repeats of each method, as the load of
+a shared machine changes by the minute) is one bare forward + backward (gradient w.r.t. the input embeddings of
 the probability of the last token) of the whole 23-token sequence. After the table, the largest
 difference between the two libraries' attributions per method, relative to Inseq's largest value,
 says whether both did the same work.
@@ -202,38 +203,39 @@ def main(argv=None):
 
     bare = bare_runner(model, ids)
     bare()
-    bare_times = [timed(bare)[0] for _ in range(max(5, args.repeats))]
-    bare_s = statistics.median(bare_times)
 
     rows, differences = [], []
     for method in methods:
         ours = ours_runner(model, tokenizer, method, args.ig_internal_batch_size)
         theirs = inseq_runner(inseq, model, tokenizer, method, args.ig_internal_batch_size) if inseq else None
-        ours_times, inseq_times = [], []
+        ours_times, inseq_times, bare_times = [], [], []
         # The first call of each is a warm-up; its attributions are the ones compared.
         _, ours_result = timed(ours)
         inseq_result = timed(theirs)[1] if theirs else None
         for _ in range(args.repeats):
+            # The unit is timed next to each method (median of 3 per repeat): the load changes by the minute.
+            bare_times.append(statistics.median(timed(bare)[0] for _ in range(3)))
             ours_times.append(timed(ours)[0])
             if theirs:
                 inseq_times.append(timed(theirs)[0])
         ours_s = statistics.median(ours_times)
         inseq_s = statistics.median(inseq_times) if inseq_times else None
-        rows.append((method, ours_s, inseq_s, ours_times, inseq_times))
+        rows.append((method, ours_s, inseq_s, statistics.median(bare_times), ours_times, inseq_times))
         if theirs:
             differences.append((method, relative_difference(ours_result, inseq_result)))
         print(f"  done {method}: ours {ours_s:.3f} s" + (f", Inseq {inseq_s:.3f} s" if inseq_s else ""), flush=True)
 
     print()
-    print(f"{'method':30}{'ours s':>10}{'Inseq s':>10}{'Inseq/ours':>12}{'ours/bare':>11}")
-    print(f"{'bare fwd+bwd (23 tokens)':30}{bare_s:10.4f}")
-    for method, ours_s, inseq_s, _, _ in rows:
+    print(f"{'method':40}{'ours s':>10}{'Inseq s':>10}{'Inseq/ours':>12}{'bare s':>9}{'ours/bare':>11}")
+    for method, ours_s, inseq_s, bare_s, _, _ in rows:
         label = method + (" (12 layers)" if method.startswith("layer_") else "")
         inseq_cell = f"{inseq_s:10.3f}{inseq_s / ours_s:12.2f}" if inseq_s else f"{'-':>10}{'-':>12}"
-        print(f"{label:30}{ours_s:10.3f}{inseq_cell}{ours_s / bare_s:11.1f}")
-    print(f"median of {args.repeats} repeats after one warm-up each; all times: "
-          + "; ".join(f"{m}: ours {[round(t, 3) for t in o]}" + (f" Inseq {[round(t, 3) for t in i]}" if i else "")
-                      for m, _, _, o, i in rows))
+        print(f"{label:40}{ours_s:10.3f}{inseq_cell}{bare_s:9.3f}{ours_s / bare_s:11.1f}")
+    print(f"median of {args.repeats} repeats after one warm-up each; bare s: one forward + backward of the "
+          f"{ids.shape[1]}-token sequence, timed between the repeats of that method")
+    print("all times: " + "; ".join(
+        f"{m}: ours {[round(t, 3) for t in o]}" + (f" Inseq {[round(t, 3) for t in i]}" if i else "")
+        for m, _, _, _, o, i in rows))
     if differences:
         print("\nmax |ours - Inseq| / max |Inseq| per method (target attributions; NaN = positions a step cannot see):")
         for method, text in differences:

@@ -72,6 +72,12 @@ struct Scalar {
   static inline V load(const T* p) { return static_cast<M>(*p); }
   template <typename T>
   static inline void store(T* p, V v) { *p = static_cast<T>(v); }
+  // Non-temporal stores (past the caches) for big outputs: none here.
+  template <typename T>
+  static inline bool can_stream(const T*) { return false; }
+  template <typename T>
+  static inline void stream(T* p, V v) { store(p, v); }
+  static inline void fence() {}
   static inline V set1(M x) { return x; }
   static inline V add(V a, V b) { return a + b; }
   static inline V sub(V a, V b) { return a - b; }
@@ -129,19 +135,32 @@ struct Avx2 {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
-  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static inline void store(c10::Half* p, V v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  static inline void store(c10::BFloat16* p, V v) {
+  static inline __m128i to_half(V v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline __m128i to_bfloat16(V v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
     rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(is_nan(v)));
     // Pack the 8 low halves (values < 2^16, so unsigned saturation is exact); packus works per 128-bit lane.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(packed);
   }
+  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline void store(c10::Half* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_half(v)); }
+  static inline void store(c10::BFloat16* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bfloat16(v));
+  }
+  // Non-temporal stores of W elements at p, aligned to W * sizeof(T) (can_stream), ordered by fence().
+  template <typename T>
+  static inline bool can_stream(const T* p) {
+    return reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0;
+  }
+  static inline void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static inline void stream(c10::Half* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_half(v)); }
+  static inline void stream(c10::BFloat16* p, V v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bfloat16(v));
+  }
+  static inline void fence() { _mm_sfence(); }
   static inline V set1(float x) { return _mm256_set1_ps(x); }
   static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }

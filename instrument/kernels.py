@@ -1,9 +1,21 @@
-"""Native kernels, each with a pure-PyTorch fallback that gives the same results bit for bit.
+"""Native kernels of integrated gradients and of attribution reductions, each with a pure-PyTorch fallback.
 
     >>> from instrument import kernels
     >>> path = kernels.interpolate(embeds, torch.zeros_like(embeds), torch.linspace(0, 1, 20))
+    >>> kernels.accumulate(total, grads, weights)        # total += sum_k weights[k] * grads[k], in place
+    >>> kernels.finalize(total, embeds, baselines, "sum")  # total * (embeds - baselines), summed over hidden
+    >>> kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")
     >>> kernels.has_extension(), kernels.extension_error()
     (True, None)
+
+Ops run on float32, float16, bfloat16 (and float64) inputs and accumulate in float32 (float64 for float64).
+The fallbacks do the same operations in the same order, so interpolate, accumulate, reduce_heads and
+finalize with reduce="none" or "absmax" give the same results bit for bit on either path; finalize's sum,
+mean and l2 accumulate in float64 and round once, so the two paths agree to float32 rounding.
+
+Arguments are checked here, with clear errors, before any native code runs. Inputs that are only read may
+be non-contiguous views (they are copied); tensors written in place (accumulate's `acc`) must be
+contiguous.
 
 The extension `instrument._C` is compiled at install time (see setup.py) and loaded on first use. When it
 cannot be loaded, or INSTRUMENT_NO_EXT=1, every op runs its fallback and a single one-line
@@ -12,6 +24,7 @@ cannot be loaded, or INSTRUMENT_NO_EXT=1, every op runs its fallback and a singl
 from __future__ import annotations
 
 import importlib
+import operator
 import os
 import threading
 import warnings
@@ -19,17 +32,23 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["ExtensionNotice", "extension_error", "has_extension", "interpolate"]
+__all__ = ["ExtensionNotice", "accumulate", "extension_error", "finalize", "has_extension", "interpolate",
+           "reduce_heads"]
 
 Alphas = Union[torch.Tensor, Sequence[float]]
+Indices = Union[None, int, Sequence[int], torch.Tensor]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("none", "sum", "l2", "mean", "absmax")
+HEAD_REDUCTIONS = ("mean", "max")
+OPS = ("interpolate", "accumulate", "finalize", "reduce_heads")  # what instrument._C must provide
 
 
 class ExtensionNotice(UserWarning):
     """Warned once per process when `instrument._C` is unavailable and the PyTorch fallbacks run instead."""
 
 
-NOT_BUILT = "instrument._C is not built; reinstall with `pip install --no-build-isolation -e .`"
+REBUILD = "reinstall with `pip install --no-build-isolation -e .`"
+NOT_BUILT = f"instrument._C is not built; {REBUILD}"
 _lock = threading.Lock()
 _loaded: dict = {}  # "module": instrument._C or None, "error": why it is None
 
@@ -47,6 +66,9 @@ def _extension():
                 except Exception as e:  # not built, or built against another torch (undefined symbols)
                     not_built = isinstance(e, ModuleNotFoundError) and e.name == "instrument._C"
                     error = NOT_BUILT if not_built else f"{type(e).__name__}: {e}"
+                missing = [op for op in OPS if module is not None and not hasattr(module, op)]
+                if missing:  # built from older sources
+                    module, error = None, f"instrument._C is out of date (no {', '.join(missing)}); {REBUILD}"
             _loaded.update(module=module, error=error)
             if error:
                 message = f"seq-instrument: native kernels unavailable ({error}); using PyTorch fallbacks"
@@ -91,7 +113,7 @@ def _native(device: torch.device, use_extension: Optional[bool]):
     return None
 
 
-def interpolate(inputs: torch.Tensor, baselines: torch.Tensor, alphas: Alphas, *,
+def interpolate(inputs: torch.Tensor, baselines: torch.Tensor, alphas: Alphas, mask: Optional[torch.Tensor] = None, *,
                 use_extension: Optional[bool] = None) -> torch.Tensor:
     """Integrated-gradients path points of a batch, alpha-major, without autograd history.
 
@@ -99,63 +121,316 @@ def interpolate(inputs: torch.Tensor, baselines: torch.Tensor, alphas: Alphas, *
         >>> path = kernels.interpolate(x, torch.zeros_like(x), [0.0, 0.5, 1.0])
         >>> path.shape, torch.equal(path[2:4], 0.5 * x)  # row k * B + b
         (torch.Size([6, 5, 8]), True)
+        >>> span = torch.tensor([[False, True, True, False, False]] * 2)  # attribute positions 1 and 2 only
+        >>> torch.equal(kernels.interpolate(x, torch.zeros_like(x), [0.0], span)[:, 3:], x[:, 3:])
+        True
 
     Row k * B + b is baselines[b] + alphas[k] * (inputs[b] - baselines[b]), computed in float32 (float64
     for float64 inputs) and rounded once to the inputs' dtype. `alphas` is a 1-D floating tensor or a
-    sequence of numbers, moved to the inputs' device; empty alphas give an empty result. The result never
-    requires grad: integrated gradients differentiates with respect to the path itself
-    (`path.requires_grad_()`), not the inputs.
+    sequence of numbers, moved to the inputs' device; empty alphas give an empty result. `mask` ([B, L],
+    bool or 0/1 numbers, on the inputs' device) selects the positions to interpolate: where it is False
+    the path stays at the input value, so only a span is attributed. The result never requires grad:
+    integrated gradients differentiates with respect to the path itself (`path.requires_grad_()`), not the
+    inputs.
 
     use_extension: None runs `instrument._C` when it can run on the inputs' device, False forces the
     PyTorch fallback, True raises RuntimeError when the extension cannot run.
     """
     _check_pair(inputs, baselines)
     alphas = _alphas(alphas, inputs)
+    mask = _mask(mask, inputs)
     inputs, baselines = inputs.detach().contiguous(), baselines.detach().contiguous()
     native = _native(inputs.device, use_extension)
     if native is not None:
-        return native.interpolate(inputs, baselines, alphas)
-    return _interpolate_torch(inputs, baselines, alphas)
+        return native.interpolate(inputs, baselines, alphas, mask)
+    return _interpolate_torch(inputs, baselines, alphas, mask)
 
 
 @torch.no_grad()
-def _interpolate_torch(inputs: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+def _interpolate_torch(inputs: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     low = baselines.to(alphas.dtype)
     diff = inputs.to(alphas.dtype) - low
     # A separate multiply and add, rounded each, like the kernels (torch.lerp or addcmul may use an FMA).
-    path = low + alphas.view(-1, 1, 1, 1) * diff
-    return path.to(inputs.dtype).flatten(0, 1)
+    path = (low + alphas.view(-1, 1, 1, 1) * diff).to(inputs.dtype)
+    if mask is not None:
+        path = torch.where(mask[None, :, :, None], path, inputs)
+    return path.flatten(0, 1)
 
 
-def _check_pair(inputs: torch.Tensor, baselines: torch.Tensor) -> None:
+def accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *,
+               use_extension: Optional[bool] = None) -> torch.Tensor:
+    """`acc += sum_k weights[k] * grads[k]` in place, in float32, reading the gradients once; returns `acc`.
+
+        >>> total = torch.zeros(2, 5, 8)                      # [B, L, D] float32 accumulator
+        >>> grads = torch.randn(3 * 2, 5, 8)                  # gradients at 3 path points, row k * B + b
+        >>> kernels.accumulate(total, grads, [0.2, 0.5, 0.3])
+        >>> torch.allclose(total, 0.2 * grads[0:2] + 0.5 * grads[2:4] + 0.3 * grads[4:6])
+        True
+
+    `acc` is a contiguous float32 [B, L, D] tensor that does not require grad. `grads` is [K*B, L, D]
+    (row k * B + b, as `interpolate` lays out path points) or [K, B, L, D], of any supported dtype,
+    on acc's device; K = len(weights) (a 1-D tensor or a sequence of numbers, used in float32). Each
+    gradient is converted to float32 and multiplied by its weight, the products are summed in the order
+    k = 0, 1, ... and the sum is added to `acc`; every operation is rounded on its own (no FMA). K = 0 leaves
+    `acc` as it is. Integrated gradients calls this once per chunk of path points, so its memory does not
+    grow with the number of steps.
+    """
+    _check_tensor("accumulate", "acc", acc)
+    _check_tensor("accumulate", "grads", grads)
+    if acc.dtype != torch.float32:
+        raise TypeError(f"accumulate: acc must be float32 (the accumulator), got {acc.dtype}")
+    if acc.dim() != 3:
+        raise ValueError(f"accumulate: acc must be [B, L, D], got shape {tuple(acc.shape)}")
+    if not acc.is_contiguous():
+        raise ValueError("accumulate: acc must be contiguous: it is updated in place (use acc.contiguous() and keep it)")
+    if acc.requires_grad:
+        raise ValueError("accumulate: acc requires grad; it is updated in place outside autograd (pass acc.detach())")
+    _check_dtype("accumulate", "grads", grads)
+    if grads.device != acc.device:
+        raise ValueError(f"accumulate: grads on {grads.device} but acc on {acc.device}")
+    weights = _weights("accumulate", "weights", weights, acc.device, torch.float32)
+    k = weights.numel()
+    batch, rest = acc.shape[0], tuple(acc.shape[1:])
+    if not (grads.dim() == 3 and grads.shape[0] == k * batch and tuple(grads.shape[1:]) == rest) and \
+            not (grads.dim() == 4 and tuple(grads.shape) == (k, batch, *rest)):
+        raise ValueError(f"accumulate: grads shape {tuple(grads.shape)} must be [K*B, L, D] = {(k * batch, *rest)} or "
+                         f"[K, B, L, D] = {(k, batch, *rest)} for acc {tuple(acc.shape)} and K = {k} weights")
+    grads = grads.detach().contiguous()
+    native = _native(acc.device, use_extension)
+    if native is not None:
+        native.accumulate(acc, grads, weights)
+    else:
+        _accumulate_torch(acc, grads, weights)
+    return acc
+
+
+@torch.no_grad()
+def _accumulate_torch(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    k = weights.numel()
+    if k == 0 or acc.numel() == 0:
+        return acc
+    grads = grads.reshape(k, *acc.shape)
+    total = grads[0].float() * weights[0]
+    for j in range(1, k):
+        total += grads[j].float() * weights[j]  # a multiply, then an add: no FMA
+    acc += total
+    return acc
+
+
+def finalize(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, reduce: str = "none", *,
+             use_extension: Optional[bool] = None) -> torch.Tensor:
+    """`acc * (inputs - baselines)`, reduced over the hidden (last) dimension in the same pass; float32.
+
+        >>> scores = kernels.finalize(total, embeds, baselines, "sum")   # [B, L]
+        >>> per_layer = kernels.finalize(totals, outputs, outputs_at_baseline, "l2")  # [layers, B, L]
+
+    `acc` is a float32 [B, L, D] or [layers, B, L, D] tensor (an accumulator of `accumulate`), `inputs`
+    and `baselines` have its shape and one supported dtype, all on one device. The difference is taken in
+    the inputs' math type (float32; float64 for float64) and rounded to float32, then multiplied by `acc`.
+    `reduce`: "none" keeps [..., D]; "sum", "mean" and "l2" (Euclidean norm) accumulate in float64 and
+    round once; "absmax" is the element of the largest magnitude, sign kept (the first one on ties, the
+    first NaN if any). Reductions need D > 0. The result never requires grad.
+    """
+    _check_tensor("finalize", "acc", acc)
+    if acc.dtype != torch.float32:
+        raise TypeError(f"finalize: acc must be float32 (the accumulator), got {acc.dtype}")
+    if acc.dim() not in (3, 4):
+        raise ValueError(f"finalize: acc must be [B, L, D] or [layers, B, L, D], got shape {tuple(acc.shape)}")
+    _check_pair(inputs, baselines, op="finalize", shape=acc.shape, shape_name="acc")
+    if inputs.device != acc.device:
+        raise ValueError(f"finalize: inputs on {inputs.device} but acc on {acc.device}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"finalize: reduce must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduce!r}")
+    if reduce != "none" and acc.shape[-1] == 0:
+        raise ValueError(f"finalize: cannot reduce ({reduce!r}) an empty hidden dimension, acc {tuple(acc.shape)}")
+    acc, inputs, baselines = (t.detach().contiguous() for t in (acc, inputs, baselines))
+    native = _native(acc.device, use_extension)
+    if native is not None:
+        return native.finalize(acc, inputs, baselines, reduce)
+    return _finalize_torch(acc, inputs, baselines, reduce)
+
+
+@torch.no_grad()
+def _finalize_torch(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, reduce: str) -> torch.Tensor:
+    math = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    points = acc * (inputs.to(math) - baselines.to(math)).float()
+    if reduce == "none":
+        return points
+    if reduce == "absmax":  # argmax takes the first maximum (and a NaN first)
+        return points.gather(-1, points.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    wide = points.double()
+    if reduce == "l2":
+        return wide.square().sum(-1).sqrt().float()
+    total = wide.sum(-1)
+    return (total / points.shape[-1] if reduce == "mean" else total).float()
+
+
+def reduce_heads(attn: Union[torch.Tensor, Sequence[torch.Tensor]], layers: Indices = None, heads: Indices = None,
+                 reduce: str = "mean", *, use_extension: Optional[bool] = None) -> torch.Tensor:
+    """Attention weights aggregated over selected layers and heads in one pass: [B, T, S].
+
+        >>> out = model(**batch, output_attentions=True)
+        >>> kernels.reduce_heads(out.attentions).shape                 # tuple of [B, H, T, S] per layer
+        torch.Size([B, T, S])
+        >>> kernels.reduce_heads(stacked, layers=[-2, -1], heads=[0, 5], reduce="max")  # [layers, B, H, T, S]
+
+    `attn` is a [layers, B, H, T, S] tensor or a sequence of [B, H, T, S] tensors (e.g. a Hugging Face
+    model's `attentions`, without stacking them), of one supported dtype on one device. `layers` and
+    `heads` are None (all), an index or a sequence (or 1-D integer tensor) of indices, negative from the
+    end; repeated indices count again. `reduce`: "mean" sums the selected (layer, head) planes in order,
+    layer-major, in float32 (float64 for float64) and divides by their number; "max" takes their maximum
+    (NaN propagates). The result has the math dtype (float32, float64 for float64) and no grad.
+    """
+    planes = _attention_layers(attn)
+    if reduce not in HEAD_REDUCTIONS:
+        raise ValueError(f"reduce_heads: reduce must be 'mean' or 'max', got {reduce!r}")
+    first = planes[0]
+    layer_index = _indices("reduce_heads", "layers", layers, len(planes))
+    head_index = _indices("reduce_heads", "heads", heads, first.shape[1])
+    selected = [planes[i].detach().contiguous() for i in layer_index]
+    native = _native(first.device, use_extension)
+    if native is not None:
+        return native.reduce_heads(selected, head_index, reduce)
+    return _reduce_heads_torch(selected, head_index, reduce)
+
+
+@torch.no_grad()
+def _reduce_heads_torch(layers: list, heads: list, reduce: str) -> torch.Tensor:
+    math = torch.float64 if layers[0].dtype == torch.float64 else torch.float32
+    total = None
+    for layer in layers:  # the kernels' order: layer-major, one (layer, head) plane at a time
+        for head in heads:
+            plane = layer[:, head].to(math)
+            if total is None:
+                total = plane.clone()
+            elif reduce == "max":
+                total = torch.maximum(total, plane)
+            else:
+                total = total + plane
+    if reduce == "mean":  # a true division (CUDA divides by a Python number through its reciprocal)
+        total = total / torch.full_like(total, len(layers) * len(heads))
+    return total
+
+
+def _check_tensor(op: str, name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+def _check_dtype(op: str, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {tensor.dtype}")
+    if tensor.dtype not in DTYPES:
+        raise TypeError(f"{op}: unsupported dtype {tensor.dtype} for {name}; use one of {', '.join(map(str, DTYPES))}")
+
+
+def _check_pair(inputs: torch.Tensor, baselines: torch.Tensor, op: str = "interpolate", shape=None,
+                shape_name: str = "") -> None:
     for name, tensor in (("inputs", inputs), ("baselines", baselines)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"interpolate: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if inputs.dim() != 3:
-        raise ValueError(f"interpolate: inputs must be [B, L, D], got shape {tuple(inputs.shape)}")
+        _check_tensor(op, name, tensor)
+    if shape is None and inputs.dim() != 3:
+        raise ValueError(f"{op}: inputs must be [B, L, D], got shape {tuple(inputs.shape)}")
+    if shape is not None and inputs.shape != shape:
+        raise ValueError(f"{op}: inputs shape {tuple(inputs.shape)} != {shape_name} shape {tuple(shape)}")
     if baselines.shape != inputs.shape:
-        raise ValueError(f"interpolate: baselines shape {tuple(baselines.shape)} != inputs shape {tuple(inputs.shape)}")
-    if not inputs.is_floating_point():
-        raise TypeError(f"interpolate: inputs must be floating point, got {inputs.dtype}")
+        raise ValueError(f"{op}: baselines shape {tuple(baselines.shape)} != inputs shape {tuple(inputs.shape)}")
+    _check_dtype(op, "inputs", inputs)
     if baselines.dtype != inputs.dtype:
-        raise TypeError(f"interpolate: baselines dtype {baselines.dtype} != inputs dtype {inputs.dtype}")
-    if inputs.dtype not in DTYPES:
-        raise TypeError(f"interpolate: unsupported dtype {inputs.dtype}; use one of {', '.join(map(str, DTYPES))}")
+        raise TypeError(f"{op}: baselines dtype {baselines.dtype} != inputs dtype {inputs.dtype}")
     if baselines.device != inputs.device:
-        raise ValueError(f"interpolate: baselines on {baselines.device} but inputs on {inputs.device}")
+        raise ValueError(f"{op}: baselines on {baselines.device} but inputs on {inputs.device}")
+
+
+def _weights(op: str, name: str, values: Alphas, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a contiguous 1-D tensor of `dtype` on `device`."""
+    if isinstance(values, torch.Tensor):
+        if not values.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {values.dtype}")
+    else:
+        try:
+            values = torch.tensor(values, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{op}: {name} must be a 1-D tensor or a sequence of numbers ({error})") from None
+    if values.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-D [K], got shape {tuple(values.shape)}")
+    return values.detach().to(device=device, dtype=dtype).contiguous()
 
 
 def _alphas(alphas: Alphas, inputs: torch.Tensor) -> torch.Tensor:
     """`alphas` as a contiguous 1-D tensor of the math dtype on the inputs' device."""
     math = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    if isinstance(alphas, torch.Tensor):
-        if not alphas.is_floating_point():
-            raise TypeError(f"interpolate: alphas must be floating point, got {alphas.dtype}")
+    return _weights("interpolate", "alphas", alphas, inputs.device, math)
+
+
+def _mask(mask: Optional[torch.Tensor], inputs: torch.Tensor) -> Optional[torch.Tensor]:
+    """`mask` as a contiguous bool [B, L] tensor on the inputs' device, or None."""
+    if mask is None:
+        return None
+    _check_tensor("interpolate", "mask", mask)
+    if tuple(mask.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(f"interpolate: mask must be [B, L] = {tuple(inputs.shape[:2])}, got shape {tuple(mask.shape)}")
+    if mask.device != inputs.device:
+        raise ValueError(f"interpolate: mask on {mask.device} but inputs on {inputs.device}")
+    if mask.is_complex():
+        raise TypeError(f"interpolate: mask must be bool or real 0/1 numbers, got {mask.dtype}")
+    return (mask.detach() if mask.dtype == torch.bool else mask.detach() != 0).contiguous()
+
+
+def _attention_layers(attn) -> list:
+    """The per-layer [B, H, T, S] tensors of `attn`, checked (views of a 5-D tensor, not copies)."""
+    if isinstance(attn, torch.Tensor):
+        if attn.dim() != 5:
+            raise ValueError(f"reduce_heads: attn must be [layers, B, H, T, S] or a sequence of [B, H, T, S] "
+                             f"tensors, got a tensor of shape {tuple(attn.shape)}")
+        planes = list(attn.unbind(0))
+        if not planes:
+            raise ValueError("reduce_heads: attn has no layers")
+        _check_dtype("reduce_heads", "attn", attn)
+        return planes
+    if isinstance(attn, (str, bytes)) or not isinstance(attn, Sequence):
+        raise TypeError(f"reduce_heads: attn must be a tensor or a sequence of tensors, got {type(attn).__name__}")
+    if len(attn) == 0:
+        raise ValueError("reduce_heads: attn has no layers")
+    for i, layer in enumerate(attn):
+        _check_tensor("reduce_heads", f"attn[{i}]", layer)
+        if layer.dim() != 4:
+            raise ValueError(f"reduce_heads: attn[{i}] must be [B, H, T, S], got shape {tuple(layer.shape)}")
+        if layer.shape != attn[0].shape:
+            raise ValueError(f"reduce_heads: attn[{i}] shape {tuple(layer.shape)} != attn[0] shape {tuple(attn[0].shape)}")
+        if layer.dtype != attn[0].dtype:
+            raise TypeError(f"reduce_heads: attn[{i}] dtype {layer.dtype} != attn[0] dtype {attn[0].dtype}")
+        if layer.device != attn[0].device:
+            raise ValueError(f"reduce_heads: attn[{i}] on {layer.device} but attn[0] on {attn[0].device}")
+    _check_dtype("reduce_heads", "attn", attn[0])
+    return list(attn)
+
+
+def _indices(op: str, name: str, value: Indices, count: int) -> list:
+    """`value` (None: all, an index, a sequence or 1-D integer tensor of indices) as indices in [0, count)."""
+    if value is None:
+        items = list(range(count))
+    elif isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 1:
+            raise TypeError(f"{op}: {name} as a tensor must be 0-D or 1-D integers, got {value.dtype} {tuple(value.shape)}")
+        items = value.reshape(-1).tolist()
+    elif hasattr(value, "__index__") and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        items = list(value)
     else:
+        raise TypeError(f"{op}: {name} must be None, an index or a sequence of indices, got {value!r}")
+    if not items:
+        raise ValueError(f"{op}: {name} selects nothing (there are {count})")
+    picked = []
+    for item in items:
         try:
-            alphas = torch.tensor(alphas, dtype=math)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"interpolate: alphas must be a 1-D tensor or a sequence of numbers ({error})") from None
-    if alphas.dim() != 1:
-        raise ValueError(f"interpolate: alphas must be 1-D [K], got shape {tuple(alphas.shape)}")
-    return alphas.detach().to(device=inputs.device, dtype=math).contiguous()
+            if isinstance(item, bool):
+                raise TypeError
+            item = operator.index(item)  # ints, numpy integers, 0-D integer tensors
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be integers, got {item!r}") from None
+        if not -count <= item < count:
+            raise ValueError(f"{op}: {name} index {item} is out of range for {count} {name}")
+        picked.append(item % count)
+    return picked
