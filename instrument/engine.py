@@ -206,29 +206,13 @@ def full_rows(rows: Rows) -> FullRows:
 
 
 @contextlib.contextmanager
-def _head_at_many(head: nn.Module, positions: torch.Tensor):
+def _head_at(head: nn.Module, positions: torch.Tensor):
     """Feeds the vocabulary projection only the hidden states at `positions` `[R, K]`."""
 
     def pick(module, args):
         hidden = args[0]
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         return (hidden[rows, positions.to(hidden.device)],) + tuple(args[1:])
-
-    handle = head.register_forward_pre_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _head_at(head: nn.Module, positions: torch.Tensor):
-    """Feeds the vocabulary projection only the hidden state at `positions` (one per row)."""
-
-    def pick(module, args):
-        hidden = args[0]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return (hidden[rows, positions.to(hidden.device)].unsqueeze(1),) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(pick)
     try:
@@ -337,17 +321,8 @@ class Engine:
         Embeddings given here replace the embedding modules' outputs, so whatever the model does
         after its embedding lookup (scaling, positions, norms) still happens.
         """
-        patch = dict(layer_patch or {})
-        patch.update(self._embedding_patch(source_embeds, target_embeds))
-        kwargs = {"use_cache": False}
-        if self.is_encoder_decoder:
-            kwargs.update(input_ids=rows.source_ids, attention_mask=rows.source_mask,
-                          decoder_input_ids=rows.target_ids, decoder_attention_mask=rows.target_mask)
-        else:
-            kwargs.update(input_ids=rows.target_ids, attention_mask=rows.target_mask)
-        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at(self.head, rows.last):
-            output = self.model(**kwargs)
-        return output.logits[:, -1], t.activations
+        logits, activations = self.forward_steps(rows, rows.last[:, None], source_embeds, target_embeds, layers, layer_patch)
+        return logits[:, -1], activations
 
     def forward_steps(
         self,
@@ -369,7 +344,7 @@ class Engine:
                           decoder_input_ids=rows.target_ids, decoder_attention_mask=rows.target_mask)
         else:
             kwargs.update(input_ids=rows.target_ids, attention_mask=rows.target_mask)
-        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at_many(self.head, positions):
+        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at(self.head, positions):
             output = self.model(**kwargs)
         return output.logits, t.activations
 
