@@ -8,14 +8,15 @@ libraries, on the same model object, with the same texts and targets (attributed
 probability of each target token), `show_progress=False`, and torch's default thread count. Repeats
 alternate ours / Inseq so that machine noise hits both alike; the table gives medians.
 
-Methods: saliency, input_x_gradient, integrated_gradients (n_steps=50, `--ig-internal-batch-size`
-for both libraries, default None = every path point of a call in one pass) and
+Methods: saliency, input_x_gradient, integrated_gradients (n_steps=50; `--ig-internal-batch-size N`
+passes internal_batch_size=N to both libraries, else each uses its own default: Inseq / Captum all
+50 path points of a step in one pass, ours the library default) and
 layer_gradient_x_activation over all 12 blocks: ours in one call with `target_layers="layers"`,
 Inseq in 12 calls, one per `target_layer=model.transformer.h[i]`, whose times are summed.
 
-The unit of the last column ("bare s", timed between the repeats of each method, as the load of
-a shared machine changes by the minute) is one bare forward + backward (gradient w.r.t. the input embeddings of
-the probability of the last token) of the whole 23-token sequence. After the table, the largest
+The unit of the last column ("bare s", timed between the repeats of each method, as the load of a
+shared machine changes by the minute) is one bare forward + backward (gradient w.r.t. the input
+embeddings of the probability of the last token) of the whole 23-token sequence. After the table, the largest
 difference between the two libraries' attributions per method, relative to Inseq's largest value,
 says whether both did the same work.
 
@@ -106,10 +107,11 @@ def load_inseq():
 
 def ours_runner(model, tokenizer, method: str, ig_batch):
     """A function attributing the benchmark texts with seq-instrument; returns [23, 10(, 12), 768]."""
+    ig_options = {"n_steps": N_STEPS, **({} if ig_batch is None else {"internal_batch_size": ig_batch})}
     options = {
         "saliency": {},
         "input_x_gradient": {},
-        "integrated_gradients": {"n_steps": N_STEPS, "internal_batch_size": ig_batch},
+        "integrated_gradients": ig_options,
         "layer_gradient_x_activation": {"target_layers": "layers"},
     }[method]
     wrapped = instrument.load_model(model, method, tokenizer=tokenizer)
@@ -124,7 +126,8 @@ def ours_runner(model, tokenizer, method: str, ig_batch):
 def inseq_runner(inseq, model, tokenizer, method: str, ig_batch):
     """The same with Inseq; the 12 layers are 12 wrappers, each hooked to one block, run in turn."""
     tokenizer = copy.deepcopy(tokenizer)  # Inseq sets padding_side="left" on the tokenizer it gets
-    options = {"integrated_gradients": {"n_steps": N_STEPS, "internal_batch_size": ig_batch}}.get(method, {})
+    ig_options = {"n_steps": N_STEPS, **({} if ig_batch is None else {"internal_batch_size": ig_batch})}
+    options = {"integrated_gradients": ig_options}.get(method, {})
     if method == "layer_gradient_x_activation":
         wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, target_layer=block) for block in model.transformer.h]
     else:
@@ -180,7 +183,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per library and method (median kept)")
     parser.add_argument("--no-inseq", action="store_true", help="time seq-instrument only")
     parser.add_argument("--ig-internal-batch-size", type=int, default=None,
-                        help="internal_batch_size of integrated gradients, both libraries (default: None)")
+                        help="internal_batch_size of integrated gradients, both libraries (default: each library's own)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) (default: leave torch's default, one per core)")
     args = parser.parse_args(argv)

@@ -20,8 +20,8 @@ auto accumulate_kernel() {
 void accumulate_cpu(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& weights) {
   const int64_t n = acc.numel(), k = weights.numel();
   if (n == 0 || k == 0) return;
-  const int64_t tasks = (n + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, kGrain / (k * kChunk));
+  const int64_t tasks = (n + kStreamChunk - 1) / kStreamChunk;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (k * kStreamChunk));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "accumulate_cpu", [&] {
     const auto run = accumulate_kernel<scalar_t>();
     float* a = acc.mutable_data_ptr<float>();

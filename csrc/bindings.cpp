@@ -179,7 +179,7 @@ at::Tensor finalize(const at::Tensor& acc, const at::Tensor& inputs, const at::T
               "finalize: all tensors must be on one device");
   TORCH_CHECK(acc.is_contiguous() && inputs.is_contiguous() && baselines.is_contiguous(),
               "finalize: tensors must be contiguous");
-  TORCH_CHECK(how == 0 || acc.size(-1) > 0 || acc.numel() == 0, "finalize: cannot reduce an empty hidden dimension");
+  TORCH_CHECK(how == 0 || acc.size(-1) > 0, "finalize: cannot reduce an empty hidden dimension");
   at::Tensor out = how == 0 ? at::empty_like(acc) : at::empty(acc.sizes().slice(0, acc.dim() - 1), acc.options());
   if (acc.is_cpu()) {
     advise_huge_pages(out);

@@ -33,6 +33,10 @@ namespace cpu {
 
 // Elements of a row handled by one task, buffered in the math type: a few such buffers stay in L1.
 constexpr int64_t kChunk = 1024;
+// Elements per task of the kernels that stream many rows through one partial result (accumulate, reduce_heads),
+// and how many rows they read per pass: 8 concurrent streams, 8 KiB of partial sums in L1.
+constexpr int64_t kStreamChunk = 2048;
+constexpr int kGroup = 8;
 // Element operations below which a task is not worth a thread (ATen's GRAIN_SIZE).
 constexpr int64_t kGrain = 32768;
 

@@ -28,8 +28,8 @@ void reduce_heads_cpu(const std::vector<at::Tensor>& layers, const std::vector<i
   const int64_t batch = first.size(0), n_heads = first.size(1), plane = first.size(2) * first.size(3);
   if (batch == 0 || plane == 0) return;
   const int64_t n_pairs = static_cast<int64_t>(layers.size() * heads.size());
-  const int64_t tasks = batch * ((plane + kChunk - 1) / kChunk);
-  const int64_t grain = std::max<int64_t>(1, kGrain / (n_pairs * kChunk));
+  const int64_t tasks = batch * ((plane + kStreamChunk - 1) / kStreamChunk);
+  const int64_t grain = std::max<int64_t>(1, kGrain / (n_pairs * kStreamChunk));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "reduce_heads_cpu", [&] {
     const auto run = reduce_heads_kernel<scalar_t>();
     std::vector<const scalar_t*> pairs;  // layer-major, as the sum runs

@@ -164,7 +164,7 @@ def accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *,
 
         >>> total = torch.zeros(2, 5, 8)                      # [B, L, D] float32 accumulator
         >>> grads = torch.randn(3 * 2, 5, 8)                  # gradients at 3 path points, row k * B + b
-        >>> kernels.accumulate(total, grads, [0.2, 0.5, 0.3])
+        >>> _ = kernels.accumulate(total, grads, [0.2, 0.5, 0.3])  # returns total
         >>> torch.allclose(total, 0.2 * grads[0:2] + 0.5 * grads[2:4] + 0.3 * grads[4:6])
         True
 

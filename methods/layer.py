@@ -158,6 +158,8 @@ class LayerDeepLift(AttributionMethod):
         per_layer = {}
         for name, grad in zip(names, grads):
             grad, act = rows_first(grad, 2 * half), rows_first(acts[name], 2 * half)
-            per_layer[name] = kernels.finalize(grad[:half].float(), act[:half], act[half:]) if multiply_by_inputs \
-                else grad[:half]
+            if multiply_by_inputs and grad.dim() in (3, 4):  # multiplier times (activation - baseline activation)
+                per_layer[name] = kernels.finalize(grad[:half].float(), act[:half], act[half:])
+            else:
+                per_layer[name] = grad[:half] * ((act[:half] - act[half:]) if multiply_by_inputs else 1.0)
         return by_side(request, names, per_layer, stacked, logits[:half])

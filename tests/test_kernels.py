@@ -585,3 +585,121 @@ def test_cuda_extension_matches_fallback(dtype):
     assert inputs.is_contiguous() and inputs.storage_offset() == 1
     out = kernels.interpolate(inputs, baselines, alphas)
     assert torch.equal(out, kernels.interpolate(inputs, baselines, alphas, use_extension=False))
+
+
+STALE_SCRIPT = """
+import sys, types, warnings
+stale = types.ModuleType("instrument._C")
+stale.interpolate, stale.with_cuda = (lambda *args: None), False
+sys.modules["instrument._C"] = stale
+from instrument import kernels
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert not kernels.has_extension()
+error = kernels.extension_error()
+assert "out of date (no accumulate, finalize, reduce_heads)" in error and "pip install" in error, error
+assert len([w for w in caught if issubclass(w.category, kernels.ExtensionNotice)]) == 1
+print("ok")
+"""
+
+
+def test_extension_built_from_older_sources_is_not_used():
+    run = subprocess.run([sys.executable, "-c", STALE_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def cuda_native():
+    if not kernels.has_extension("cuda"):
+        reason = f"instrument._C has no CUDA kernels: {kernels.extension_error() or 'built without CUDA'}"
+        if REQUIRE_EXT:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def misaligned(tensor):
+    """A contiguous copy of `tensor` whose storage starts one element past a 16-byte boundary."""
+    flat = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    view = flat[1:].view(tensor.shape)
+    view.copy_(tensor)
+    assert view.is_contiguous() and view.storage_offset() == 1
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cuda_masked_interpolate_matches_cpu(dtype):
+    cuda_native()
+    for shape, k in zip([(3, 7, 13), (2, 16, 64), (5, 33, 128), (2, 9, 8)], [1, 50, 7, 3]):
+        inputs, baselines, alphas = random_case(shape, k, dtype)
+        mask = random_mask(shape)
+        expected = kernels.interpolate(inputs, baselines, alphas, mask)
+        gpu = [t.cuda() for t in (inputs, baselines, alphas, mask)]
+        out = kernels.interpolate(*gpu, use_extension=True)
+        assert torch.equal(out, kernels.interpolate(*gpu, use_extension=False))
+        assert torch.equal(out.cpu(), expected)
+        out = kernels.interpolate(misaligned(gpu[0]), misaligned(gpu[1]), gpu[2], gpu[3])
+        assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cuda_accumulate_matches_cpu(dtype):
+    cuda_native()
+    for shape, k in zip([(3, 7, 13), (2, 16, 64), (1, 1, 1), (4, 33, 128)], [1, 50, 7, 5]):
+        acc, grads, weights = accumulate_case(shape, k, dtype)
+        expected = kernels.accumulate(acc.clone(), grads, weights)
+        for prepare in (lambda t: t, misaligned):
+            gpu_acc = prepare(acc.cuda())
+            out = kernels.accumulate(gpu_acc, prepare(grads.cuda()), weights.cuda(), use_extension=True)
+            assert out is gpu_acc and torch.equal(out.cpu(), expected)
+        fallback = kernels.accumulate(acc.cuda(), grads.cuda(), weights.cuda(), use_extension=False)
+        assert torch.equal(fallback.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reduce", kernels.REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cuda_finalize_matches_cpu(dtype, reduce):
+    cuda_native()
+    for shape in [(3, 7, 13), (2, 16, 64), (1, 1, 1), (2, 3, 5, 4096), (2, 4, 33)]:
+        acc, inputs, baselines = finalize_case(shape, dtype)
+        expected = kernels.finalize(acc, inputs, baselines, reduce)
+        for prepare in (lambda t: t, misaligned):
+            out = kernels.finalize(*(prepare(t.cuda()) for t in (acc, inputs, baselines)), reduce, use_extension=True)
+            fallback = kernels.finalize(acc.cuda(), inputs.cuda(), baselines.cuda(), reduce, use_extension=False)
+            if reduce in ("none", "absmax"):
+                assert torch.equal(out.cpu(), expected) and torch.equal(fallback.cpu(), expected)
+            else:
+                torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-30)
+                torch.testing.assert_close(fallback.cpu(), expected, rtol=1e-6, atol=1e-30)
+    row = torch.zeros(1, 1, 300)
+    row[0, 0, [5, 130, 299]] = torch.tensor([-7.0, 7.0, float("nan")])
+    ones = torch.ones_like(row)
+    assert kernels.finalize(row.cuda(), ones.cuda(), (0 * ones).cuda(), "absmax").isnan().all()
+    row[0, 0, 299] = 7.0
+    assert kernels.finalize(row.cuda(), ones.cuda(), (0 * ones).cuda(), "absmax").item() == -7.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cuda_reduce_heads_matches_cpu(dtype, reduce):
+    cuda_native()
+    for shape, (layers, heads) in zip(ATTENTION_SHAPES, SELECTIONS):
+        attn = attention_case(shape, dtype)
+        expected = kernels.reduce_heads(attn, layers, heads, reduce)
+        gpu = attn.cuda()
+        out = kernels.reduce_heads(gpu, layers, heads, reduce, use_extension=True)
+        assert torch.equal(out.cpu(), expected)
+        assert torch.equal(kernels.reduce_heads(gpu, layers, heads, reduce, use_extension=False).cpu(), expected)
+        assert torch.equal(kernels.reduce_heads([misaligned(layer) for layer in gpu], layers, heads, reduce).cpu(),
+                           expected)
+    # More (layer, head) pairs than one launch takes (256): launches continue each other's partial results.
+    attn = attention_case((3, 2, 4, 6, 16), dtype)
+    heads = list(range(4)) * 25  # 3 layers x 100 heads = 300 pairs
+    expected = kernels.reduce_heads(attn, None, heads, reduce)
+    assert torch.equal(kernels.reduce_heads(attn.cuda(), None, heads, reduce).cpu(), expected)
