@@ -194,6 +194,10 @@ def main(argv=None) -> None:
     dtypes = [DTYPES[name] for name in args.dtypes.split(",") if name]
     devices = [torch.device(name) for name in args.devices.split(",")
                if name and (name != "cuda" or torch.cuda.is_available())]
+    # glibc raises its mmap threshold (up to 32 MiB) each time it frees an mmap-ed block: until then, every output
+    # of a few MiB is a fresh mmap whose pages fault on first write, and which blocks are served that way depends
+    # on what ran before. Freeing one 32 MiB tensor first puts both columns in the steady state of a long run.
+    torch.empty(8 * 2 ** 20).fill_(0)  # 32 MiB, freed at once
     size = dict(SIZES[args.sizes])
     if args.hidden:
         size["hidden"] = tuple(int(d) for d in args.hidden.split(","))
