@@ -17,8 +17,9 @@ millisecond instead. On CUDA (--device cuda), torch.cuda.max_memory_allocated() 
 (the caching allocator's peak, reset before the call). glibc may serve part of a chunk from memory it
 kept from model building, which the RSS growth does not count, alike for every setting.
 
-`--unchunked` adds internal_batch_size=None (all path points in one pass) for contrast: there peak memory
-does grow with n_steps.
+`--unchunked` adds all path points in one pass (shown as internal_batch_size "all": a size above
+n_steps x rows; None would chunk on the CPU, see `methods.base.CPU_CHUNK_TOKENS`) for contrast: there
+peak memory does grow with n_steps.
 
 glibc's malloc raises its mmap threshold each time it frees a large block, after which chunk-sized blocks
 come from its heaps, whose fragmentation adds a little RSS per chunk (about 15% at n_steps=300 against
@@ -109,7 +110,8 @@ def child(n_steps: int, internal_batch_size: int | None, device: str, threads: i
                                      pad_token_id=tokenizer.pad_token_id)
     model = transformers.GPT2LMHeadModel(config).eval().to(device)
     wrapped = instrument.load_model(model, "integrated_gradients", tokenizer=tokenizer)
-    options = dict(n_steps=n_steps, internal_batch_size=internal_batch_size, show_progress=False)
+    everything = 10 ** 9  # one chunk: above n_steps x rows
+    options = dict(n_steps=n_steps, internal_batch_size=internal_batch_size or everything, show_progress=False)
 
     start = time.perf_counter()
     if device == "cuda":
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-steps", default="20,100,300", help="comma-separated n_steps settings")
     parser.add_argument("--internal-batch-size", type=int, default=40, help="rows of path points per chunk")
-    parser.add_argument("--unchunked", action="store_true", help="also internal_batch_size=None, for contrast")
+    parser.add_argument("--unchunked", action="store_true", help="also all path points in one chunk, for contrast")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -177,7 +179,7 @@ def main(argv=None) -> None:
                   f"attribute call, one subprocess per row; malloc: {malloc}\n")
             print(f"{'n_steps':>8}{'internal_batch_size':>21}{'peak growth MiB':>17}{'vs first':>10}{'seconds':>9}")
         first = next(x for x in results if x["internal_batch_size"] == batch)
-        print(f"{n_steps:>8}{str(batch):>21}{r['growth'] / 2 ** 20:>17.1f}{r['growth'] / max(first['growth'], 1):>9.2f}x"
+        print(f"{n_steps:>8}{'all' if batch is None else str(batch):>21}{r['growth'] / 2 ** 20:>17.1f}{r['growth'] / max(first['growth'], 1):>9.2f}x"
               f"{r['seconds']:>9.1f}", flush=True)
 
 

@@ -10,9 +10,12 @@ alternate ours / Inseq so that machine noise hits both alike; the table gives me
 
 Methods: saliency, input_x_gradient, integrated_gradients (n_steps=50; `--ig-internal-batch-size N`
 passes internal_batch_size=N to both libraries, else each uses its own default: Inseq / Captum all
-50 path points of a step in one pass, ours the library default) and
-layer_gradient_x_activation over all 12 blocks: ours in one call with `target_layers="layers"`,
-Inseq in 12 calls, one per `target_layer=model.transformer.h[i]`, whose times are summed.
+50 path points of a step in one pass, ours the library default),
+layer_gradient_x_activation over all 12 blocks (ours in one call with `target_layers="layers"`,
+Inseq in 12 calls, one per `target_layer=model.transformer.h[i]`, whose times are summed),
+attention (every layer and head kept, Inseq's output; ours with `aggregate_fn=None`) and occlusion
+(each library's defaults: one-token windows over the whole embedding, zeros baseline; Inseq keeps
+|score| per token, so ours is compared as `[..., 0].abs()`).
 
 The unit of the last column ("bare s", timed between the repeats of each method, as the load of a
 shared machine changes by the minute) is one bare forward + backward (gradient w.r.t. the input
@@ -53,7 +56,7 @@ embeddings, and integrated gradients averages gradients along a straight path fr
 the input. Layer methods do the same for the outputs of inner layers of the network.
 The farmer and his dog walk to the river in the morning, and the fox runs back to the old forest.
 """
-METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "layer_gradient_x_activation")
+METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "layer_gradient_x_activation", "attention", "occlusion")
 N_STEPS = 50
 
 
@@ -113,12 +116,16 @@ def ours_runner(model, tokenizer, method: str, ig_batch):
         "input_x_gradient": {},
         "integrated_gradients": ig_options,
         "layer_gradient_x_activation": {"target_layers": "layers"},
+        "attention": {"aggregate_fn": None},  # every layer and head kept, as Inseq returns them
+        "occlusion": {},
     }[method]
     wrapped = instrument.load_model(model, method, tokenizer=tokenizer)
 
     def run():
         out = wrapped.attribute(PROMPT, PROMPT + CONTINUATION, show_progress=False, **options)
-        return out[0].target_attributions
+        attributions = out[0].target_attributions
+        # Inseq keeps one |score| per token (its windows cover the whole embedding); ours, each element's.
+        return attributions[..., 0].abs() if method == "occlusion" else attributions
 
     return run
 
@@ -134,10 +141,20 @@ def inseq_runner(inseq, model, tokenizer, method: str, ig_batch):
         wrapped = [inseq.load_model(model, method, tokenizer=tokenizer)]
 
     def run():
-        results = [
-            w.attribute(PROMPT, PROMPT + CONTINUATION, show_progress=False, **options)[0].target_attributions
-            for w in wrapped
-        ]
+        # Inseq reads `output.attentions`, which only eager attention fills: switched on for its run
+        # (ours switches by itself), and back after.
+        attention = method == "attention" and model.config._attn_implementation != "eager"
+        if attention:
+            saved = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+        try:
+            results = [
+                w.attribute(PROMPT, PROMPT + CONTINUATION, show_progress=False, **options)[0].target_attributions
+                for w in wrapped
+            ]
+        finally:
+            if attention:
+                model.set_attn_implementation(saved)
         return results[0] if len(results) == 1 else torch.stack(results, dim=2)
 
     return run

@@ -5,9 +5,13 @@
     >>> logits, acts = engine.forward(rows, target_embeds=engine.embed(rows)[1])
 
 A *row* is one example at one attributed step `p`: the decoder sees the target prefix `target[:p]`
-(causal truncation: nothing after the step is computed) and predicts `target[p]`. All rows of all
-examples go through the model together, right-padded; the vocabulary projection runs only at each
-row's last real position.
+and predicts `target[p]`. Rows of one example whose inputs agree are prefixes of its longest row,
+and under causal attention that row's hidden state at position `p - 1` is the one row `p` would
+compute: so one forward of each example's longest row (`full_rows`, `Engine.forward_steps`,
+`Engine.forward_reads`) serves all its steps, and the gradient methods take every step's gradient
+from that one forward (`methods.base.gradients`). Rows whose inputs differ per step (gradient SHAP's
+random points, sequential IG, patched layers) run as rows of their own, right-padded (`forward`). The
+vocabulary projection only ever runs at the positions read.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ class Rows:
     source_mask: torch.Tensor | None = None
     contrast: "Rows | None" = None
     contrast_uses_source_ids: bool = False
+    copy: torch.Tensor | None = None  # which block of `repeat` a row is in (None: one block)
 
     @classmethod
     def build(cls, examples: Sequence[Example], pairs: Sequence[tuple[int, int]], pad_id: int) -> "Rows":
@@ -94,7 +99,7 @@ class Rows:
         return self.target_mask.sum(1) - 1
 
     def repeat(self, times: int) -> "Rows":
-        """The rows `times` times over, block after block (row `k * R + r` is row `r`)."""
+        """The rows `times` times over, block after block (row `k * R + r` is row `r` of block `k`)."""
         if times == 1:
             return self
         values = {}
@@ -102,13 +107,15 @@ class Rows:
             value = getattr(self, name)
             values[name] = None if value is None else value.repeat(times, *([1] * (value.dim() - 1)))
         contrast = self.contrast.repeat(times) if self.contrast is not None else None
-        return replace(self, **values, contrast=contrast)
+        copy = self.example.new_zeros(len(self)) if self.copy is None else self.copy
+        blocks = torch.arange(times, device=copy.device).repeat_interleave(len(self))
+        return replace(self, **values, contrast=contrast, copy=blocks * (int(copy.max()) + 1) + copy.repeat(times))
 
     def take(self, index: torch.Tensor) -> "Rows":
         """The rows at `index` (a 1-D index tensor), in that order; the padded width is kept."""
         index = torch.as_tensor(index, dtype=torch.long)
         values = {}
-        for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask"):
+        for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask", "copy"):
             value = getattr(self, name)
             values[name] = None if value is None else value[index.to(value.device)]
         contrast = self.contrast.take(index) if self.contrast is not None else None
@@ -117,7 +124,7 @@ class Rows:
     def to(self, device) -> "Rows":
         values = {
             name: getattr(self, name).to(device)
-            for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask")
+            for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask", "copy")
             if getattr(self, name) is not None
         }
         return replace(self, **values, contrast=self.contrast.to(device) if self.contrast is not None else None)
@@ -158,13 +165,15 @@ class RowAttribution:
 class FullRows:
     """Each row of `rows` read off one full-length forward of its example (see `full_rows`).
 
-    `full` holds one row per example, its longest prefix (every other row of the example is a
-    prefix of it, so under causal attention its hidden state at position `p - 1` is the one row
-    `p` computes). `owner[r]` is row r's full row, `positions[f]` the positions read from full row
-    f (padded by repeating its last one), `slot[r]` where row r's position sits in them.
+    `full` holds one row per example (per block of `Rows.repeat`): its longest prefix, at index
+    `longest[f]` of the rows. Every other row of the example is a prefix of it, so under causal
+    attention its hidden state at position `p - 1` is the one row `p` computes. `owner[r]` is row
+    r's full row, `positions[f]` the positions read from full row f (padded by repeating its last
+    one), `slot[r]` where row r's position sits in them.
     """
 
     full: Rows
+    longest: torch.Tensor
     owner: torch.Tensor
     slot: torch.Tensor
     positions: torch.Tensor
@@ -175,44 +184,57 @@ class FullRows:
 
 
 def full_rows(rows: Rows) -> FullRows:
-    """The longest row of each example in `rows`, and where every row reads from it.
+    """The longest row of each example (and block of `Rows.repeat`) in `rows`, and where every row
+    reads from it.
 
         >>> fr = full_rows(rows)
         >>> logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])   # [R, V], as engine.forward(rows)[0]
     """
-    examples = rows.example.tolist()
+    groups = rows.example.tolist() if rows.copy is None else list(zip(rows.example.tolist(), rows.copy.tolist()))
     positions = rows.position.tolist()
-    longest: dict[int, int] = {}
-    for r, (b, p) in enumerate(zip(examples, positions)):
-        if b not in longest or p > positions[longest[b]]:
-            longest[b] = r
-    order = list(longest)
-    index = {b: f for f, b in enumerate(order)}
-    read: list[dict[int, int]] = [{} for _ in order]  # position -> slot, per full row
+    longest: dict[Any, int] = {}
+    for r, (g, p) in enumerate(zip(groups, positions)):
+        if g not in longest or p > positions[longest[g]]:
+            longest[g] = r
+    index = {g: f for f, g in enumerate(longest)}
+    read: list[dict[int, int]] = [{} for _ in longest]  # position -> slot, per full row
     owner, slot = [], []
-    for b, p in zip(examples, positions):
-        f = index[b]
+    for g, p in zip(groups, positions):
+        f = index[g]
         owner.append(f)
         slot.append(read[f].setdefault(p - 1, len(read[f])))
     width = max(len(q) for q in read)
     padded = torch.tensor([list(q) + [list(q)[-1]] * (width - len(q)) for q in read], dtype=torch.long)
     device = rows.target_ids.device
+    picked = torch.tensor(list(longest.values()), dtype=torch.long, device=device)
     return FullRows(
-        full=rows.take(torch.tensor([longest[b] for b in order], dtype=torch.long, device=device)),
+        full=rows.take(picked),
+        longest=picked,
         owner=torch.tensor(owner, dtype=torch.long, device=device),
         slot=torch.tensor(slot, dtype=torch.long, device=device),
         positions=padded.to(device),
     )
 
 
+class _HeadReached(Exception):
+    """Ends a forward that needs no logits where the LM head would run."""
+
+
 @contextlib.contextmanager
-def _head_at(head: nn.Module, positions: torch.Tensor):
-    """Feeds the vocabulary projection only the hidden states at `positions` `[R, K]`."""
+def _head_at(head: nn.Module, rows: torch.Tensor | None, positions: torch.Tensor | None, fed: list | None = None):
+    """Feeds the vocabulary projection only the hidden states `hidden[rows, positions]` (index
+    tensors of one shape, `[N, K]`; None: raises `_HeadReached` instead). With a list `fed`, the
+    head gets a leaf copy of them, and `(states, leaf)` is appended: the graph is cut there."""
 
     def pick(module, args):
+        if rows is None:
+            raise _HeadReached
         hidden = args[0]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        return (hidden[rows, positions.to(hidden.device)],) + tuple(args[1:])
+        picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]
+        if fed is not None:
+            fed.append((picked, picked.detach().requires_grad_(picked.requires_grad)))
+            picked = fed[-1][1]
+        return (picked,) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(pick)
     try:
@@ -324,6 +346,13 @@ class Engine:
         logits, activations = self.forward_steps(rows, rows.last[:, None], source_embeds, target_embeds, layers, layer_patch)
         return logits[:, -1], activations
 
+    def logits(self, rows: Rows, source_embeds: torch.Tensor | None = None, target_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(rows, ...)[0]` from one forward per example (its longest row, see `full_rows`), for
+        embeddings that agree across an example's rows (inputs, baselines): `[R, V]`."""
+        fr = full_rows(rows)
+        source, target = (None if t is None else t[fr.longest] for t in (source_embeds, target_embeds))
+        return fr.gather(self.forward_steps(fr.full, fr.positions, source, target)[0])
+
     def forward_steps(
         self,
         rows: Rows,
@@ -335,7 +364,31 @@ class Engine:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Like `forward`, but logits `[R, K, V]` at `positions` `[R, K]` of each row: one forward
         of a full-length row gives the logits of every attributed step of its example (with
-        `full_rows`). Embeddings and patches work as in `forward`."""
+        `full_rows`). Embeddings and patches work as in `forward`. `positions=None`: the forward
+        stops before the LM head, and the logits are None."""
+        if positions is None:
+            return self._run(rows, None, None, source_embeds, target_embeds, layers, layer_patch)
+        each = torch.arange(len(rows), device=positions.device)[:, None].expand_as(positions)
+        return self._run(rows, each, positions, source_embeds, target_embeds, layers, layer_patch)
+
+    def forward_reads(
+        self,
+        fr: FullRows,
+        source_embeds: torch.Tensor | None = None,
+        target_embeds: torch.Tensor | None = None,
+        layers: Sequence[str] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """One forward of the full rows `fr.full` for the rows they serve: logits `[R, V]`, the live
+        outputs of `layers` (`[F, ...]`), and the hidden states read for the LM head `[R, 1, D]` with
+        the leaf copy of them that it was fed: the graph is cut there, where the rows' gradients
+        part ways (see `methods.base.gradients`)."""
+        owner = fr.owner.to(fr.positions.device)
+        read = fr.positions[owner, fr.slot.to(owner.device)]
+        fed: list = []
+        logits, activations = self._run(fr.full, owner[:, None], read[:, None], source_embeds, target_embeds, layers, fed=fed)
+        return logits[:, 0], activations, fed[0]
+
+    def _run(self, rows: Rows, head_rows, head_positions, source_embeds, target_embeds, layers, layer_patch=None, fed=None):
         patch = dict(layer_patch or {})
         patch.update(self._embedding_patch(source_embeds, target_embeds))
         kwargs = {"use_cache": False}
@@ -344,9 +397,12 @@ class Engine:
                           decoder_input_ids=rows.target_ids, decoder_attention_mask=rows.target_mask)
         else:
             kwargs.update(input_ids=rows.target_ids, attention_mask=rows.target_mask)
-        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, _head_at(self.head, positions):
-            output = self.model(**kwargs)
-        return output.logits, t.activations
+        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, \
+                _head_at(self.head, head_rows, head_positions, fed):
+            try:
+                return self.model(**kwargs).logits, t.activations
+            except _HeadReached:
+                return None, t.activations
 
     def _embedding_patch(self, source_embeds, target_embeds) -> dict[nn.Module, Any]:
         if self.source_embedding is not None and self.source_embedding is self.target_embedding:

@@ -190,7 +190,8 @@ class Attention(AttributionMethod):
         with torch.no_grad(), eager_attention(model), contextlib.ExitStack() as stack:
             for module, name, reducer in hooks:
                 stack.callback(module.register_forward_hook(_hook(name, reducer)).remove)
-            logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])
+            logits = engine.forward_steps(fr.full, fr.positions if request.needs_logits else None)[0]
+        logits = fr.gather(logits) if logits is not None else None
         out = {}
         for side, reducer in reducers.items():
             values = reducer.result()

@@ -5,13 +5,15 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
 from instrument import batching
-from instrument.engine import Engine, RowAttribution, Rows
+from instrument.engine import Engine, RowAttribution, Rows, full_rows
 
 Score = Callable[[Rows, torch.Tensor, Any, Any], torch.Tensor]
 
@@ -23,12 +25,15 @@ class Request:
     `score(rows, logits, source_embeds, target_embeds)` gives one differentiable value per row.
     On encoder-decoders the target prefix is an attributed input only with `attribute_target`;
     otherwise it stays at its real embedding whatever the method does to the source.
+    `needs_logits`: the caller reads the result's logits (for step scores); a method that has no
+    use for them may skip the LM head.
     """
 
     engine: Engine
     rows: Rows
     score: Score
     attribute_target: bool = True
+    needs_logits: bool = True
 
     @property
     def attribute_source(self) -> bool:
@@ -54,9 +59,17 @@ class AttributionMethod:
         raise NotImplementedError
 
 
-def gradients(request: Request, rows: Rows, wrt: list[torch.Tensor], source=None, target=None, layers=(), layer_patch=None):
-    """Gradients of the summed score w.r.t. `wrt` (leaves fed in as embeddings or layer patches),
-    plus the logits and the live layer outputs of that one forward."""
+def gradients(request: Request, rows: Rows, wrt: list[torch.Tensor], source=None, target=None, layers=(), layer_patch=None,
+              shared_prefix: bool = False):
+    """Gradients of each row's score w.r.t. `wrt` (leaves fed in as embeddings or layer patches),
+    plus the logits and the live layer outputs of that one forward, all `[R, ...]`.
+
+    `shared_prefix=True` says that the rows of one example (and block of `Rows.repeat`) see the same
+    inputs, so that each is a prefix of the longest: then one forward of the longest row serves them
+    all, and one batched backward per step gives each row its own gradient (see `_shared_prefix`).
+    """
+    if shared_prefix and layer_patch is None and len(rows) > 1:
+        return _shared_prefix(request, rows, wrt, source, target, layers)
     with torch.enable_grad():
         logits, activations = request.engine.forward(rows, source, target, layers, layer_patch)
         scores = request.score(rows, logits, source, target)
@@ -69,14 +82,113 @@ def gradients(request: Request, rows: Rows, wrt: list[torch.Tensor], source=None
     return grads, logits.detach(), {name: activations[name].detach() for name in layers}
 
 
+def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source, target, layers):
+    """`gradients` from one forward per example. The graph is cut at the LM head's input: one cheap
+    backward gives each row's score its gradient there (a row's logits depend on its own state
+    only); then one backward batched over slots (`is_grads_batched`) takes them to the inputs, slot
+    s holding one row of every full row (plus, in the same pass, any path from the scores to the
+    inputs that bypasses the head, such as a contrastive forward sharing the source embeddings).
+    Under causal attention a row's score depends on nothing after its prefix, so the full row
+    gives each row its own gradient (zero past the prefix)."""
+    fr = full_rows(rows)
+    full = {id(t): leaf(t[fr.longest]) for t in (source, target) if t is not None}
+    full_source, full_target = (full[id(t)] if t is not None else None for t in (source, target))
+    owner, n_full, n_slots = fr.owner, len(fr.full), fr.positions.shape[1]
+    with torch.enable_grad(), activation_slopes(request.engine.model):
+        logits, activations, (states, head_input) = request.engine.forward_reads(fr, full_source, full_target, layers)
+        scores = request.score(rows, logits, full_source[owner] if full_source is not None else None,
+                               full_target[owner] if full_target is not None else None)
+        wanted = [full[id(t)] for t in wrt] + [activations[name] for name in layers]
+        if scores.requires_grad:
+            one_hot = (fr.slot[None, :] == torch.arange(n_slots, device=fr.slot.device)[:, None]).to(scores.dtype)
+            roots, seeds = [scores], [one_hot]
+            if head_input.requires_grad:
+                at_head = torch.autograd.grad(scores.sum(), head_input, retain_graph=True, allow_unused=True)[0]
+                if at_head is not None:  # [R, 1, D] -> [S, R, 1, D], row r in its slot
+                    roots.append(states)
+                    seeds.append(one_hot.to(at_head.dtype).view(n_slots, -1, 1, 1) * at_head)
+            grads = torch.autograd.grad(roots, wanted, seeds, is_grads_batched=True, allow_unused=True)
+        else:  # the attributed function does not depend on the inputs (e.g. top_p_size): zero attributions
+            grads = [None] * len(wanted)
+
+    def per_row(value: torch.Tensor, batched: bool) -> torch.Tensor:
+        """`[(S,) F, ...]` (or `[(S,) F * positions, hidden]`) -> `[R, ...]`."""
+        lead = 1 if batched else 0
+        if value.shape[lead] != n_full:  # modules that flatten rows and positions (OPT's feed-forward)
+            value = value.reshape(*value.shape[:lead], n_full, -1, value.shape[-1])
+        return value[fr.slot, owner] if batched else value[owner]
+
+    grads = [per_row(torch.zeros_like(t) if g is None else g, batched=g is not None) for t, g in zip(wanted, grads)]
+    return grads, logits.detach(), {name: per_row(activations[name].detach(), batched=False) for name in layers}
+
+
+class _Slope(torch.autograd.Function):
+    """`value` forward; `grad * slope` back to `x` (the gradient of an elementwise function)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, value, slope):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+@contextlib.contextmanager
+def activation_slopes(model: nn.Module):
+    """Inside the block, the elementwise activations of `transformers.activations` (Python compositions
+    of a dozen ops, such as GPT-2's tanh GELU) pass gradients back in one multiplication by their
+    slope, computed once in the forward, instead of replaying their ops on every slot of a batched
+    backward. Forward values are unchanged."""
+
+    def hook(module, args, output):
+        x = args[0]
+        if not torch.is_grad_enabled() or not x.requires_grad or not isinstance(output, torch.Tensor) or output.shape != x.shape:
+            return None
+        probe = x.detach().requires_grad_()
+        value = module.forward(probe)  # .forward: no hook recursion
+        slope = torch.autograd.grad(value, probe, torch.ones_like(value))[0]
+        return _Slope.apply(x, output.detach(), slope)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if type(m).__module__ == "transformers.activations" and not any(True for _ in m.parameters())]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().requires_grad_()
 
 
-def chunks(total: int, rows: int, internal_batch_size: int | str | None) -> Iterable[range]:
-    """Splits `total` path points into chunks of at most `internal_batch_size` rows in all; "auto":
-    chunks sized from the measured free memory (`instrument.batching.auto_chunks`, an iterator)."""
+# On the CPU, chunks of about this many tokens (path points x rows x width) run fastest: in larger
+# ones every tensor outgrows the caches and glibc's mmap threshold (at most 32 MiB), so that each
+# is served fresh pages, and IG over 50 points in one chunk took 1.7x as long (benchmarks/README.md).
+CPU_CHUNK_TOKENS = 1200
+
+
+def chunks(total: int, rows: Rows, internal_batch_size: int | str | None, rows_per_point: int | None = None) -> Iterable[range]:
+    """Splits `total` path points, each running `rows_per_point` rows (default: all of `rows`), into
+    chunks of at most `internal_batch_size` rows in all. None: one chunk on accelerators (as
+    Captum), chunks of about `CPU_CHUNK_TOKENS` tokens on the CPU; "auto": chunks sized from the
+    measured free memory (`instrument.batching.auto_chunks`, an iterator)."""
+    per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)
     if batching.is_auto(internal_batch_size):
-        return batching.auto_chunks(total, rows)
-    per_chunk = total if not internal_batch_size else max(1, internal_batch_size // max(rows, 1))
+        return batching.auto_chunks(total, per_point)
+    if internal_batch_size:
+        per_chunk = max(1, internal_batch_size // per_point)
+    elif rows.target_ids.device.type == "cpu":
+        width = rows.target_ids.shape[1] + (rows.source_ids.shape[1] if rows.source_ids is not None else 0)
+        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * width))
+    else:
+        per_chunk = total
     return [range(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]

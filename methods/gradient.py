@@ -32,7 +32,8 @@ class Saliency(AttributionMethod):
 
     def attribute(self, request: Request, abs: bool = True) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
-        grads, logits, _ = gradients(request, request.rows, [t for t in (source, target) if t is not None], source, target)
+        grads, logits, _ = gradients(request, request.rows, [t for t in (source, target) if t is not None], source, target,
+                                     shared_prefix=True)
         source_grad, target_grad = _split(request, grads, source, target)
         fix = torch.abs if abs else (lambda t: t)
         return RowAttribution(
@@ -46,7 +47,8 @@ class InputXGradient(AttributionMethod):
 
     def attribute(self, request: Request) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
-        grads, logits, _ = gradients(request, request.rows, [t for t in (source, target) if t is not None], source, target)
+        grads, logits, _ = gradients(request, request.rows, [t for t in (source, target) if t is not None], source, target,
+                                     shared_prefix=True)
         source_grad, target_grad = _split(request, grads, source, target)
         return RowAttribution(
             source=source_grad * source.detach() if source is not None else None,
@@ -93,11 +95,11 @@ class IntegratedGradients(PathMethod):
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
         totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
-        for chunk in chunks(n_steps, len(rows), internal_batch_size):
+        for chunk in chunks(n_steps, rows, internal_batch_size):
             chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
             points = [leaf(kernels.interpolate(x, base, chunk_alphas)) for x, base in sides]
             grads, _, _ = gradients(request, rows.repeat(len(chunk)), points,
-                                    points[0] if source is not None else None, points[-1])
+                                    points[0] if source is not None else None, points[-1], shared_prefix=True)
             chunk_weights = torch.tensor([weights[k] for k in chunk], dtype=torch.float32)
             for total, grad in zip(totals, grads):
                 kernels.accumulate(total, grad, chunk_weights)  # in place, float32, one read of the gradients
@@ -107,10 +109,11 @@ class IntegratedGradients(PathMethod):
         ]
         logits, delta = None, None
         with torch.no_grad():
-            logits = request.engine.forward(rows, source, target)[0]
+            if request.needs_logits or return_convergence_delta:
+                logits = request.engine.logits(rows, source, target)
             if return_convergence_delta:
                 at_input = request.score(rows, logits, source, target)
-                at_base = request.score(rows, request.engine.forward(rows, source_base, target_base)[0], source_base, target_base)
+                at_base = request.score(rows, request.engine.logits(rows, source_base, target_base), source_base, target_base)
                 total = sum(a.flatten(1).sum(1) for a in attributions)
                 delta = total - (at_input - at_base).float()
         return RowAttribution(
@@ -139,7 +142,7 @@ class GradientShap(PathMethod):
         # multiplied once at the end, like integrated gradients. With noise, each sample's own.
         scale_each = multiply_by_inputs and bool(stdevs)
         totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
-        for chunk in chunks(n_samples, len(rows), internal_batch_size):
+        for chunk in chunks(n_samples, rows, internal_batch_size):
             index = torch.tensor(list(chunk))
             points = []
             for (x, base), noisy in zip(sides, noised):
@@ -156,7 +159,7 @@ class GradientShap(PathMethod):
         if multiply_by_inputs and not scale_each:
             totals = [kernels.finalize(total, x, base) for total, (x, base) in zip(totals, sides)]
         with torch.no_grad():
-            logits = request.engine.forward(rows, source, target)[0]
+            logits = request.engine.logits(rows, source, target) if request.needs_logits else None
         return RowAttribution(source=totals[0] if source is not None else None, target=totals[-1], logits=logits)
 
 
@@ -220,7 +223,8 @@ class DeepLift(PathMethod):
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
         points = [leaf(torch.cat([x, base])) for x, base in sides]
         with rescale_rule(request.engine.model):
-            grads, logits, _ = gradients(request, rows.repeat(2), points, points[0] if source is not None else None, points[-1])
+            grads, logits, _ = gradients(request, rows.repeat(2), points, points[0] if source is not None else None, points[-1],
+                                         shared_prefix=True)
         # The multipliers (gradients under the rescale rule) times input - baseline, in one pass.
         attributions = [
             kernels.finalize(grad[: len(rows)].float(), x, base) if multiply_by_inputs else grad[: len(rows)]

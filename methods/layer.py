@@ -75,7 +75,7 @@ class LayerGradientXActivation(AttributionMethod):
 
     def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True) -> RowAttribution:
         names, stacked = resolve_layers(request, target_layer, target_layers)
-        grads, logits, acts = gradients(request, request.rows, [], layers=names)
+        grads, logits, acts = gradients(request, request.rows, [], layers=names, shared_prefix=True)
         per_layer = {
             name: grad * acts[name] if multiply_by_inputs else grad for name, grad in zip(names, grads)
         }
@@ -112,7 +112,7 @@ class LayerIntegratedGradients(AttributionMethod):
         for group in (g for g in groups if g):
             totals = {name: torch.zeros(at_input[name].shape, dtype=torch.float32, device=at_input[name].device)
                       for name in group}
-            for chunk in chunks(n_steps, n_rows, internal_batch_size):
+            for chunk in chunks(n_steps, rows, internal_batch_size):
                 chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
                 points = {
                     name: leaf(kernels.interpolate(rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows),
@@ -153,7 +153,8 @@ class LayerDeepLift(AttributionMethod):
         both_source = leaf(torch.cat([source, source_base])) if source is not None else None
         both_target = leaf(torch.cat([target, target_base]))
         with rescale_rule(engine.model):
-            grads, logits, acts = gradients(request, rows.repeat(2), [], both_source, both_target, layers=names)
+            grads, logits, acts = gradients(request, rows.repeat(2), [], both_source, both_target, layers=names,
+                                            shared_prefix=True)
         half = len(rows)
         per_layer = {}
         for name, grad in zip(names, grads):

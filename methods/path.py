@@ -62,7 +62,7 @@ class SequentialIntegratedGradients(PathMethod):
         totals = {name: torch.zeros_like(sides[name][0], dtype=torch.float32) for name in moving}
         points = [(u, k) for u in range(len(units)) for k in range(n_steps)]
         device = rows.target_ids.device
-        for chunk in chunks(len(points), 1, internal_batch_size):  # one row per path point
+        for chunk in chunks(len(points), rows, internal_batch_size, rows_per_point=1):  # one row per path point
             picked = [points[j] for j in chunk]
             row_index = torch.tensor([units[u][1] for u, _ in picked], dtype=torch.long, device=device)
             embeds = {}
@@ -93,7 +93,7 @@ class SequentialIntegratedGradients(PathMethod):
             for name in moving
         }
         with torch.no_grad():
-            logits = engine.forward(rows, source, target)[0]
+            logits = engine.logits(rows, source, target) if request.needs_logits else None
         return RowAttribution(source=attributions.get("source"), target=attributions.get("target"), logits=logits)
 
 
@@ -282,7 +282,7 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         paths = {name: p if len(p) == n_points else p[:1].expand(n_points, *p.shape[1:]) for name, p in paths.items()}
         totals = {name: torch.zeros_like(paths[name][0], dtype=torch.float32) for name in moving}
         # The last point (the input) has step 0: the gradients at points 0 .. n_points - 2 are needed.
-        for chunk in chunks(n_points - 1, len(rows), internal_batch_size):
+        for chunk in chunks(n_points - 1, rows, internal_batch_size):
             index = torch.tensor(list(chunk), device=rows.target_ids.device)
             points = {name: p[index].flatten(0, 1) for name, p in paths.items()}
             points = {name: leaf(p) if name in moving else p for name, p in points.items()}
@@ -295,12 +295,12 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         target_x = paths["target"][-1]
         delta = None
         with torch.no_grad():
-            logits = engine.forward(rows, source_x, target_x)[0]
+            logits = engine.logits(rows, source_x, target_x)
             if return_convergence_delta:
                 at_input = request.score(rows, logits, source_x, target_x)
                 source_b = paths["source"][0] if "source" in paths else None
                 target_b = paths["target"][0]
-                at_base = request.score(rows, engine.forward(rows, source_b, target_b)[0], source_b, target_b)
+                at_base = request.score(rows, engine.logits(rows, source_b, target_b), source_b, target_b)
                 delta = sum(totals[name].flatten(1).sum(1) for name in moving) - (at_input - at_base).float()
         return RowAttribution(source=totals.get("source"), target=totals.get("target"), logits=logits, delta=delta)
 

@@ -125,17 +125,17 @@ class Occlusion(AttributionMethod):
 
     A window of `sliding_window_shapes = (tokens, hidden)` (default: one token, the whole embedding)
     slides over each attributed side with `strides = (tokens, hidden)` (default 1); the window's
-    elements are set to `baselines` (default "zeros", as Captum; also None / "unk", "pad", a tensor)
-    and `f(input) - f(occluded)` is added to every element of the window; each element's total is
-    divided by the number of windows covering it. A pair of pairs gives separate source / target
+    elements are set to `baselines` (default None: UNK embeddings, EOS kept, as Inseq; also "zeros",
+    Captum's default, "pad", a tensor) and `f(input) - f(occluded)` is added to every element of the
+    window; each element's total is divided by the number of windows covering it. A pair of pairs gives separate source / target
     settings. A step only counts the windows that fit in its own prefix, as Captum's windows over
     that prefix would (a prefix shorter than the window is an error, as in Captum).
     """
 
-    params = {"sliding_window_shapes": None, "strides": None, "baselines": "zeros",
+    params = {"sliding_window_shapes": None, "strides": None, "baselines": None,
               "include_eos_baseline": False, "perturbations_per_eval": 32}
 
-    def attribute(self, request: Request, sliding_window_shapes=None, strides=None, baselines="zeros",
+    def attribute(self, request: Request, sliding_window_shapes=None, strides=None, baselines=None,
                   include_eos_baseline=False, perturbations_per_eval=32) -> RowAttribution:
         if not isinstance(perturbations_per_eval, int) or perturbations_per_eval < 1:
             raise ValueError(f"perturbations_per_eval must be a positive integer, got {perturbations_per_eval!r}")

@@ -177,3 +177,60 @@ def test_model_unchanged_by_attribution(arch):
     assert not model.training
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and p.grad is None
+
+
+def _count_forwards(model):
+    """Batch sizes of the model's forwards, and the handle to remove."""
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(len(kwargs["input_ids"])), with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_gradient_methods_run_one_forward_per_example_and_path_point(arch):
+    """Every step of an example reads its gradients off one full-row forward (per path point)."""
+    model, tokenizer = tiny_model(arch)
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    inputs, targets = texts_for(wrapped)
+    sizes, handle = _count_forwards(model)
+    try:
+        wrapped.attribute(inputs, targets, method="saliency", show_progress=False)
+        assert sizes == [len(inputs)]
+        sizes.clear()
+        options = dict(method="integrated_gradients", n_steps=4, internal_batch_size=10 ** 6, show_progress=False)
+        wrapped.attribute(inputs, targets, **options)
+        assert sizes == [4 * len(inputs)]
+        sizes.clear()
+        wrapped.attribute(inputs, targets, step_scores=["probability"], **options)
+        assert sizes == [4 * len(inputs), len(inputs)]  # the path points, then the logits at the inputs
+    finally:
+        handle.remove()
+
+
+def test_activation_slopes_keep_values_and_gradients():
+    from methods.base import activation_slopes
+
+    model, _ = tiny_model("gpt2")
+    act = model.transformer.h[0].mlp.act
+    assert type(act).__module__ == "transformers.activations"
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    seeds = torch.randn(4, 3, 5, 7)
+    expected = act(x)
+    expected_grads = torch.stack([torch.autograd.grad(expected, x, seed, retain_graph=True)[0] for seed in seeds])
+    with activation_slopes(model):
+        got = act(x)
+        got_grads = torch.autograd.grad(got, x, seeds, is_grads_batched=True)[0]
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got_grads, expected_grads, rtol=1e-5, atol=1e-7)
+    assert not act._forward_hooks
+
+
+def test_cpu_chunks_default_to_a_cache_sized_number_of_tokens():
+    from methods.base import CPU_CHUNK_TOKENS, chunks
+    from instrument.engine import Example, Rows
+
+    rows = Rows.build([Example(torch.arange(30), 20, 30)], [(0, p) for p in range(20, 30)], pad_id=0)  # 10 rows, width 29
+    per_chunk = CPU_CHUNK_TOKENS // (10 * 29)
+    assert [len(c) for c in chunks(50, rows, None)] == [per_chunk] * (50 // per_chunk) + ([50 % per_chunk] if 50 % per_chunk else [])
+    assert [len(c) for c in chunks(50, rows, 200)] == [20, 20, 10]  # internal_batch_size counts rows
+    assert [len(c) for c in chunks(50, rows, 10 ** 6)] == [50]

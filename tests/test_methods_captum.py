@@ -398,6 +398,7 @@ def test_contrast_prob_diff_integrated_gradients(arch):
     am = instrument.load_model(c.model, "integrated_gradients", tokenizer=c.tok, n_steps=8, method="riemann_right")
     seq = am.attribute(source, target, show_progress=False, attributed_fn="contrast_prob_diff",
                        contrast_targets=contrast, return_convergence_delta=True)[0]
+    ours, expected = [], []
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target=False)
         prob, token = c.prob_fn(p), int(contrast_ids[p])
@@ -413,6 +414,10 @@ def test_contrast_prob_diff_integrated_gradients(arch):
 
         attributions, delta = IntegratedGradients(f).attribute(
             inputs, baselines=baselines, n_steps=8, method="riemann_right", return_convergence_delta=True)
-        close(c.ours(seq, j, p, "source" if c.enc_dec else "target"), attributions[0][0].detach())
+        ours.append(c.ours(seq, j, p, "source" if c.enc_dec else "target"))
+        expected.append(attributions[0][0].detach())
         # deltas: differences of O(1e-3) probabilities, float32 error ~1e-10 (see the IG test)
         torch.testing.assert_close(seq.step_scores["deltas"][j], delta[0].float(), rtol=1e-3, atol=1e-8)
+    # Absolute slack from the whole sequence: a step whose contrast token is the target token has
+    # exactly zero attributions in Captum, and float32 noise (both forwards' rounding) in ours.
+    close(torch.cat(ours), torch.cat(expected))

@@ -153,11 +153,11 @@ def test_occlusion_batched_equals_step_by_step(wrapped, options):
 
 OCCLUSION_CAPTUM = [
     # (arch, attribute_target, our options, Captum's sliding windows, strides, UNK baselines)
-    ("gpt2", False, {}, ((1, 32),), 1, False),
+    ("gpt2", False, {}, ((1, 32),), 1, True),  # the default: UNK baselines, as Inseq
     ("gpt2", False, {"sliding_window_shapes": (2, 12), "strides": (1, 5), "baselines": None}, ((2, 12),), ((1, 5),), True),
-    ("llama", False, {"sliding_window_shapes": (3, 32), "strides": (2, 32)}, ((3, 32),), ((2, 32),), False),
-    ("bart", False, {}, ((1, 32),), 1, False),
-    ("bart", True, {"sliding_window_shapes": ((2, 32), (1, 16)), "strides": ((2, 32), (1, 16))},
+    ("llama", False, {"sliding_window_shapes": (3, 32), "strides": (2, 32), "baselines": "zeros"}, ((3, 32),), ((2, 32),), False),
+    ("bart", False, {}, ((1, 32),), 1, True),
+    ("bart", True, {"sliding_window_shapes": ((2, 32), (1, 16)), "strides": ((2, 32), (1, 16)), "baselines": "zeros"},
      ((2, 32), (1, 16)), ((2, 32), (1, 16)), False),
     ("t5", True, {"baselines": None}, ((1, 32), (1, 32)), 1, True),
 ]
@@ -423,7 +423,7 @@ def test_lime_recovers_a_token_effect_statistically():
     it first, as occlusion of that token alone does."""
     c = Case("gpt2")
     lime = c.attribute("lime", n_samples=400, seed=0)
-    occlusion = c.attribute("occlusion")
+    occlusion = c.attribute("occlusion", baselines="zeros")  # the baseline LIME uses
     p = c.steps[0]
     lime_scores = lime.target_attributions[:p, 0, 0]
     occlusion_scores = occlusion.target_attributions[:p, 0].mean(-1)

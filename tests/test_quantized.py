@@ -266,17 +266,18 @@ TEXTS = (["The capital of France is", "Hello world", "Good morning!"],
 
 
 def _failing_above(wrapped, monkeypatch, limit: int, error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
-    """Makes every forward of more than `limit` rows raise `error()`; returns the row counts seen."""
+    """Makes every forward serving more than `limit` rows raise `error()`; returns the row counts seen.
+    (A forward serves one row per distinct position it reads: full rows serve several.)"""
     sizes = []
-    real = wrapped.engine.forward
+    real = wrapped.engine._run  # every forward of the engine
 
-    def forward(rows, *args, **kwargs):
-        sizes.append(len(rows))
-        if len(rows) > limit:
+    def run(rows, head_rows, head_positions, *args, **kwargs):
+        sizes.append(len(set(zip(head_rows.flatten().tolist(), head_positions.flatten().tolist()))))
+        if sizes[-1] > limit:
             raise error()
-        return real(rows, *args, **kwargs)
+        return real(rows, head_rows, head_positions, *args, **kwargs)
 
-    monkeypatch.setattr(wrapped.engine, "forward", forward)
+    monkeypatch.setattr(wrapped.engine, "_run", run)
     return sizes
 
 

@@ -174,14 +174,16 @@ class AttributionModel:
         def score(rows_, logits, source, target):
             return engine.score(step, rows_, logits, step_kwargs, source, target)
 
-        request = Request(engine, rows, score, attribute_target)
+        request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers))
         result = attributor.attribute(request, **attributor.defaults)
         if attributor.attributes_inputs and not attribute_target:
             result.target = None
-        with torch.no_grad():
-            logits = result.logits if result.logits is not None else engine.forward(rows)[0]
-            source = engine.embed(rows)[0]
-            scores = {name: engine.score(fn, rows, logits, step_kwargs, source) for name, fn in scorers.items()}
+        scores = {}
+        if scorers:
+            with torch.no_grad():
+                logits = result.logits if result.logits is not None else engine.logits(rows)
+                source = engine.embed(rows)[0]
+                scores = {name: engine.score(fn, rows, logits, step_kwargs, source) for name, fn in scorers.items()}
         for i, parts in enumerate(scatter(sub, rows, result)):
             target = per_example[batch[i]]
             picked = (rows.example == i).nonzero().squeeze(1).cpu()
