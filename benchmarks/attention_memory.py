@@ -31,7 +31,9 @@ import time
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
+# the `kernels` package that transformers imports when it is installed.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
 
 WORDS = ("The quick brown fox jumps over the lazy dog while the farmer watches from his porch and "

@@ -30,7 +30,9 @@ import time
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
+# the `kernels` package that transformers imports when it is installed.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
 from instrument import batching  # noqa: E402
 from instrument.demo import fact_examples, model_path  # noqa: E402

@@ -42,7 +42,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
+# the `kernels` package that transformers imports when it is installed.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from instrument import kernels  # noqa: E402
 
 SIZES = {  # B, L, hidden sizes, K; attention: layers, heads

@@ -92,7 +92,9 @@ def child(n_steps: int, internal_batch_size: int | None, device: str, threads: i
     import transformers
     from tokenizers import ByteLevelBPETokenizer
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
+    # the `kernels` package that transformers imports when it is installed.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     import instrument
     from instrument import kernels
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/throughput.py --repeats 3
     PYTHONPATH=. python benchmarks/throughput.py --methods saliency,integrated_gradients --no-inseq
+    PYTHONPATH=. python benchmarks/throughput.py --device cuda        # on a GPU, both libraries
 
 One prompt of 13 tokens and a forced continuation of 10 tokens (23 in all) are attributed by both
 libraries, on the same model object, with the same texts and targets (attributed function: the
@@ -42,7 +43,9 @@ import warnings
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
+# the `kernels` package that transformers imports when it is installed.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches"
@@ -136,9 +139,10 @@ def inseq_runner(inseq, model, tokenizer, method: str, ig_batch):
     ig_options = {"n_steps": N_STEPS, **({} if ig_batch is None else {"internal_batch_size": ig_batch})}
     options = {"integrated_gradients": ig_options}.get(method, {})
     if method == "layer_gradient_x_activation":
-        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, target_layer=block) for block in model.transformer.h]
+        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, device=model.device.type,
+                                   target_layer=block) for block in model.transformer.h]
     else:
-        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer)]
+        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, device=model.device.type)]
 
     def run():
         # Inseq reads `output.attentions`, which only eager attention fills: switched on for its run
@@ -175,9 +179,16 @@ def bare_runner(model, ids: torch.Tensor):
 
 
 def timed(run):
+    synchronize()
     start = time.perf_counter()
     result = run()
+    synchronize()
     return time.perf_counter() - start, result
+
+
+def synchronize():
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
@@ -203,6 +214,7 @@ def main(argv=None):
                         help="internal_batch_size of integrated gradients, both libraries (default: each library's own)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) (default: leave torch's default, one per core)")
+    parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,10 +226,12 @@ def main(argv=None):
     print("$ PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     inseq, about = (None, "--no-inseq") if args.no_inseq else load_inseq()
     tokenizer = build_tokenizer()
-    ids = check_texts(tokenizer)
-    model = build_model(tokenizer)
+    device = torch.device(args.device)
+    ids = check_texts(tokenizer).to(device)
+    model = build_model(tokenizer).to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"GPT-2-small shape (random weights), {ids.shape[1]} tokens ({PROMPT_TOKENS} prompt + {CONTINUATION_TOKENS} "
-          f"attributed), torch {torch.__version__}, {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
+          f"attributed), torch {torch.__version__}, {where}, transformers {transformers.__version__}, "
           f"native kernels: {instrument.kernels.has_extension()}, load average {os.getloadavg()[0]:.2f}")
     print("Inseq: " + (f"available ({about})" if inseq else f"not available ({about})"))
 

@@ -489,9 +489,11 @@ def _first_layer_dtype(model: nn.Module) -> torch.dtype | None:
 def scatter(examples: Sequence[Example], rows: Rows, result: RowAttribution) -> list[dict[str, Any]]:
     """Splits row results into `[positions, steps, ...]` tensors per example; unseen positions are NaN."""
     out = []
+    # On the CPU: they index results that may live on the CPU (perturbation methods) or on the model's device.
+    example_of_row, positions = rows.example.cpu(), rows.position.cpu()
     for b, example in enumerate(examples):
-        picked = (rows.example == b).nonzero().squeeze(1)
-        steps = rows.position[picked] - example.start
+        picked = (example_of_row == b).nonzero().squeeze(1)
+        steps = positions[picked] - example.start
         n_steps = example.end - example.start
         pieces: dict[str, Any] = {}
         if result.source is not None and example.source_ids is not None:
@@ -499,9 +501,9 @@ def scatter(examples: Sequence[Example], rows: Rows, result: RowAttribution) -> 
             pieces["source"] = _columns(src, steps, n_steps, len(example.source_ids), None)
         if result.target is not None:
             tgt = result.target[picked]
-            pieces["target"] = _columns(tgt, steps, n_steps, len(example.target_ids), rows.position[picked])
+            pieces["target"] = _columns(tgt, steps, n_steps, len(example.target_ids), positions[picked])
         if result.delta is not None:
-            pieces["delta"] = torch.full((n_steps,), float("nan")).index_copy(0, steps.cpu(), result.delta[picked].detach().float().cpu())
+            pieces["delta"] = torch.full((n_steps,), float("nan")).index_copy(0, steps, result.delta[picked].detach().float().cpu())
         out.append(pieces)
     return out
 

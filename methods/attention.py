@@ -58,11 +58,12 @@ def eager_attention(model: nn.Module):
     configuration's attention implementation is put back as it was on exit, errors included."""
     saved = [(config, config.__dict__.get("_attn_implementation_internal", _MISSING)) for config in _configs(model)]
     try:
-        if getattr(model.config, "_attn_implementation", "eager") != "eager":
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation("eager")
-            else:  # older transformers
-                model.config._attn_implementation = "eager"
+        if getattr(model.config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        # Some versions leave copies alone (T5's decoder reads its own deep copy of the config in transformers 5.17).
+        for config, _ in saved:
+            if config.__dict__.get("_attn_implementation_internal", "eager") not in ("eager", None):
+                config.__dict__["_attn_implementation_internal"] = "eager"
         yield
     finally:
         for config, value in saved:

@@ -258,6 +258,9 @@ def value_zeroing_by_hand(arch, seq, layers, metric="cosine"):
     model, _ = double_model(arch)
     ZeroValue.register()
     model.set_attn_implementation("test_value_zeroing")
+    for module in model.modules():  # transformers 5.17 leaves T5's decoder on its own copy of the config
+        if hasattr(getattr(module, "config", None), "_attn_implementation_internal"):
+            module.config._attn_implementation_internal = "test_value_zeroing"
     enc_dec = model.config.is_encoder_decoder
     blocks = resolve_alias(model, "layers", "decoder" if enc_dec else None)
     modules = {"target": resolve_alias(model, "attention", "decoder" if enc_dec else None)}

@@ -1,0 +1,89 @@
+"""Attribution on a CUDA device equals attribution on the CPU (same weights, float32), and half-precision models run.
+
+    python -m pytest -q tests/test_gpu.py      # every test here is marked gpu: skipped without CUDA
+"""
+import copy
+
+import pytest
+import torch
+
+import instrument
+from tiny_models import tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TEXTS = {  # arch: (inputs, targets)
+    "gpt2": (["Hello world", "The capital of France is"], ["Hello world, this", "The capital of France is Paris."]),
+    "bart": (["Hello world", "The capital of France is"], ["Das Haus", "Le chat est"]),
+}
+METHODS = {
+    "saliency": {},
+    "integrated_gradients": {"n_steps": 8, "internal_batch_size": 5},
+    "deeplift": {},
+    "gradient_shap": {"n_samples": 3, "stdevs": 0.01},
+    "layer_gradient_x_activation": {"target_layers": "layers"},
+    "layer_integrated_gradients": {"n_steps": 4, "target_layers": "layers"},
+    "attention": {},
+    "occlusion": {},
+    "value_zeroing": {},
+    "sequential_integrated_gradients": {"n_steps": 4},
+    "discretized_integrated_gradients": {"n_steps": 4},
+}
+
+
+@pytest.fixture(scope="module", params=list(TEXTS))
+def cpu_and_cuda(request):
+    model, tokenizer = tiny_model(request.param)
+    on_cpu = instrument.load_model(model, tokenizer=tokenizer)
+    on_cuda = instrument.load_model(copy.deepcopy(model), tokenizer=tokenizer, device="cuda")
+    return request.param, on_cpu, on_cuda
+
+
+def assert_close_to_scale(got, expected, tolerance, scale=None):
+    """Equal within `tolerance` relative to `scale` (default: the largest magnitude), as cuBLAS and the CPU
+    sum in other orders."""
+    if expected is None:
+        assert got is None
+        return
+    assert got.device.type == "cpu" and got.shape == expected.shape
+    assert torch.equal(got.isnan(), expected.isnan())
+    scale = expected.nan_to_num().abs().max().clamp_min(1e-30) if scale is None else scale
+    torch.testing.assert_close(got.nan_to_num() / scale, expected.nan_to_num() / scale, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_cuda_attribution_equals_cpu(cpu_and_cuda, method):
+    arch, on_cpu, on_cuda = cpu_and_cuda
+    inputs, targets = TEXTS[arch]
+    options = dict(method=method, show_progress=False, step_scores=["probability"],
+                   attribute_target=on_cpu.is_encoder_decoder, **METHODS[method])
+    torch.manual_seed(0)
+    expected = on_cpu.attribute(inputs, targets, **options)
+    torch.manual_seed(0)
+    got = on_cuda.attribute(inputs, targets, **options)
+    assert next(on_cuda.model.parameters()).device.type == "cuda"
+    for g, e in zip(got, expected):
+        assert [t.id for t in g.target] == [t.id for t in e.target]
+        # Occlusion scores are differences of probabilities: their rounding error scales with the probabilities
+        # (in a random tiny model, occluding a source token moves p by ~1e-3 of itself).
+        scale = e.step_scores["probability"].max() if method == "occlusion" else None
+        assert_close_to_scale(g.source_attributions, e.source_attributions, 1e-4, scale)
+        assert_close_to_scale(g.target_attributions, e.target_attributions, 1e-4, scale)
+        torch.testing.assert_close(g.step_scores["probability"], e.step_scores["probability"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_model_on_cuda(dtype):
+    model, tokenizer = tiny_model("gpt2")
+    reference = instrument.load_model(copy.deepcopy(model), tokenizer=tokenizer, device="cuda")
+    half = instrument.load_model(model.to(dtype), tokenizer=tokenizer, device="cuda")
+    inputs, targets = TEXTS["gpt2"]
+    for method, options in [("saliency", {}), ("integrated_gradients", {"n_steps": 8})]:
+        expected = reference.attribute(inputs, targets, method=method, show_progress=False, **options)
+        got = half.attribute(inputs, targets, method=method, show_progress=False, **options)
+        for g, e in zip(got, expected):
+            assert g.target_attributions.dtype == torch.float32
+            assert torch.equal(g.target_attributions.isnan(), e.target_attributions.isnan())
+            # Token-level scores (L2 over the hidden size) agree to the half type's rounding, amplified by depth.
+            assert_close_to_scale(g.target_attributions.nan_to_num().norm(dim=-1),
+                                  e.target_attributions.nan_to_num().norm(dim=-1), 0.05)
