@@ -3,7 +3,7 @@
 #
 #     bash scripts/gpu_check.sh [LOG_DIR]      # logs: build.log, gpu_tests.log, kernels.log, throughput.log, suite.log
 #
-# SKIP="kernels suite" leaves out those steps (of tests, kernels, throughput, suite). Uses the machine's python3
+# SKIP="kernels suite" leaves out those steps (of tests, kernels, oom, throughput, suite). Uses the machine's python3
 # and torch (never installs torch). Inseq and Captum, when present (or as wheels in .whl/, installed with
 # --no-deps into /tmp/site), are compared against in benchmarks/throughput.py.
 set -uo pipefail
@@ -37,6 +37,8 @@ wanted tests && step "GPU tests" && INSTRUMENT_REQUIRE_EXT=1 python3 -m pytest -
 
 wanted kernels && step "kernels benchmark" && python3 benchmarks/kernels.py --devices cuda --repeats 20 2>&1 |
   tee "$logs/kernels.log" | tail -60
+
+wanted oom && step "recovery from a real out-of-memory error" && python3 scripts/oom_recovery.py 2>&1 | tail -5
 
 wanted throughput && step "throughput benchmark" && python3 benchmarks/throughput.py --device cuda --repeats 5 2>&1 |
   tee "$logs/throughput.log" | tail -30
