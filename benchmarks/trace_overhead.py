@@ -6,13 +6,18 @@ Times forward+backward bare and inside a trace of all 12 blocks' outputs with gr
 the two so that machine noise hits both alike, and prints medians and their ratio.
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import torch
-import transformers
+# The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
+# the `kernels` package that transformers imports when it is installed.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
-import instrument
+import instrument  # noqa: E402
 
 
 def gpt2_small() -> torch.nn.Module:
