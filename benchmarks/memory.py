@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/memory.py                                # n_steps 20, 100, 300; batch 40
     PYTHONPATH=. python benchmarks/memory.py --n-steps 20,300 --internal-batch-size 80 --unchunked
+    PYTHONPATH=. python benchmarks/memory.py --measure tensors --unchunked  # tensor memory, not RSS
 
 Integrated gradients streams its path points in chunks of `internal_batch_size` rows: each chunk's
 gradients are folded into a float32 accumulator (`instrument.kernels.accumulate`) and dropped before the
@@ -16,6 +17,10 @@ from /proc/self/status after the call. Without /proc/self/clear_refs a thread sa
 millisecond instead. On CUDA (--device cuda), torch.cuda.max_memory_allocated() growth over the call
 (the caching allocator's peak, reset before the call). glibc may serve part of a chunk from memory it
 kept from model building, which the RSS growth does not count, alike for every setting.
+
+`--measure tensors` (CPU) measures instead the peak of the bytes torch's allocator hands out during the call,
+from the profiler's memory events: the tensors integrated gradients holds, without malloc's behaviour around
+them (the CPU counterpart of max_memory_allocated; the profiler slows the call down).
 
 `--unchunked` adds all path points in one pass (shown as internal_batch_size "all": a size above
 n_steps x rows; None would chunk on the CPU, see `methods.base.CPU_CHUNK_TOKENS`) for contrast: there
@@ -55,6 +60,30 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class PeakTensors:
+    """Peak growth (bytes) of what torch's CPU allocator hands out over a `with` block, from the profiler's
+    memory events: tensor memory alone, whatever malloc does around it."""
+
+    how = "torch profiler memory events (tensors only)"
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import tempfile
+
+        self.profile.__exit__(*exc)
+        with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+            self.profile.export_chrome_trace(trace.name)
+            events = json.load(open(trace.name))["traceEvents"]
+        totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+        self.growth = max(totals, default=0)  # the running total starts at 0 with the profiler
+
+
 class PeakRss:
     """Peak RSS growth (bytes) over a `with` block: VmHWM after a clear_refs reset, else 1 ms sampling."""
 
@@ -88,7 +117,7 @@ class PeakRss:
         self.growth = (peak - self.before) * 1024
 
 
-def child(n_steps: int, internal_batch_size: int | None, device: str, threads: int | None) -> dict:
+def child(n_steps: int, internal_batch_size: int | None, device: str, threads: int | None, measure: str) -> dict:
     """One attribution in this process; returns what was measured."""
     import torch
     import transformers
@@ -126,7 +155,7 @@ def child(n_steps: int, internal_batch_size: int | None, device: str, threads: i
         torch.cuda.synchronize()
         growth, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
     else:
-        with PeakRss() as peak:
+        with (PeakTensors() if measure == "tensors" else PeakRss()) as peak:
             out = wrapped.attribute(PROMPT, PROMPT + CONTINUATION, **options)[0]
         growth, how = peak.growth, peak.how
     seconds = time.perf_counter() - start
@@ -138,7 +167,8 @@ def child(n_steps: int, internal_batch_size: int | None, device: str, threads: i
 
 def run_child(args, n_steps: int, internal_batch_size: int | None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", str(n_steps),
-               "none" if internal_batch_size is None else str(internal_batch_size), "--device", args.device]
+               "none" if internal_batch_size is None else str(internal_batch_size), "--device", args.device,
+               "--measure", args.measure]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ)
@@ -159,11 +189,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="MALLOC_MMAP_THRESHOLD_ for the children (glibc; default: glibc's dynamic threshold)")
+    parser.add_argument("--measure", choices=["rss", "tensors"], default="rss",
+                        help="CPU: the process's peak RSS (default), or the peak of torch's tensor memory alone")
     parser.add_argument("--child", nargs=2, metavar=("N_STEPS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         n_steps, batch = int(args.child[0]), None if args.child[1] == "none" else int(args.child[1])
-        print(json.dumps(child(n_steps, batch, args.device, args.threads)))
+        print(json.dumps(child(n_steps, batch, args.device, args.threads, args.measure)))
         return
 
     steps = [int(n) for n in args.n_steps.split(",") if n]

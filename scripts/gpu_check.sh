@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build instrument._C with its CUDA kernels, run the GPU tests, then the GPU benchmarks.
 #
-#     bash scripts/gpu_check.sh [LOG_DIR]      # logs: build.log, gpu_tests.log, kernels.log, throughput.log, suite.log
+#     bash scripts/gpu_check.sh [LOG_DIR]      # logs: build, gpu_tests, kernels, memory, throughput, suite
 #
-# SKIP="kernels suite" leaves out those steps (of tests, kernels, oom, throughput, suite). Uses the machine's python3
-# and torch (never installs torch). Inseq and Captum, when present (or as wheels in .whl/, installed with
-# --no-deps into /tmp/site), are compared against in benchmarks/throughput.py.
+# SKIP="kernels suite" leaves out those steps (of tests, kernels, memory, oom, throughput, suite). Uses the
+# machine's python3 and torch (never installs torch). Inseq and Captum, when present (or as wheels in .whl/,
+# installed with --no-deps into /tmp/site), are compared against in benchmarks/throughput.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs="${1:-/tmp/gpu_check}"
@@ -37,6 +37,9 @@ wanted tests && step "GPU tests" && INSTRUMENT_REQUIRE_EXT=1 python3 -m pytest -
 
 wanted kernels && step "kernels benchmark" && python3 benchmarks/kernels.py --devices cuda --repeats 20 2>&1 |
   tee "$logs/kernels.log" | tail -60
+
+wanted memory && step "integrated gradients' peak memory" && python3 benchmarks/memory.py --device cuda --unchunked 2>&1 |
+  tee "$logs/memory.log" | tail -9
 
 wanted oom && step "recovery from a real out-of-memory error" && python3 scripts/oom_recovery.py 2>&1 | tail -5
 
