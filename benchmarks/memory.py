@@ -40,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -74,12 +75,11 @@ class PeakTensors:
         return self
 
     def __exit__(self, *exc):
-        import tempfile
-
         self.profile.__exit__(*exc)
         with tempfile.NamedTemporaryFile(suffix=".json") as trace:
             self.profile.export_chrome_trace(trace.name)
-            events = json.load(open(trace.name))["traceEvents"]
+            with open(trace.name) as exported:
+                events = json.load(exported)["traceEvents"]
         totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
         self.growth = max(totals, default=0)  # the running total starts at 0 with the profiler
 

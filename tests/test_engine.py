@@ -30,15 +30,16 @@ def texts_for(model):
     return (SOURCES, TRANSLATIONS) if model.is_encoder_decoder else (SOURCES, DECODER_TARGETS)
 
 
-def assert_same(batched, reference):
-    """Equal where defined (float32, relative to the largest magnitude), NaN in the same places."""
+def assert_same(batched, reference, atol=1e-5, scale=None):
+    """Equal where defined, within `atol` relative to `scale` (default: the largest magnitude), NaN in the
+    same places."""
     if reference is None:
         assert batched is None
         return
     assert batched.shape == reference.shape
     assert torch.equal(batched.isnan(), reference.isnan())
-    scale = reference.nan_to_num().abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(batched.nan_to_num() / scale, reference.nan_to_num() / scale, rtol=0, atol=1e-5)
+    scale = reference.nan_to_num().abs().max().clamp_min(1e-30) if scale is None else scale
+    torch.testing.assert_close(batched.nan_to_num() / scale, reference.nan_to_num() / scale, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
