@@ -256,5 +256,6 @@ def _no_match_message(selector: Selector, order: Iterable[str]) -> str:
     hint = f" Close matches: {', '.join(close)}." if close else ""
     return (
         f"No module matches {text!r}.{hint} Use an exact name from model.named_modules(), a glob "
-        f"such as 'transformer.h.*.mlp', a module type, or an alias: {', '.join(ALIASES)}."
+        f"such as 'transformer.h.*.mlp' ('*' is one dotted component, '**' any number), a module type, or an "
+        f"alias: {', '.join(ALIASES)}."
     )
