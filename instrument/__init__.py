@@ -20,6 +20,7 @@ from instrument.aggregation import (  # noqa: E402
 )
 from instrument.models import AttributionModel, load_model  # noqa: E402
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId  # noqa: E402
+from instrument.selection import register_model_config  # noqa: E402
 from instrument.steps import StepFunctionArgs, list_step_functions, register_step_function  # noqa: E402
 from instrument.trace import Trace, trace  # noqa: E402
 
@@ -33,5 +34,5 @@ __all__ = [
     "AttributionModel", "FeatureAttributionOutput", "FeatureAttributionSequenceOutput", "StepFunctionArgs",
     "TokenWithId", "Trace", "kernels", "list_aggregation_functions", "list_aggregators",
     "list_feature_attribution_methods", "list_step_functions", "load_model", "merge_attributions",
-    "register_aggregation_function", "register_aggregator", "register_step_function", "trace",
+    "register_aggregation_function", "register_aggregator", "register_model_config", "register_step_function", "trace",
 ]

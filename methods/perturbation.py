@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from instrument.engine import FullRows, RowAttribution, full_rows
-from instrument.selection import resolve_alias, select_modules
+from instrument.selection import model_config, resolve_alias, select_modules
 from methods.attention import pick_indices
 from methods.base import AttributionMethod, Request
 from methods.registry import register
@@ -233,9 +233,16 @@ def _zero_rows(output: torch.Tensor, index: torch.Tensor, columns) -> torch.Tens
     return output
 
 
-def value_projection(attention: nn.Module, name: str):
+def value_projection(attention: nn.Module, name: str, value_vector: str | None = None):
     """The module computing an attention module's value vectors, and `zero(output, index)` setting
-    token `index[n]`'s value vectors (all heads) to zero in copy n of its output."""
+    token `index[n]`'s value vectors (all heads) to zero in copy n of its output. `value_vector`: the
+    module's name inside `attention` registered by `instrument.register_model_config`."""
+    if value_vector is not None:
+        try:
+            module = attention.get_submodule(value_vector)
+        except AttributeError:
+            raise ValueError(f"The registered value_vector {value_vector!r} is not a module inside {name}") from None
+        return module, lambda out, index: _zero_rows(out, index, slice(None))
     children = dict(attention.named_children())
     for key in ("v_proj", "v", "value", "value_proj"):
         if key in children:
@@ -313,7 +320,8 @@ class ValueZeroing(AttributionMethod):
                 if len(inside) != 1:
                     kind = "cross-" if side == "source" else "self-"
                     raise ValueError(f"Expected one {kind}attention module in {blocks[index]}, found {inside}")
-                zeroers[side].append(value_projection(model.get_submodule(inside[0]), inside[0]))
+                registered = getattr(model_config(model), "value_vector", None)
+                zeroers[side].append(value_projection(model.get_submodule(inside[0]), inside[0], registered))
         fr = full_rows(rows)
         perturber = Perturber(request, fr)
         last = picked[-1]
