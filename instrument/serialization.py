@@ -6,7 +6,8 @@
 
 Both formats hold the same JSON document: `format`, `version`, `scores_precision`, `info`,
 `step_attributions` and one entry per sequence with its tokens (`[token, id]` pairs), `attr_pos_start`,
-`attr_pos_end` and its tensors (`source_attributions`, `target_attributions`, `step_scores`,
+`attr_pos_end`, an optional `default_aggregator` (what `aggregate()` runs; `[]` after
+`weight_attributions`) and its tensors (`source_attributions`, `target_attributions`, `step_scores`,
 `sequence_scores`; a missing one is `null`). Each tensor is described as `{"dtype", "shape", ...}`:
 
 - `.safetensors`: the tensors are safetensors tensors under keys such as `seq0.source_attributions`,
@@ -20,6 +21,11 @@ infinite; a warning says so); `load` returns them upcast to float32, so they equ
 originals. With "float32" (the default) a float32 output round-trips exactly; float64 / bfloat16
 tensors are stored as float32. `info` values that JSON cannot hold are stored as short strings (their
 repr; tensors as `tensor(shape=..., dtype=...)`, with their values when small); tuples become lists.
+
+Inseq's files: `save(..., format="inseq")` writes Inseq's JSON (gzipped for `.gz` paths or
+`compress=True`), which `inseq.FeatureAttributionOutput.load` reads; `load` reads files saved by
+Inseq, gzipped or not. The format of a file is found from its content. Inseq keeps only the target
+rows up to `attr_pos_end`; the missing rows are read as NaN (no step sees them).
 
 Loading checks everything against the file and raises `ValueError` naming the file and the problem
 for truncated, tampered or foreign files. Nothing in a file is evaluated: no pickle, no eval.
@@ -173,6 +179,8 @@ def _to_document(out: FeatureAttributionOutput, put: Callable[[str, torch.Tensor
             "attr_pos_start": int(seq.attr_pos_start),
             "attr_pos_end": int(seq.attr_pos_end),
         }
+        if seq._aggregator is not None:  # e.g. [] after weight_attributions: aggregate() does nothing more
+            entry["default_aggregator"] = jsonable(seq._aggregator)
         for name in TENSOR_FIELDS:
             entry[name] = tensor(f"seq{i}.{name}", getattr(seq, name))
         for name in DICT_FIELDS:
@@ -246,7 +254,16 @@ def _sequence(entry: Any, i: int, get) -> FeatureAttributionSequenceOutput:
         _expect(all(v is not None for v in fields[name].values()), f"{where}.{name}: null entries")
     for k, v in fields["step_scores"].items():
         _expect(list(v.shape) == [n_steps], f"{where}.step_scores.{k} has shape {list(v.shape)}, expected [{n_steps}]")
-    return FeatureAttributionSequenceOutput(source, target, attr_pos_start=start, attr_pos_end=end, **fields)
+    default = entry.get("default_aggregator")
+
+    def step(x):
+        return isinstance(x, str) or (isinstance(x, list) and len(x) == 2 and all(isinstance(v, str) for v in x))
+
+    _expect(default is None or isinstance(default, str) or (isinstance(default, list) and all(map(step, default))),
+            f"{where}.default_aggregator must be an aggregator name or a list of names or (aggregator, function) pairs")
+    if isinstance(default, list):
+        default = [x if isinstance(x, str) else tuple(x) for x in default]
+    return FeatureAttributionSequenceOutput(source, target, attr_pos_start=start, attr_pos_end=end, _aggregator=default, **fields)
 
 
 # -- files ------------------------------------------------------------------------------------------

@@ -224,9 +224,10 @@ def html_table(seq: FeatureAttributionSequenceOutput, title: str, step_score_hig
     return "\n".join(parts)
 
 
-def to_html(sequences: Sequence[FeatureAttributionSequenceOutput], step_score_highlight: str | None = None) -> str:
+def to_html(sequences: Sequence[FeatureAttributionSequenceOutput], step_score_highlight: str | None = None,
+            scale: float | None = None) -> str:
     """A `<div>` with one table per example; every style is inline, nothing external, no script."""
-    tables = [html_table(seq, f"Example {i}", step_score_highlight) for i, seq in enumerate(sequences)]
+    tables = [html_table(seq, f"Example {i}", step_score_highlight, scale) for i, seq in enumerate(sequences)]
     return '<div class="seq-instrument">\n' + "\n".join(tables) + "\n</div>"
 
 
@@ -284,6 +285,8 @@ def show(obj, return_html: bool = False, aggregate: bool | str | list = True, di
     than 2 dimensions; False shows the tensors as they are (they must be 2-D).
     With `return_html=True` nothing is printed; the HTML is also displayed when `display` is true and
     IPython is running. `max_columns` caps the columns per console table (default: fit the width).
+    Inseq's spellings are taken too: `aggregator=` (for `aggregate=`), `do_aggregation=False`, and
+    `min_val`/`max_val` (colours saturate at the larger magnitude of the two).
     """
     if "aggregator" in aggregate_kwargs:  # Inseq's spelling
         aggregator = aggregate_kwargs.pop("aggregator")
@@ -292,14 +295,15 @@ def show(obj, return_html: bool = False, aggregate: bool | str | list = True, di
         aggregate = True if aggregator is None else aggregator
     if not aggregate_kwargs.pop("do_aggregation", True):
         aggregate = False
+    scale = _scale(aggregate_kwargs.pop("min_val", None), aggregate_kwargs.pop("max_val", None))
     sequences = _prepared(obj, aggregate, **aggregate_kwargs)
     if return_html:
-        text = to_html(sequences, step_score_highlight)
+        text = to_html(sequences, step_score_highlight, scale)
         if display:
             _ipython_display(text)
         return text
     if display:
-        show_console(sequences, console, step_score_highlight, max_columns)
+        show_console(sequences, console, step_score_highlight, max_columns, scales=[scale] * len(sequences))
     return None
 
 

@@ -148,7 +148,7 @@ def test_get_scores_dicts_matches_inseq(both, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_weight_attributions_matches_inseq(both, case):
+def test_weight_attributions_matches_inseq(both, case, tmp_path):
     theirs, ours = both[case]
     theirs, ours = copy.deepcopy(theirs), copy.deepcopy(ours)
     before = ours[0].aggregate()
@@ -163,6 +163,9 @@ def test_weight_attributions_matches_inseq(both, case):
     same_scores_dicts(ours.get_scores_dicts()[0], theirs.get_scores_dicts()[0])  # no renormalization afterwards
     assert ours[0].aggregate().equals(ours[0])
     assert "probability" in ours.show(return_html=True, display=False)
+    for name in ("w.json", "w.safetensors"):  # saved with it: aggregate() still does nothing more after loading
+        loaded = FeatureAttributionOutput.load(ours.save(tmp_path / name))
+        assert loaded[0].aggregate().equals(ours[0]) and loaded[0]._aggregator == []
     with pytest.raises(ValueError, match="No step score 'entropy'"):
         ours[0].weight_attributions("entropy")
 
@@ -261,6 +264,9 @@ def test_show_attributions_takes_aggregated_sequences(both):
         instrument.show_attributions(ours[0], display=False, return_html=True)
     assert ours.show(aggregator="vnorm", return_html=True, display=False) == ours.aggregate("vnorm").show(
         aggregate=False, return_html=True, display=False)
+    scaled = ours.show(min_val=-10.0, max_val=10.0, return_html=True, display=False)  # Inseq's colour bounds
+    assert scaled == instrument.show_attributions(aggregated, min_val=-10.0, max_val=10.0, display=False, return_html=True)
+    assert scaled != ours.show(return_html=True, display=False)
 
 
 def test_decoder_only_prompt_in_source_without_source_attributions(tmp_path):
