@@ -6,6 +6,7 @@
     >>> out = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute("Hello world")
 """
 import importlib as _importlib
+import inspect as _inspect
 
 _methods = _importlib.import_module("methods")
 if not getattr(_methods, "SEQ_INSTRUMENT_METHODS", False):
@@ -23,6 +24,9 @@ from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSeque
 from instrument.selection import register_model_config  # noqa: E402
 from instrument.steps import StepFunctionArgs, list_step_functions, register_step_function  # noqa: E402
 from instrument.trace import Trace, trace  # noqa: E402
+from instrument.visualization import (  # noqa: E402
+    show_attributions, show_granular_attributions, show_token_attributions,
+)
 
 
 def list_feature_attribution_methods() -> list:
@@ -30,9 +34,33 @@ def list_feature_attribution_methods() -> list:
     return _methods.list_methods()
 
 
+def explain(id: str) -> None:
+    """`explain("saliency")` prints what an identifier means: an attribution method, an aggregator, an
+    aggregation function or a step function (as Inseq's `explain`). Unknown identifiers raise ValueError."""
+    from instrument import aggregation, steps
+
+    found = []
+    if id in _methods.list_methods():
+        found.append(("attribution method", _methods.get_method(id)))
+    if id in aggregation._AGGREGATORS:
+        found.append(("aggregator", aggregation._AGGREGATORS[id].fn))
+    if id in aggregation._FUNCTIONS:
+        found.append(("aggregation function", aggregation._FUNCTIONS[id]))
+    if id in steps.list_step_functions():
+        found.append(("step function", steps.get_step_function(id).fn))
+    if not found:
+        raise ValueError(f"Unknown identifier {id!r}: not an attribution method, aggregator, aggregation function "
+                         "or step function (see list_feature_attribution_methods(), list_aggregators(), "
+                         "list_aggregation_functions(), list_step_functions())")
+    for kind, obj in found:
+        doc = _inspect.getdoc(obj)
+        print(f"{id} ({kind}): {doc}" if doc else f"{id} ({kind}): no description is available.")
+
+
 __all__ = [
     "AttributionModel", "FeatureAttributionOutput", "FeatureAttributionSequenceOutput", "StepFunctionArgs",
-    "TokenWithId", "Trace", "kernels", "list_aggregation_functions", "list_aggregators",
+    "TokenWithId", "Trace", "explain", "kernels", "list_aggregation_functions", "list_aggregators",
     "list_feature_attribution_methods", "list_step_functions", "load_model", "merge_attributions",
-    "register_aggregation_function", "register_aggregator", "register_model_config", "register_step_function", "trace",
+    "register_aggregation_function", "register_aggregator", "register_model_config", "register_step_function",
+    "show_attributions", "show_granular_attributions", "show_token_attributions", "trace",
 ]

@@ -17,8 +17,10 @@ Every aggregator returns a new object; the input is never modified. Tensors are 
   Then, by default (`normalize=True`), every column (one generated step, and one layer if kept) is
   divided by the sum of the absolute values of all its non-NaN cells, source and target rows together,
   so that the absolute scores of a step sum to 1 (Inseq's L1 normalization); all-zero columns stay 0.
-  `rescale=True` divides by the largest absolute value instead (scores in [-1, 1]); pass
-  `normalize=False` for raw values. A 2-D tensor is only normalized.
+  `rescale=True` (Inseq's option) divides everything by the largest absolute value of the example
+  instead (scores in [-1, 1]); pass `normalize=False` for raw values. A 2-D tensor is only normalized.
+  `normalize` and `rescale` are accepted by every aggregator of a pipeline (as Inseq passes them down)
+  but only "scores" uses them; both true together is an error.
 - `spans`: merges the given contiguous `source_spans` / `target_spans` (`(start, end)`, end excluded)
   with `aggregate_fn` (default `absmax`). Merged target tokens merge both their rows and, for the
   generated ones, their columns; step scores of merged columns are merged per step function (see
@@ -171,6 +173,7 @@ def _replace(seq: FeatureAttributionSequenceOutput, **changes) -> FeatureAttribu
         source=list(seq.source), target=list(seq.target), source_attributions=seq.source_attributions,
         target_attributions=seq.target_attributions, step_scores=dict(seq.step_scores),
         sequence_scores=dict(seq.sequence_scores), attr_pos_start=seq.attr_pos_start, attr_pos_end=seq.attr_pos_end,
+        _aggregator=getattr(seq, "_aggregator", None),
     )
     fields.update(changes)
     return FeatureAttributionSequenceOutput(**fields)
@@ -356,7 +359,11 @@ def scores(seq, aggregate_fn: AggregationFunction, normalize: bool | None = None
 
     src, tgt = reduce(seq.source_attributions), reduce(seq.target_attributions)
     if normalize or rescale:
-        denominator = _reduce_columns(src, tgt, "sum" if normalize else "max")
+        if normalize:
+            denominator = _reduce_columns(src, tgt, "sum")
+        else:  # Inseq's rescale: one largest magnitude over all cells of source and target
+            denominator = _reduce_columns(src, tgt, "max")
+            denominator = denominator.reshape(-1).max() if denominator.numel() else denominator
         denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
         src = None if src is None else src / denominator
         tgt = None if tgt is None else tgt / denominator
@@ -448,8 +455,9 @@ def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
         raise ValueError("The slices aggregator needs source_spans and/or target_spans, e.g. source_spans=(0, 3)")
     changes: dict[str, Any] = {}
     if source_spans is not None:
-        if not seq.source:
-            raise ValueError("This output has no source (decoder-only model): slice the prompt with target_spans, or seq[a:b]")
+        if seq.source_attributions is None:
+            raise ValueError("This output has no source attributions (decoder-only model): slice the prompt with "
+                             "target_spans, or seq[a:b]")
         keep = _kept_positions(source_spans, len(seq.source), "source")
         changes["source"] = [seq.source[i] for i in keep]
         changes["source_attributions"] = _rows(seq.source_attributions, keep)
@@ -460,6 +468,8 @@ def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
         prompt = [i for i in _kept_positions(target_spans, len(seq.target), "target") if i < seq.attr_pos_start]
         keep = prompt + list(range(seq.attr_pos_start, len(seq.target)))
         changes["target"] = [seq.target[i] for i in keep]
+        if seq.source_attributions is None and seq.source and source_spans is None:  # decoder-only: the prompt
+            changes["source"] = [seq.source[i] for i in prompt if i < len(seq.source)]
         changes["target_attributions"] = _rows(seq.target_attributions, keep)
         changes["attr_pos_start"] = len(prompt)
         changes["attr_pos_end"] = len(prompt) + seq.attr_pos_end - seq.attr_pos_start
@@ -561,9 +571,16 @@ def list_aggregators() -> list[str]:
 
 
 def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
+    """The (aggregator, function) steps of `aggregator`, spelled as Inseq takes it.
+
+    An aggregation function's name stands for "scores" with that function (`"vnorm"`); a list mixes
+    both (`["vnorm", "subwords"]`) or holds `(aggregator, function)` pairs (`[("scores", "sum")]`).
+    """
     names = ["scores"] if aggregator is None else [aggregator] if isinstance(aggregator, str) else list(aggregator)
     if not names:
         raise ValueError("aggregator is an empty list")
+    if isinstance(aggregator, str) and isinstance(aggregate_fn, (list, tuple)):
+        raise ValueError("With a single aggregator, aggregate_fn must be a single function (or its name), not a list")
     if isinstance(aggregate_fn, (list, tuple)):
         if len(aggregate_fn) != len(names):
             raise ValueError(f"{len(aggregate_fn)} aggregate functions for {len(names)} aggregators {names}; give one per aggregator")
@@ -572,8 +589,21 @@ def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
         fns = [aggregate_fn] * len(names)
     steps = []
     for name, fn in zip(names, fns):
+        if isinstance(name, (list, tuple)):
+            if len(name) != 2 or fn is not None:
+                raise ValueError(f"Pipeline steps are aggregator names or (aggregator, aggregate_fn) pairs, got {name!r}"
+                                 + (" together with aggregate_fn" if fn is not None else ""))
+            name, fn = name
+        if not isinstance(name, str):
+            raise TypeError(f"Aggregators are given by name, got {type(name).__name__}")
+        if name not in _AGGREGATORS and name in _FUNCTIONS:
+            if fn is not None:
+                raise ValueError(f"{name!r} is an aggregation function used as aggregator (\"scores\" with {name!r}); "
+                                 "do not pass aggregate_fn with it")
+            name, fn = "scores", name
         if name not in _AGGREGATORS:
-            raise ValueError(f"Unknown aggregator {name!r}. Available: {', '.join(_AGGREGATORS)}")
+            raise ValueError(f"Unknown aggregator {name!r}. Available: {', '.join(_AGGREGATORS)}; "
+                             f"or an aggregation function for \"scores\": {', '.join(_FUNCTIONS)}")
         agg = _AGGREGATORS[name]
         fn = agg.default_fn if fn is None else fn
         if name == "pair" and isinstance(fn, str):
@@ -584,13 +614,25 @@ def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
 
 def accepts(aggregator, option: str) -> bool:
     """Whether some aggregator of the pipeline `aggregator` takes keyword `option`."""
+    if isinstance(aggregator, (list, tuple)) and not aggregator:
+        return False
     return any(option in agg.params for agg, _ in _pipeline(aggregator, None))
+
+
+# Options every aggregator takes, as Inseq passes them down a pipeline; only "scores" uses them.
+SHARED_OPTIONS = ("normalize", "rescale")
 
 
 def aggregate_sequence(seq: FeatureAttributionSequenceOutput, aggregator=None, aggregate_fn=None, **kwargs):
     """`aggregate_sequence(seq, ["subwords", "scores"], ["absmax", "vnorm"])`: the aggregators in order."""
+    if aggregator is None:
+        aggregator = getattr(seq, "_aggregator", None)
+    if isinstance(aggregator, (list, tuple)) and not aggregator and aggregate_fn is None:
+        return _replace(seq)  # an empty pipeline, as left by `weight_attributions`: nothing to do
     steps = _pipeline(aggregator, aggregate_fn)
-    unknown = set(kwargs) - {p for agg, _ in steps for p in agg.params}
+    if kwargs.get("normalize") and kwargs.get("rescale"):
+        raise ValueError("Pass either normalize=True or rescale=True, not both")
+    unknown = set(kwargs) - {p for agg, _ in steps for p in agg.params} - set(SHARED_OPTIONS)
     if unknown:
         raise TypeError(f"Unknown option(s) {sorted(unknown)} for aggregator(s) {[agg.name for agg, _ in steps]}")
     for agg, fn in steps:
@@ -616,11 +658,16 @@ def aggregate_output(out: FeatureAttributionOutput, aggregator=None, aggregate_f
     return FeatureAttributionOutput(sequences, step_attributions=out.step_attributions, info=dict(out.info))
 
 
+PER_EXAMPLE_INFO = ("input_texts", "generated_texts")  # one entry per sequence: concatenated when merging
+RUNTIME_INFO = ("exec_time",)  # measured, not chosen: summed when merging, ignored by `equals`
+
+
 def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAttributionOutput:
     """`merge_attributions([out1, out2])`: all their sequences, in order, with merged `info`.
 
-    In `info`, list values are concatenated (e.g. `input_texts`), `exec_time` is summed, values equal in
-    all outputs are kept, and any other key gets the list of per-output values (None where missing).
+    In `info`, per-example lists (`input_texts`, `generated_texts`) are concatenated, `exec_time` is
+    summed, values equal in all outputs are kept, and any other key (e.g. `step_scores` when the outputs
+    computed different ones) gets the list of per-output values, None where an output lacks the key.
     """
     outputs = list(outputs)
     if not outputs:
@@ -633,9 +680,9 @@ def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAt
     for key in keys:
         values = [item.info.get(key) for item in outputs]
         present = [key in item.info for item in outputs]
-        if all(present) and all(isinstance(v, list) for v in values):
+        if key in PER_EXAMPLE_INFO and all(present) and all(isinstance(v, list) for v in values):
             info[key] = [x for v in values for x in v]
-        elif key == "exec_time" and all(isinstance(v, (int, float)) for v in values):
+        elif key in RUNTIME_INFO and all(isinstance(v, (int, float)) for v in values):
             info[key] = sum(values)
         elif all(present) and all(_same(v, values[0]) for v in values):
             info[key] = values[0]

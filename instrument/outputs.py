@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -44,6 +45,8 @@ class FeatureAttributionSequenceOutput:
     sequence_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     attr_pos_start: int = 0
     attr_pos_end: int = 0
+    # The pipeline `aggregate()` runs by default (None: "scores"); `weight_attributions` sets [] (none).
+    _aggregator: Any = field(default=None, repr=False)
 
     @property
     def generated(self) -> list[TokenWithId]:
@@ -62,13 +65,14 @@ class FeatureAttributionSequenceOutput:
         return aggregate_sequence(self, aggregator, aggregate_fn, **kwargs)
 
     def __getitem__(self, index: int | slice) -> FeatureAttributionSequenceOutput:
-        """`seq[2:5]`: the "slices" aggregator over source positions (target positions for decoder-only).
+        """`seq[2:5]`: the "slices" aggregator over source positions (target positions when there are no
+        source attributions, as for decoder-only models).
 
         Generated tokens and their columns are always kept; see `instrument.aggregation.slices`.
         """
         if isinstance(index, bool) or not isinstance(index, (int, slice)):
             raise TypeError(f"Index with an int or a slice, got {type(index).__name__}")
-        side = "source" if self.source else "target"
+        side = "source" if self.source_attributions is not None else "target"
         length = len(getattr(self, side))
         if isinstance(index, int):
             position = index + length if index < 0 else index
@@ -89,6 +93,91 @@ class FeatureAttributionSequenceOutput:
             return NotImplemented
         return other.aggregate("pair", paired_attr=self)
 
+    # -- values --------------------------------------------------------------------------------
+
+    @property
+    def minimum(self) -> float:
+        """The smallest attribution score, or 0 if none is below 0 (NaN counted as 0), as in Inseq."""
+        return min([0.0] + [float(torch.nan_to_num(t).min()) for t in self._attribution_tensors()])
+
+    @property
+    def maximum(self) -> float:
+        """The largest attribution score, or 0 if none is above 0 (NaN counted as 0), as in Inseq."""
+        return max([0.0] + [float(torch.nan_to_num(t).max()) for t in self._attribution_tensors()])
+
+    def _attribution_tensors(self) -> list[torch.Tensor]:
+        tensors = [torch.as_tensor(t) for t in (self.source_attributions, self.target_attributions) if t is not None]
+        return [t for t in tensors if t.numel() > 0]
+
+    def _map_tensors(self, fn) -> FeatureAttributionSequenceOutput:
+        for name in ("source_attributions", "target_attributions"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        for name in ("step_scores", "sequence_scores"):
+            setattr(self, name, {k: fn(v) for k, v in getattr(self, name).items()})
+        return self
+
+    def to(self, *args, **kwargs) -> FeatureAttributionSequenceOutput:
+        """In place, like Inseq: every tensor `.to(*args, **kwargs)` (a device or a dtype); returns self."""
+        return self._map_tensors(lambda t: t.to(*args, **kwargs) if isinstance(t, torch.Tensor) else t)
+
+    def numpy(self) -> FeatureAttributionSequenceOutput:
+        """In place, like Inseq: every tensor becomes a numpy array (moved to the CPU); returns self."""
+        return self._map_tensors(lambda t: np.ascontiguousarray(t.detach().cpu().numpy()) if isinstance(t, torch.Tensor) else t)
+
+    def torch(self) -> FeatureAttributionSequenceOutput:
+        """In place: numpy arrays (from `numpy()`) become tensors again; returns self."""
+        return self._map_tensors(lambda t: torch.from_numpy(np.array(t)) if isinstance(t, np.ndarray) else t)
+
+    def weight_attributions(self, step_score_id: str) -> FeatureAttributionSequenceOutput:
+        """In place, like Inseq: attributions aggregated (default pipeline), then each step's column times
+        that step's `step_scores[step_score_id]`; `aggregate()` then does nothing more. Returns self.
+
+            >>> seq.weight_attributions("probability")
+        """
+        if step_score_id not in self.step_scores:
+            raise ValueError(f"No step score {step_score_id!r} to weight by; available: {sorted(self.step_scores)}")
+        weights = self.step_scores[step_score_id].float()
+        aggregated = self.aggregate()
+        for name in ("source_attributions", "target_attributions"):
+            value = getattr(aggregated, name)
+            if value is not None:
+                value = value.float()
+                setattr(self, name, value * weights.to(value.device).view(1, -1, *[1] * (value.dim() - 2)))
+        self._aggregator = []
+        return self
+
+    def get_scores_dicts(self, aggregator: Any = None, do_aggregation: bool = True, **kwargs) -> dict[str, dict]:
+        """Scores as nested dicts keyed by `(position, token)`, as Inseq's (e.g. for `pandas.DataFrame`).
+
+            >>> seq.get_scores_dicts()["source_attributions"][(6, ",")][(0, "H")]   # score of "H" for ","
+
+        Keys: "source_attributions" and "target_attributions" ({generated: {attributed: score}}; target
+        rows up to `attr_pos_end`) and "step_scores" ({generated: {name: score}}).
+        """
+        aggregated = self.aggregate(aggregator, **kwargs) if do_aggregation else self
+        for name in ("source_attributions", "target_attributions"):
+            value = getattr(aggregated, name)
+            if value is not None and value.dim() != 2:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}: get_scores_dicts needs one score per token "
+                                 "and step; aggregate to 2-D first (or keep do_aggregation=True)")
+        scores: dict[str, dict] = {"source_attributions": {}, "target_attributions": {}, "step_scores": {}}
+        start = aggregated.attr_pos_start
+        for position in range(start, aggregated.attr_pos_end):
+            key = (position, aggregated.target[position].token)
+            column = position - start
+            if aggregated.source_attributions is not None:
+                scores["source_attributions"][key] = {
+                    (i, t.token): aggregated.source_attributions[i, column].item() for i, t in enumerate(aggregated.source)
+                }
+            if aggregated.target_attributions is not None:
+                scores["target_attributions"][key] = {
+                    (i, aggregated.target[i].token): aggregated.target_attributions[i, column].item()
+                    for i in range(aggregated.attr_pos_end)
+                }
+            scores["step_scores"][key] = {name: v[column].item() for name, v in aggregated.step_scores.items()}
+        return scores
+
     # -- saving and equality (instrument.serialization) -----------------------------------------
 
     def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
@@ -97,11 +186,12 @@ class FeatureAttributionSequenceOutput:
 
         return sequences_equal(self, other, rtol, atol)
 
-    def save(self, path, scores_precision: str = "float32", overwrite: bool = False):
+    def save(self, path, scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
+             compress: bool | None = None):
         """Saves this sequence as a one-sequence FeatureAttributionOutput (see `FeatureAttributionOutput.save`)."""
         from instrument.serialization import save
 
-        return save(self, path, scores_precision=scores_precision, overwrite=overwrite)
+        return save(self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress)
 
     # -- views (instrument.visualization) -------------------------------------------------------
 
@@ -114,6 +204,30 @@ class FeatureAttributionSequenceOutput:
         from instrument.visualization import show
 
         return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
+
+    def show_granular(self, min_val: float | None = None, max_val: float | None = None, max_show_size: int = 20,
+                      show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
+                      return_html: bool = False, console: Any = None) -> str | None:
+        """Heatmaps of the unaggregated scores: one per index of the extra (hidden, layer) dimensions.
+
+            >>> seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
+        """
+        from instrument.visualization import show_granular
+
+        return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
+
+    def show_tokens(self, min_val: float | None = None, max_val: float | None = None, display: bool = True,
+                    return_html: bool = False, replace_char: dict | None = None, wrap_after: Any = None,
+                    step_score_highlight: str | None = None, aggregator: Any = None, do_aggregation: bool = True,
+                    console: Any = None, **kwargs) -> str | None:
+        """The text, each generated token followed by its attributed tokens coloured by score.
+
+            >>> seq.show_tokens(step_score_highlight="probability", wrap_after=10)
+        """
+        from instrument.visualization import show_tokens
+
+        return show_tokens(self, min_val, max_val, display, return_html, replace_char, wrap_after, step_score_highlight,
+                           aggregator, do_aggregation, console, **kwargs)
 
     def save_html(self, path, overwrite: bool = False, **kwargs):
         """Writes `show(return_html=True)` as a standalone HTML page."""
@@ -144,6 +258,36 @@ class FeatureAttributionOutput:
     def __getitem__(self, index: int) -> FeatureAttributionSequenceOutput:
         return self.sequence_attributions[index]
 
+    def __iter__(self):
+        return iter(self.sequence_attributions)
+
+    def __add__(self, other: Any) -> FeatureAttributionOutput:
+        """`out1 + out2` is `merge_attributions([out1, out2])`."""
+        if not isinstance(other, FeatureAttributionOutput):
+            return NotImplemented
+        from instrument.aggregation import merge_attributions
+
+        return merge_attributions([self, other])
+
+    def weight_attributions(self, step_score_id: str) -> FeatureAttributionOutput:
+        """In place: `weight_attributions` on every sequence (see there); returns self."""
+        for seq in self.sequence_attributions:
+            seq.weight_attributions(step_score_id)
+        return self
+
+    def get_scores_dicts(self, aggregator: Any = None, do_aggregation: bool = True, **kwargs) -> list[dict]:
+        """One `FeatureAttributionSequenceOutput.get_scores_dicts` per sequence.
+
+            >>> dfs = [pandas.DataFrame(d["source_attributions"]) for d in out.get_scores_dicts()]
+        """
+        return [seq.get_scores_dicts(aggregator, do_aggregation, **kwargs) for seq in self.sequence_attributions]
+
+    def to(self, *args, **kwargs) -> FeatureAttributionOutput:
+        """In place: every sequence's tensors `.to(*args, **kwargs)`; returns self."""
+        for seq in self.sequence_attributions:
+            seq.to(*args, **kwargs)
+        return self
+
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionOutput:
         """Every sequence aggregated (a new output; `info` copied); see `instrument.aggregation`.
 
@@ -159,24 +303,30 @@ class FeatureAttributionOutput:
             return NotImplemented
         return other.aggregate("pair", paired_attr=self)
 
-    def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0, check_info: bool = True) -> bool:
-        """Equal sequences (see `FeatureAttributionSequenceOutput.equals`) and `info` equal as saved."""
+    def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0, check_info: bool = True,
+               ignore_info: tuple[str, ...] = ("exec_time",)) -> bool:
+        """Equal sequences (see `FeatureAttributionSequenceOutput.equals`) and `info` equal as saved, apart
+        from the run-time fields in `ignore_info` (by default `exec_time`; pass `()` to compare them too)."""
         from instrument.serialization import outputs_equal
 
-        return outputs_equal(self, other, rtol, atol, check_info)
+        return outputs_equal(self, other, rtol, atol, check_info, ignore_info)
 
-    def save(self, path, scores_precision: str = "float32", overwrite: bool = False):
-        """Saves to `.safetensors` (default) or `.json`; see `instrument.serialization`.
+    def save(self, path, scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
+             compress: bool | None = None):
+        """Saves to `.safetensors` (default) or `.json`, or in Inseq's JSON with `format="inseq"`; see
+        `instrument.serialization`.
 
             >>> out.save("attributions.safetensors", scores_precision="float16")
+            >>> out.save("attributions.json.gz", format="inseq")   # inseq.FeatureAttributionOutput.load(..., decompress=True)
         """
         from instrument.serialization import save
 
-        return save(self, path, scores_precision=scores_precision, overwrite=overwrite)
+        return save(self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress)
 
     @classmethod
     def load(cls, path) -> FeatureAttributionOutput:
-        """Reads a file written by `save`; raises ValueError for a corrupted or foreign file.
+        """Reads a file written by `save`, or by Inseq's `save` (gzipped or not); raises ValueError for a
+        corrupted or foreign file.
 
             >>> out = FeatureAttributionOutput.load("attributions.safetensors")
         """
@@ -193,6 +343,24 @@ class FeatureAttributionOutput:
         from instrument.visualization import show
 
         return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
+
+    def show_granular(self, min_val: float | None = None, max_val: float | None = None, max_show_size: int = 20,
+                      show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
+                      return_html: bool = False, console: Any = None) -> str | None:
+        """`show_granular` for every sequence (see `FeatureAttributionSequenceOutput.show_granular`)."""
+        from instrument.visualization import show_granular
+
+        return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
+
+    def show_tokens(self, min_val: float | None = None, max_val: float | None = None, display: bool = True,
+                    return_html: bool = False, replace_char: dict | None = None, wrap_after: Any = None,
+                    step_score_highlight: str | None = None, aggregator: Any = None, do_aggregation: bool = True,
+                    console: Any = None, **kwargs) -> str | None:
+        """`show_tokens` for every sequence (see `FeatureAttributionSequenceOutput.show_tokens`)."""
+        from instrument.visualization import show_tokens
+
+        return show_tokens(self, min_val, max_val, display, return_html, replace_char, wrap_after, step_score_highlight,
+                           aggregator, do_aggregation, console, **kwargs)
 
     def save_html(self, path, overwrite: bool = False, **kwargs):
         """Writes `show(return_html=True)` as a standalone HTML page."""

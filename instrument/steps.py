@@ -67,11 +67,35 @@ def list_step_functions() -> list[str]:
 
 
 def get_step_function(identifier: str | Callable) -> StepFunction:
+    """`get_step_function("probability")`; a callable is wrapped and named after its `__name__`."""
     if callable(identifier):
-        return StepFunction(identifier, getattr(identifier, "__name__", "custom"), None, False)
+        registered = next((step for step in _REGISTRY.values() if step.fn is identifier), None)
+        return registered or StepFunction(identifier, step_function_name(identifier), None, False)
     if identifier not in _REGISTRY:
         raise ValueError(f"Unknown step function {identifier!r}. Available: {', '.join(_REGISTRY)}")
     return _REGISTRY[identifier]
+
+
+def step_function_name(fn: str | Callable) -> str:
+    """`step_function_name(my_score) == "my_score"`: the name a step score is shown and saved under."""
+    if isinstance(fn, str):
+        return fn
+    registered = next((name for name, step in _REGISTRY.items() if step.fn is fn), None)
+    name = registered or getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
+def step_functions_by_name(step_scores) -> dict[str, StepFunction]:
+    """`step_functions_by_name(["probability", my_fn])`: {"probability": ..., "my_fn": ...}; names must be unique."""
+    scorers: dict[str, StepFunction] = {}
+    for item in step_scores:
+        if not isinstance(item, str) and not callable(item):
+            raise TypeError(f"step_scores takes step function names or callables, got {type(item).__name__}")
+        step = get_step_function(item)
+        if step.identifier in scorers:
+            raise ValueError(f"step_scores names {step.identifier!r} twice; give each step function a distinct name")
+        scorers[step.identifier] = step
+    return scorers
 
 
 def call_step_function(step: StepFunction, args: StepFunctionArgs, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -89,20 +113,24 @@ def _gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def logit(args: StepFunctionArgs) -> torch.Tensor:
+    """The logit of the target token."""
     return _gather(args.logits.float(), args.target_ids)
 
 
 def probability(args: StepFunctionArgs, logprob: bool = False) -> torch.Tensor:
+    """The probability of the target token (its log-probability with `logprob=True`)."""
     scores = args.logits.float().log_softmax(-1) if logprob else args.logits.float().softmax(-1)
     return _gather(scores, args.target_ids)
 
 
 def entropy(args: StepFunctionArgs) -> torch.Tensor:
+    """The entropy (in nats) of the next-token distribution."""
     logprobs = args.logits.float().log_softmax(-1)
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
 def crossentropy(args: StepFunctionArgs) -> torch.Tensor:
+    """The cross-entropy of the target token: -log p(target), in nats."""
     return -_gather(args.logits.float().log_softmax(-1), args.target_ids)
 
 
@@ -117,18 +145,22 @@ def _contrast_args(args: StepFunctionArgs) -> StepFunctionArgs:
 
 
 def contrast_logits(args: StepFunctionArgs) -> torch.Tensor:
+    """The logit of the contrastive target token given the contrastive input."""
     return logit(_contrast_args(args))
 
 
 def contrast_prob(args: StepFunctionArgs, logprob: bool = False) -> torch.Tensor:
+    """The probability of the contrastive target token given the contrastive input."""
     return probability(_contrast_args(args), logprob=logprob)
 
 
 def contrast_logits_diff(args: StepFunctionArgs) -> torch.Tensor:
+    """Logit of the target minus logit of the contrastive target (contrastive attribution, Yin and Neubig 2022)."""
     return logit(args) - contrast_logits(args)
 
 
 def contrast_prob_diff(args: StepFunctionArgs, logprob: bool = False) -> torch.Tensor:
+    """Probability of the target minus probability of the contrastive target."""
     return probability(args, logprob=logprob) - contrast_prob(args, logprob=logprob)
 
 

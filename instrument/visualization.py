@@ -80,7 +80,8 @@ def _text_colour(background: tuple[int, int, int] | None) -> str:
 class Grid:
     """What one example shows: column labels, (label, values) rows per section, and the colour scale."""
 
-    def __init__(self, seq: FeatureAttributionSequenceOutput, step_score_highlight: str | None = None):
+    def __init__(self, seq: FeatureAttributionSequenceOutput, step_score_highlight: str | None = None,
+                 scale: float | None = None):
         for name in ("source_attributions", "target_attributions"):
             value = getattr(seq, name)
             if value is not None and value.dim() != 2:
@@ -101,7 +102,7 @@ class Grid:
                 self.sections.append((title, [(_label(t.token), row) for t, row in zip(tokens, rows)]))
         self.scores = [(name, v.detach().cpu().double().flatten().tolist()) for name, v in seq.step_scores.items()]
         finite = [abs(x) for _, rows in self.sections for _, row in rows for x in row if math.isfinite(x)]
-        self.scale = max(finite, default=0.0)
+        self.scale = max(finite, default=0.0) if scale is None else scale
         self.highlight, self.highlight_name = None, step_score_highlight
         if step_score_highlight is not None:
             values = dict(self.scores)[step_score_highlight]
@@ -167,14 +168,15 @@ def _rich_tables(grid: Grid, title: str, width: int, max_columns: int | None):
 
 
 def show_console(sequences: Sequence[FeatureAttributionSequenceOutput], console=None, step_score_highlight=None,
-                 max_columns: int | None = None) -> None:
+                 max_columns: int | None = None, titles: Sequence[str] | None = None,
+                 scales: Sequence[float | None] | None = None) -> None:
     """Prints one heatmap table (or several, for many steps) per example to `console`."""
     from rich.console import Console
 
     console = console or Console()
     for index, seq in enumerate(sequences):
-        grid = Grid(seq, step_score_highlight)
-        for table in _rich_tables(grid, f"Example {index}", console.width, max_columns):
+        grid = Grid(seq, step_score_highlight, scales[index] if scales else None)
+        for table in _rich_tables(grid, titles[index] if titles else f"Example {index}", console.width, max_columns):
             console.print(table)
 
 
@@ -192,9 +194,10 @@ def _td(value: float, scale: float, dtype: torch.dtype) -> str:
     return f'<td style="{style}" title="{exact(value, dtype)}">{html.escape(format_score(value))}</td>'
 
 
-def html_table(seq: FeatureAttributionSequenceOutput, title: str, step_score_highlight: str | None = None) -> str:
+def html_table(seq: FeatureAttributionSequenceOutput, title: str, step_score_highlight: str | None = None,
+               scale: float | None = None) -> str:
     """One `<table>`: a header row of generated tokens, then a `<tbody>` per section of rows."""
-    grid = Grid(seq, step_score_highlight)
+    grid = Grid(seq, step_score_highlight, scale)
     e = html.escape
     head = []
     for i, column in enumerate(grid.columns):
@@ -221,9 +224,10 @@ def html_table(seq: FeatureAttributionSequenceOutput, title: str, step_score_hig
     return "\n".join(parts)
 
 
-def to_html(sequences: Sequence[FeatureAttributionSequenceOutput], step_score_highlight: str | None = None) -> str:
+def to_html(sequences: Sequence[FeatureAttributionSequenceOutput], step_score_highlight: str | None = None,
+            scale: float | None = None) -> str:
     """A `<div>` with one table per example; every style is inline, nothing external, no script."""
-    tables = [html_table(seq, f"Example {i}", step_score_highlight) for i, seq in enumerate(sequences)]
+    tables = [html_table(seq, f"Example {i}", step_score_highlight, scale) for i, seq in enumerate(sequences)]
     return '<div class="seq-instrument">\n' + "\n".join(tables) + "\n</div>"
 
 
@@ -251,9 +255,20 @@ def _prepared(obj, aggregate: bool | str | list, **aggregate_kwargs) -> list[Fea
     from instrument.aggregation import aggregate_sequence
 
     if aggregate is True:
-        return [aggregate_sequence(seq, "scores", keep_layers=False, **aggregate_kwargs) for seq in sequences]
+        return [_default_view(seq, **aggregate_kwargs) for seq in sequences]
     sequences = [aggregate_sequence(seq, aggregate, **aggregate_kwargs) for seq in sequences]
     return [aggregate_sequence(seq, "scores", keep_layers=False) if _dims(seq) > 2 else seq for seq in sequences]
+
+
+def _default_view(seq: FeatureAttributionSequenceOutput, **aggregate_kwargs) -> FeatureAttributionSequenceOutput:
+    """"scores" over every extra dimension, or the sequence's own default pipeline when it has one
+    (`weight_attributions` leaves an empty one: already 2-D, shown as it is)."""
+    from instrument.aggregation import aggregate_sequence
+
+    if seq._aggregator is None:
+        return aggregate_sequence(seq, "scores", keep_layers=False, **aggregate_kwargs)
+    seq = aggregate_sequence(seq, seq._aggregator, **aggregate_kwargs)
+    return aggregate_sequence(seq, "scores", keep_layers=False) if _dims(seq) > 2 else seq
 
 
 def _dims(seq: FeatureAttributionSequenceOutput) -> int:
@@ -270,15 +285,25 @@ def show(obj, return_html: bool = False, aggregate: bool | str | list = True, di
     than 2 dimensions; False shows the tensors as they are (they must be 2-D).
     With `return_html=True` nothing is printed; the HTML is also displayed when `display` is true and
     IPython is running. `max_columns` caps the columns per console table (default: fit the width).
+    Inseq's spellings are taken too: `aggregator=` (for `aggregate=`), `do_aggregation=False`, and
+    `min_val`/`max_val` (colours saturate at the larger magnitude of the two).
     """
+    if "aggregator" in aggregate_kwargs:  # Inseq's spelling
+        aggregator = aggregate_kwargs.pop("aggregator")
+        if aggregate is not True:
+            raise ValueError("Pass either aggregate= or aggregator=, not both")
+        aggregate = True if aggregator is None else aggregator
+    if not aggregate_kwargs.pop("do_aggregation", True):
+        aggregate = False
+    scale = _scale(aggregate_kwargs.pop("min_val", None), aggregate_kwargs.pop("max_val", None))
     sequences = _prepared(obj, aggregate, **aggregate_kwargs)
     if return_html:
-        text = to_html(sequences, step_score_highlight)
+        text = to_html(sequences, step_score_highlight, scale)
         if display:
             _ipython_display(text)
         return text
     if display:
-        show_console(sequences, console, step_score_highlight, max_columns)
+        show_console(sequences, console, step_score_highlight, max_columns, scales=[scale] * len(sequences))
     return None
 
 
@@ -311,3 +336,277 @@ def repr_html(obj: Any) -> str:
         return show(obj, return_html=True, display=False)
     except (ValueError, TypeError) as error:
         return f"<pre>{html.escape(repr(error))}</pre>"
+
+
+# -- granular and token views (Inseq's show_granular / show_tokens) --------------------------------------------
+
+
+def _scale(min_val: float | None, max_val: float | None) -> float | None:
+    """The colour scale for explicit bounds: colours saturate at the larger magnitude of the two."""
+    if min_val is None and max_val is None:
+        return None
+    return max(abs(min_val or 0.0), abs(max_val or 0.0))
+
+
+def _panels(seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim: int | None,
+            slice_dims: dict | None) -> list[tuple[str, FeatureAttributionSequenceOutput]]:
+    """2-D views of `seq`: one per index combination of the extra dimensions (after `slice_dims`)."""
+    import itertools
+
+    from instrument.aggregation import _replace
+
+    tensors = {n: getattr(seq, n) for n in ("source_attributions", "target_attributions") if getattr(seq, n) is not None}
+    if not tensors:
+        return [("", seq)]
+    extra = {tuple(t.shape[2:]) for t in tensors.values()}
+    if len(extra) != 1:
+        raise ValueError(f"source and target attributions have different extra dimensions {sorted(extra)}")
+    ndim = 2 + len(extra.pop())
+    for dim, span in (slice_dims or {}).items():
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 2 <= dim < ndim:
+            raise ValueError(f"slice_dims keys must be extra dimensions (2..{ndim - 1}), got {dim!r}")
+        if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+            raise ValueError(f"slice_dims[{dim}] must be a (start, end) pair, got {span!r}")
+        tensors = {n: t.narrow(dim, span[0], max(0, min(span[1], t.shape[dim]) - span[0])) for n, t in tensors.items()}
+    shape = next(iter(tensors.values())).shape
+    if show_dim is not None:
+        if isinstance(show_dim, bool) or not isinstance(show_dim, int) or not 2 <= show_dim < ndim:
+            raise ValueError(f"show_dim must be an extra dimension (2..{ndim - 1}), got {show_dim!r}")
+        others = [d for d in range(2, ndim) if d != show_dim and shape[d] != 1]
+        if others:
+            raise ValueError(f"With show_dim={show_dim}, slice the other extra dimensions {others} to one index "
+                             "with slice_dims={dim: (i, i + 1)}")
+    for dim in range(2, ndim):
+        if shape[dim] > max_show_size:
+            raise ValueError(f"Dimension {dim} has {shape[dim]} entries, more than max_show_size={max_show_size}: "
+                             f"pass slice_dims={{{dim}: (0, {max_show_size})}} or a larger max_show_size")
+    panels = []
+    for index in itertools.product(*(range(n) for n in shape[2:])):
+        label = ", ".join(f"dim {d} = {i}" for d, i in zip(range(2, ndim), index) if show_dim in (None, d))
+        fields = {n: t[(slice(None), slice(None), *index)] for n, t in tensors.items()}
+        panels.append((label, _replace(seq, **fields)))
+    return panels
+
+
+def show_granular(obj, min_val: float | None = None, max_val: float | None = None, max_show_size: int = 20,
+                  show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
+                  return_html: bool = False, console=None) -> str | None:
+    """`show_granular(out, slice_dims={2: (0, 4)})`: the unaggregated scores, one heatmap per index of
+    the extra dimensions (2: hidden or layer, ...), on one colour scale per example (or `min_val`/`max_val`).
+
+    Every extra dimension shown must have at most `max_show_size` entries: narrow it with
+    `slice_dims={dim: (start, end)}`. `show_dim` shows only that dimension (the others sliced to one index).
+    """
+    titles, panels, scales = [], [], []
+    for number, seq in enumerate(_sequences(obj)):
+        views = _panels(seq, max_show_size, show_dim, slice_dims)
+        grids = [Grid(view) for _, view in views]
+        scale = _scale(min_val, max_val)
+        scale = max((g.scale for g in grids), default=0.0) if scale is None else scale
+        for label, view in views:
+            titles.append(f"Example {number}" + (f" ({label})" if label else ""))
+            panels.append(view)
+            scales.append(scale)
+    if return_html:
+        text = '<div class="seq-instrument">\n' + "\n".join(
+            html_table(p, t, scale=s) for t, p, s in zip(titles, panels, scales)) + "\n</div>"
+        if display:
+            _ipython_display(text)
+        return text
+    if display:
+        show_console(panels, console, titles=titles, scales=scales)
+    return None
+
+
+def _token_texts(tokens, replace_char: dict | None) -> list[str]:
+    texts = []
+    for token in tokens:
+        text = token.token
+        for old, new in (replace_char or {}).items():
+            text = text.replace(old, new)
+        texts.append(_label(text.strip()))
+    return texts
+
+
+def _breaks_after(texts: list[str], wrap_after) -> list[bool]:
+    """Where a line ends: every `wrap_after` tokens (an int), or after tokens equal to it (a string) or in it (a list)."""
+    if wrap_after is None:
+        return [False] * len(texts)
+    if isinstance(wrap_after, bool) or not isinstance(wrap_after, (int, str, list, tuple)):
+        raise TypeError(f"wrap_after must be an int, a string or a list of strings, got {type(wrap_after).__name__}")
+    if isinstance(wrap_after, int):
+        if wrap_after < 1:
+            raise ValueError(f"wrap_after must be at least 1, got {wrap_after}")
+        return [(i + 1) % wrap_after == 0 for i in range(len(texts))]
+    words = {wrap_after} if isinstance(wrap_after, str) else set(wrap_after)
+    return [t in words for t in texts]
+
+
+GREEN = (22, 163, 74)
+
+
+def _highlight(value: float, scale: float) -> tuple[int, int, int] | None:
+    if math.isnan(value) or scale <= 0:
+        return None
+    strength = min(abs(value) / scale, 1.0)
+    end = GREEN if value >= 0 else (180, 83, 9)
+    return tuple(round(w + (e - w) * strength) for w, e in zip(WHITE, end))
+
+
+def _token_rows(seq: FeatureAttributionSequenceOutput, replace_char, scale: float, step_score_highlight):
+    """(generated token, its background, [(title, [(token, score, background)])]) per generated token."""
+    for name in ("source_attributions", "target_attributions"):
+        value = getattr(seq, name)
+        if value is not None and value.dim() != 2:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}; show_tokens needs one score per token and step: "
+                             "aggregate first, or keep do_aggregation=True")
+    if step_score_highlight is not None and step_score_highlight not in seq.step_scores:
+        raise ValueError(f"No step score {step_score_highlight!r}; available: {sorted(seq.step_scores)}")
+    generated = _token_texts(seq.generated, replace_char)
+    source, target = _token_texts(seq.source, replace_char), _token_texts(seq.target, replace_char)
+    highlights = [None] * len(generated)
+    if step_score_highlight is not None:
+        values = seq.step_scores[step_score_highlight].detach().cpu().double().tolist()
+        top = max((abs(x) for x in values if math.isfinite(x)), default=0.0)
+        highlights = [_highlight(x, top) for x in values]
+    rows = []
+    for j, token in enumerate(generated):
+        parts = []
+        if seq.source_attributions is not None:
+            scores = seq.source_attributions[:, j].detach().cpu().double().tolist()
+            parts.append(("Source", [(t, x, colour(x, scale)) for t, x in zip(source, scores)]))
+        if seq.target_attributions is not None:
+            seen = seq.attr_pos_start + j
+            scores = seq.target_attributions[:seen, j].detach().cpu().double().tolist()
+            parts.append(("Target", [(t, x, colour(x, scale)) for t, x in zip(target[:seen], scores)]))
+        rows.append((token, highlights[j], parts))
+    return rows
+
+
+def _tokens_html(number: int, rows, wrap_after, step_score_highlight) -> str:
+    e = html.escape
+
+    def span(text, background, title):
+        style = "padding:1px 3px;margin:1px;border-radius:3px;white-space:pre"
+        if background is not None:
+            style += f";background-color:rgb{background};color:{_text_colour(background)}"
+        return f'<span style="{style}" title="{e(title)}">{e(text)}</span>'
+
+    heading = "Generated text" + (f" with {step_score_highlight} highlights" if step_score_highlight else "")
+    out = [f'<div class="seq-instrument-tokens" style="font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;margin:0 0 16px 0">',
+           f"<p><b>Example {number}: {e(heading)}</b></p>"]
+    for token, background, parts in rows:
+        out.append(f"<details><summary>{span(token, background, token)}</summary>")
+        for title, cells in parts:
+            breaks = _breaks_after([t for t, _, _ in cells], wrap_after)
+            body = "".join(span(t, bg, exact(x, torch.float32)) + ("<br>" if b else "") for (t, x, bg), b in zip(cells, breaks))
+            out.append(f'<p><i style="color:#888">{e(title)} attributions for "{e(token)}":</i><br>{body}</p>')
+        out.append("</details>")
+    out.append("</div>")
+    return "\n".join(out)
+
+
+def _tokens_console(console, number: int, rows, wrap_after, step_score_highlight) -> None:
+    from rich.style import Style
+    from rich.text import Text
+
+    def styled(text, background):
+        return Text(text, style=Style(bgcolor=f"rgb{background}", color=_text_colour(background)) if background else "")
+
+    heading = "Generated text" + (f" with {step_score_highlight} highlights" if step_score_highlight else "")
+    console.print(Text(f"Example {number}: {heading}", style="bold"))
+    line = Text()
+    for token, background, _ in rows:
+        line.append_text(styled(token, background))
+        line.append(" ")
+    console.print(line)
+    for token, background, parts in rows:
+        for title, cells in parts:
+            text = Text(f'{title} attributions for "{token}": ', style="italic")
+            breaks = _breaks_after([t for t, _, _ in cells], wrap_after)
+            for (t, _, bg), b in zip(cells, breaks):
+                text.append_text(styled(t, bg))
+                text.append("\n" if b else " ")
+            console.print(text)
+
+
+def show_tokens(obj, min_val: float | None = None, max_val: float | None = None, display: bool = True,
+                return_html: bool = False, replace_char: dict | None = None, wrap_after=None,
+                step_score_highlight: str | None = None, aggregator=None, do_aggregation: bool = True,
+                console=None, **aggregate_kwargs) -> str | None:
+    """`show_tokens(out, step_score_highlight="probability")`: each generated token, then its source and
+    target tokens coloured by attribution score (HTML: click a generated token to unfold them).
+
+    Tokens are cleaned as Inseq does (`replace_char` replacements, then surrounding spaces stripped).
+    The colour scale is shared by all examples: the largest score magnitude, or `min_val`/`max_val`.
+    `wrap_after` breaks lines after every N tokens (an int) or after the given token(s).
+    """
+    sequences = _sequences(obj)
+    if do_aggregation:
+        sequences = [_default_view(seq, **aggregate_kwargs) if aggregator is None else seq.aggregate(aggregator, **aggregate_kwargs)
+                     for seq in sequences]
+    scale = _scale(min_val, max_val)
+    if scale is None:
+        scale = max([max(abs(seq.minimum), abs(seq.maximum)) for seq in sequences], default=0.0)
+    rendered = [(number, _token_rows(seq, replace_char, scale, step_score_highlight)) for number, seq in enumerate(sequences)]
+    if return_html:
+        text = '<div class="seq-instrument">\n' + "\n".join(
+            _tokens_html(n, rows, wrap_after, step_score_highlight) for n, rows in rendered) + "\n</div>"
+        if display:
+            _ipython_display(text)
+        return text
+    if display:
+        from rich.console import Console
+
+        console = console or Console()
+        for n, rows in rendered:
+            _tokens_console(console, n, rows, wrap_after, step_score_highlight)
+    return None
+
+
+# -- Inseq's module-level functions ------------------------------------------------------------------------
+
+
+def _as_sequences(attributions) -> list[FeatureAttributionSequenceOutput]:
+    if isinstance(attributions, (list, tuple)):
+        return [seq for item in attributions for seq in _sequences(item)]
+    return _sequences(attributions)
+
+
+def show_attributions(attributions, min_val: float | None = None, max_val: float | None = None, display: bool = True,
+                      return_html: bool = False, console=None) -> str | None:
+    """`instrument.show_attributions(out.aggregate())`: heatmaps of already 2-D attributions (no aggregation).
+
+    Takes a sequence output, a list of them, or a whole output; `min_val`/`max_val` fix the colour scale.
+    """
+    sequences = _as_sequences(attributions)
+    scales = [_scale(min_val, max_val)] * len(sequences)
+    if return_html:
+        text = '<div class="seq-instrument">\n' + "\n".join(
+            html_table(seq, f"Example {i}", scale=s) for i, (seq, s) in enumerate(zip(sequences, scales))) + "\n</div>"
+        if display:
+            _ipython_display(text)
+        return text
+    if display:
+        show_console(sequences, console, scales=scales)
+    return None
+
+
+def show_granular_attributions(attributions, max_show_size: int = 20, min_val: float | None = None,
+                               max_val: float | None = None, show_dim: int | None = None, slice_dims: dict | None = None,
+                               display: bool = True, return_html: bool = False, console=None) -> str | None:
+    """`instrument.show_granular_attributions(seq, slice_dims={2: (0, 4)})`: see `show_granular`."""
+    from instrument.outputs import FeatureAttributionOutput as Output
+
+    return show_granular(Output(_as_sequences(attributions)), min_val, max_val, max_show_size, show_dim, slice_dims,
+                         display, return_html, console)
+
+
+def show_token_attributions(attributions, min_val: float | None = None, max_val: float | None = None, display: bool = True,
+                            return_html: bool = False, replace_char: dict | None = None, wrap_after=None,
+                            step_score_highlight: str | None = None, console=None) -> str | None:
+    """`instrument.show_token_attributions(out.aggregate())`: see `show_tokens` (no aggregation here, as in Inseq)."""
+    from instrument.outputs import FeatureAttributionOutput as Output
+
+    return show_tokens(Output(_as_sequences(attributions)), min_val, max_val, display, return_html, replace_char,
+                       wrap_after, step_score_highlight, do_aggregation=False, console=console)

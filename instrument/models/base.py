@@ -17,7 +17,7 @@ from rich.progress import Progress
 from instrument import batching
 from instrument.engine import Engine, Example, Rows, scatter
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
-from instrument.steps import get_step_function
+from instrument.steps import get_step_function, step_functions_by_name
 from methods.base import Request
 from methods.registry import get_method
 
@@ -107,7 +107,7 @@ class AttributionModel:
             method_options["include_eos_baseline"] = include_eos_baseline
         attributor = method_cls(**{**defaults, **method_options})
         step = get_step_function(attributed_fn or "probability")
-        scorers = {name: get_step_function(name) for name in step_scores}
+        scorers = step_functions_by_name(step_scores)
         step_kwargs = {k: v for k, v in kwargs.items() if k not in method_cls.params}
         _check_step_kwargs(step_kwargs, [step, *scorers.values()])
         if attribute_target and not self.is_encoder_decoder:
@@ -154,7 +154,7 @@ class AttributionModel:
             "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end,
             "attribute_target": attribute_target,
-            "step_scores": list(step_scores),
+            "step_scores": list(scorers),
             "attribution_args": attributor.defaults,
             "step_scores_args": {k: v for k, v in step_kwargs.items() if k not in CONTRAST_ARGS},
             "batch_size": batch_size,
