@@ -262,7 +262,8 @@ class Engine:
         self.model = model
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.pad_token_id, self.unk_token_id, self.eos_token_id = pad_token_id, unk_token_id, eos_token_id
-        self.attribution_model = None  # the API layer's model, handed to step functions (None: a view of this engine)
+        # The API layer's model (or a weak reference to it), handed to step functions; None: a view of this engine.
+        self.attribution_model = None
         if self.is_encoder_decoder:
             self.source_embedding = model.get_encoder().get_input_embeddings()
             self.target_embedding = model.get_decoder().get_input_embeddings()

@@ -16,6 +16,7 @@ once per step, on the rows at that step (see `call_step_function`).
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -132,6 +133,7 @@ class StepFunctionArgs:
     def attribution_model(self) -> Any:
         engine = self._inputs("attribution_model").engine
         model = getattr(engine, "attribution_model", None)
+        model = model() if isinstance(model, weakref.ref) else model
         return model if model is not None else ModelView(engine.model, engine.is_encoder_decoder, engine.device)
 
     @property

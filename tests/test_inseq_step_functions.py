@@ -177,3 +177,27 @@ def test_attribution_model_and_is_attributed_fn_seen_by_a_step_function():
         _REGISTRY.pop("t_record", None)
     assert {flag for _, flag in seen} == {True, False}
     assert all(m is am for m, _ in seen) and am.tokenizer is tokenizer and am.model is model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
+@pytest.mark.parametrize("method, options", [("integrated_gradients", {"n_steps": 3}), ("occlusion", {}),
+                                             ("sequential_integrated_gradients", {"n_steps": 2})])
+def test_per_step_function_through_other_methods_scales_the_logit_attributions(arch, method, options):
+    """step_weighted_logit at step p is weight * p * logit, so its attributions are weight * p times those
+    of the built-in logit, whatever rows (repeated, perturbed) the method scores."""
+    model, tokenizer = tiny_model(arch)
+    am = instrument.load_model(model, method, tokenizer=tokenizer, **options)
+    instrument.register_step_function(step_weighted_logit, "t_step_logit", overwrite=True)
+    try:
+        text = ("Hello world", "Hello world, this is") if arch == "gpt2" else ("Hello world", "Le chat est")
+        ours = am.attribute(*text, attributed_fn="t_step_logit", step_scores=["t_step_logit", "logit"], weight=0.5, show_progress=False)[0]
+        plain = am.attribute(*text, attributed_fn="logit", show_progress=False)[0]
+    finally:
+        _REGISTRY.pop("t_step_logit", None)
+    factor = 0.5 * torch.arange(ours.attr_pos_start, ours.attr_pos_end).float()
+    torch.testing.assert_close(ours.step_scores["t_step_logit"], factor * ours.step_scores["logit"], rtol=1e-5, atol=1e-6)
+    name = "target_attributions" if arch == "gpt2" else "source_attributions"
+    scaled, reference = getattr(ours, name), getattr(plain, name)
+    factor = factor.view(1, -1, *[1] * (reference.dim() - 2))
+    assert torch.nan_to_num(reference).abs().max() > 0
+    torch.testing.assert_close(scaled, factor * reference, rtol=1e-4, atol=1e-6 * float(torch.nan_to_num(reference).abs().max()), equal_nan=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -36,7 +37,7 @@ class AttributionModel:
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token) first")
         self.engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
-        self.engine.attribution_model = self  # step functions see it as args.attribution_model
+        self.engine.attribution_model = weakref.ref(self)  # step functions see it as args.attribution_model
         self.attribution_method = attribution_method
         self.method_kwargs = method_kwargs
         if attribution_method is not None:
