@@ -15,7 +15,7 @@ if not getattr(_methods, "SEQ_INSTRUMENT_METHODS", False):
         "rename your own module called 'methods' or move it off sys.path"
     )
 
-from instrument import kernels  # noqa: E402
+from instrument import demo, kernels  # noqa: E402
 from instrument.aggregation import (  # noqa: E402
     list_aggregation_functions, list_aggregators, merge_attributions, register_aggregation_function, register_aggregator,
 )
@@ -59,7 +59,7 @@ def explain(id: str) -> None:
 
 __all__ = [
     "AttributionModel", "FeatureAttributionOutput", "FeatureAttributionSequenceOutput", "StepFunctionArgs",
-    "TokenWithId", "Trace", "explain", "kernels", "list_aggregation_functions", "list_aggregators",
+    "TokenWithId", "Trace", "demo", "explain", "kernels", "list_aggregation_functions", "list_aggregators",
     "list_feature_attribution_methods", "list_step_functions", "load_model", "merge_attributions",
     "register_aggregation_function", "register_aggregator", "register_model_config", "register_step_function",
     "show_attributions", "show_granular_attributions", "show_token_attributions", "trace",

@@ -32,6 +32,7 @@ def _json(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="instrument", description="Attribute the outputs of sequence generation models to their inputs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     attribute = commands.add_parser(
         "attribute",
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = attribute.add_mutually_exclusive_group(required=True)
     source.add_argument("-i", "--input_texts", nargs="+", metavar="TEXT", help="input texts")
     source.add_argument("-f", "--input_file", type=Path, metavar="FILE",
-                        help="a data set: a text file with one input per line, or JSON lines with 'input' (and optionally 'target') fields")
+                        help="a data set: a text file with one input per line, or JSON lines with 'input' and optionally "
+                        "'target' fields (lines without a target are generated)")
     attribute.add_argument("-g", "--generated_texts", nargs="+", metavar="TARGET", help="targets to force instead of generating (one per input)")
     attribute.add_argument("-fn", "--attributed_fn", default=None, help="step function to attribute (default: probability)")
     attribute.add_argument("--step_scores", nargs="+", default=[], metavar="NAME", help="step functions to compute alongside")
@@ -61,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--model_kwargs", type=_json, default={}, metavar="JSON", help="keyword arguments for from_pretrained")
     attribute.add_argument("--attribution_kwargs", type=_json, default={}, metavar="JSON", help="method and step function options, e.g. '{\"n_steps\": 20}'")
     attribute.add_argument("--generation_kwargs", type=_json, default={}, metavar="JSON", help="generation options, e.g. '{\"max_new_tokens\": 10}'")
-    commands.add_parser("list-methods", help="list the attribution methods")
-    commands.add_parser("list-step-functions", help="list the step functions")
+    listing = [commands.add_parser("list-methods", help="list the attribution methods"),
+               commands.add_parser("list-step-functions", help="list the step functions")]
+    for command in (attribute, *listing):  # --debug after the command too; SUPPRESS keeps one given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
 
 
-def _read_dataset(path: Path) -> tuple[list[str], list[str] | None]:
+def _read_dataset(path: Path) -> tuple[list[str], list[str | None] | None]:
+    """Inputs and targets (None for a line without one; None for all when no line has one)."""
     if not path.is_file():
         raise ValueError(f"no such input file: {path}")
     inputs, targets = [], []
@@ -85,9 +90,7 @@ def _read_dataset(path: Path) -> tuple[list[str], list[str] | None]:
             targets.append(None)
     if not inputs:
         raise ValueError(f"{path} holds no examples")
-    if any(t is None for t in targets) and not all(t is None for t in targets):
-        raise ValueError(f"{path}: give a 'target' for every example or for none")
-    return inputs, None if targets[0] is None else targets
+    return inputs, None if all(t is None for t in targets) else targets
 
 
 def run_attribute(args: argparse.Namespace) -> None:
@@ -109,11 +112,18 @@ def run_attribute(args: argparse.Namespace) -> None:
         if path is not None and path.exists() and not args.overwrite:
             raise ValueError(f"{path} exists; pass --overwrite to replace it")
     model = instrument.load_model(args.model, args.attribution_method, device=args.device, model_kwargs=args.model_kwargs)
-    out = model.attribute(
-        inputs, targets, attributed_fn=args.attributed_fn, step_scores=args.step_scores,
-        attribute_target=args.attribute_target, batch_size=args.batch_size, attr_pos_start=args.attr_pos_start,
-        attr_pos_end=args.attr_pos_end, generation_args=args.generation_kwargs, **args.attribution_kwargs,
-    )
+
+    def attribute(inputs_, targets_):
+        return model.attribute(
+            inputs_, targets_, attributed_fn=args.attributed_fn, step_scores=args.step_scores,
+            attribute_target=args.attribute_target, batch_size=args.batch_size, attr_pos_start=args.attr_pos_start,
+            attr_pos_end=args.attr_pos_end, generation_args=args.generation_kwargs, **args.attribution_kwargs,
+        )
+
+    if targets is None or all(t is not None for t in targets):
+        out = attribute(inputs, targets)
+    else:  # a data set with targets on some lines: those are forced, the others generated
+        out = _forced_and_generated(attribute, inputs, targets)
     if not args.hide:
         out.show()
     if args.viz_path is not None:
@@ -122,8 +132,38 @@ def run_attribute(args: argparse.Namespace) -> None:
         (out.aggregate() if args.aggregate_output else out).save(args.save_path, overwrite=args.overwrite)
 
 
+def _forced_and_generated(attribute, inputs: list[str], targets: list[str | None]):
+    """`attribute(inputs, targets)` run on the examples with a target and, generating, on the rest;
+    the sequences (and `info`'s per-example lists) in the order of `inputs`."""
+    from instrument import FeatureAttributionOutput, merge_attributions
+
+    forced = [i for i, t in enumerate(targets) if t is not None]
+    generated = [i for i, t in enumerate(targets) if t is None]
+    merged = merge_attributions([
+        attribute([inputs[i] for i in forced], [targets[i] for i in forced]),
+        attribute([inputs[i] for i in generated], None),
+    ])
+    place = {index: k for k, index in enumerate(forced + generated)}
+    order = [place[i] for i in range(len(inputs))]
+    info = dict(merged.info)
+    for key in ("input_texts", "generated_texts"):
+        info[key] = [info[key][k] for k in order]
+    return FeatureAttributionOutput([merged.sequence_attributions[k] for k in order], None, info)
+
+
+LIBRARY_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `instrument` console script; returns the exit code."""
+    """Entry point of the `instrument` console script; returns the exit code.
+
+    Bad input (an error the library raises for it: ValueError, TypeError, a missing file or model...)
+    gives one line on stderr and exit code 2; anything else one line and a hint to rerun with
+    `--debug`, which shows the traceback, and exit code 1."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list-methods":
@@ -136,9 +176,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(instrument.list_step_functions()))
         else:
             run_attribute(args)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"instrument: error: {error}", file=sys.stderr)
+    except LIBRARY_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"instrument: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"instrument: unexpected error ({type(error).__name__}: {_one_line(error)}); "
+              "rerun with --debug for the traceback", file=sys.stderr)
+        return 1
     return 0
 
 

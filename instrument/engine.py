@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from instrument.selection import select_modules
-from instrument.steps import StepFunction, StepFunctionArgs, call_step_function
+from instrument.steps import StepFunction, StepFunctionArgs, StepInputs, call_step_function
 from instrument.trace import trace
 
 
@@ -262,6 +262,8 @@ class Engine:
         self.model = model
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.pad_token_id, self.unk_token_id, self.eos_token_id = pad_token_id, unk_token_id, eos_token_id
+        # The API layer's model (or a weak reference to it), handed to step functions; None: a view of this engine.
+        self.attribution_model = None
         if self.is_encoder_decoder:
             self.source_embedding = model.get_encoder().get_input_embeddings()
             self.target_embedding = model.get_decoder().get_input_embeddings()
@@ -436,8 +438,10 @@ class Engine:
         kwargs: dict[str, Any],
         source_embeds: torch.Tensor | None = None,
         target_embeds: torch.Tensor | None = None,
+        is_attributed_fn: bool = False,
     ) -> torch.Tensor:
-        """The step function's value for each row, differentiable where the logits are."""
+        """The step function's value for each row, differentiable where the logits are (and, for
+        Inseq-style functions, the embeddings given)."""
         cache: dict[str, Any] = {}
 
         def contrast():
@@ -449,7 +453,8 @@ class Engine:
             with train_mode(self.model) if train else contextlib.nullcontext():
                 return self.forward(rows, source_embeds, target_embeds)[0]
 
-        args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs)
+        args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs,
+                                inputs=StepInputs(self, rows, source_embeds, target_embeds), is_attributed_fn=is_attributed_fn)
         scores = call_step_function(step, args, kwargs)
         if scores.shape != (len(rows),):
             raise ValueError(f"Step function {step.identifier!r} returned shape {tuple(scores.shape)}, expected ({len(rows)},)")

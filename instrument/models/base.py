@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from rich.progress import Progress
 from instrument import batching
 from instrument.engine import Engine, Example, Rows, scatter
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
-from instrument.steps import get_step_function, step_functions_by_name
+from instrument.steps import get_step_function, output2logits, step_functions_by_name
 from methods.base import Request
 from methods.registry import get_method
 
@@ -36,6 +37,7 @@ class AttributionModel:
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token) first")
         self.engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
+        self.engine.attribution_model = weakref.ref(self)  # step functions see it as args.attribution_model
         self.attribution_method = attribution_method
         self.method_kwargs = method_kwargs
         if attribution_method is not None:
@@ -48,6 +50,8 @@ class AttributionModel:
     @property
     def device(self) -> torch.device:
         return self.engine.device
+
+    output2logits = staticmethod(output2logits)  # Inseq's: logits at the last position of model(...)'s output
 
     # -- to be given by subclasses --------------------------------------------------------------
 
@@ -172,7 +176,7 @@ class AttributionModel:
         rows = Rows.build(sub, [(local[b], p) for b, p in pairs], engine.pad_token_id).to(engine.device)
 
         def score(rows_, logits, source, target):
-            return engine.score(step, rows_, logits, step_kwargs, source, target)
+            return engine.score(step, rows_, logits, step_kwargs, source, target, is_attributed_fn=True)
 
         request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers))
         result = attributor.attribute(request, **attributor.defaults)
