@@ -112,7 +112,7 @@ def test_decoder_only_texts():
         wrapped.attribute("Hello world", "Hello world", show_progress=False)
     with pytest.raises(ValueError, match="nothing to attribute"):  # one example of two
         wrapped.attribute(["Hello", "Hello world"], ["Hello world", "Hello world"], show_progress=False)
-    with pytest.raises(ValueError, match="must start with the input text"):
+    with pytest.raises(ValueError, match="generated_texts must start with the input text"):
         wrapped.attribute("Hello world", "Goodbye world", show_progress=False)
     with pytest.raises(ValueError, match="must start with the input text"):  # leading space: not a continuation
         wrapped.attribute("Hello world", " Hello world, this", show_progress=False)
