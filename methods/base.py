@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -53,10 +54,40 @@ class AttributionMethod:
         unknown = set(defaults) - set(self.params)
         if unknown:
             raise TypeError(f"{self.name} takes no option(s) {sorted(unknown)}; its options: {sorted(self.params)}")
+        for name, value in defaults.items():
+            check_option(self.name, name, value, self.params[name])
         self.defaults = {**self.params, **defaults}
 
     def attribute(self, request: Request, **options) -> RowAttribution:
         raise NotImplementedError
+
+
+# Options counting something: positive integers.
+COUNTS = ("n_steps", "n_samples", "n_neighbors", "perturbations_per_eval", "num_probes", "max_probe_steps")
+
+
+def check_option(method: str, name: str, value: Any, default: Any) -> None:
+    """A method option of the type its default has (bool, int, real), else TypeError naming it.
+
+        >>> check_option("integrated_gradients", "n_steps", "20", 50)   # TypeError
+    """
+    if name == "internal_batch_size":
+        batching.check_size(name, value)
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "True or False"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise TypeError(f"{method}: {name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if name in COUNTS and value < 1:
+        raise ValueError(f"{method}: {name} must be a positive integer, got {value!r}")
+    if isinstance(default, float) and value < 0:
+        raise ValueError(f"{method}: {name} must be non-negative, got {value!r}")
 
 
 def gradients(request: Request, rows: Rows, wrt: list[torch.Tensor], source=None, target=None, layers=(), layer_patch=None,
@@ -181,6 +212,7 @@ def chunks(total: int, rows: Rows, internal_batch_size: int | str | None, rows_p
     chunks of at most `internal_batch_size` rows in all. None: one chunk on accelerators (as
     Captum), chunks of about `CPU_CHUNK_TOKENS` tokens on the CPU; "auto": chunks sized from the
     measured free memory (`instrument.batching.auto_chunks`, an iterator)."""
+    batching.check_size("internal_batch_size", internal_batch_size)
     per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)
     if batching.is_auto(internal_batch_size):
         return batching.auto_chunks(total, per_point)

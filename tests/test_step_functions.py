@@ -248,6 +248,8 @@ def test_mc_dropout_is_the_z_score_of_noisy_forwards_and_restores_training_flags
 @pytest.mark.parametrize("name", BUILTIN)
 def test_each_as_attributed_fn(case, name):
     kwargs = {"contrast_targets": case.contrast_text} if name in CONTRASTIVE else {}
+    if name == "kl_divergence":  # refused as attributed function without it, as in Inseq
+        kwargs["contrast_force_inputs"] = True
     seq = case.am.attribute(case.source_text, case.target_text, method="saliency", show_progress=False,
                             attributed_fn=name, **kwargs)[0]
     attributions = seq.source_attributions if case.enc_dec else seq.target_attributions

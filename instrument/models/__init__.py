@@ -29,8 +29,9 @@ def load_model(
 
     >>> load_model(hf_model, "saliency", tokenizer=tokenizer)
 
-    The model is put in eval mode. It is moved to `device` only when one is given and it was not
-    loaded quantized or with a `device_map` (those stay where they are, in their dtypes). Quantized
+    The model's train/eval mode is left as it is (`attribute` runs in eval mode and restores it). It
+    is moved to `device` only when one is given and it was not loaded quantized or with a
+    `device_map` (those stay where they are, in their dtypes). Quantized
     loading by name or path: `model_kwargs={"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}`
     (with `device`, it is the `device_map` unless model_kwargs has one).
     """
@@ -59,7 +60,6 @@ def load_model(
     placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     if device is not None and not placed:
         model = model.to(device)
-    model.eval()
     wrapper = EncoderDecoderModel if getattr(model.config, "is_encoder_decoder", False) else DecoderOnlyModel
     return wrapper(model, tokenizer, attribution_method, **method_kwargs)
 

@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from instrument import batching
 from instrument.engine import Engine, Example, Rows, scatter
+from instrument.models import validation
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 from instrument.steps import get_step_function, output2logits, step_functions_by_name
 from methods.base import Request
@@ -36,6 +37,7 @@ class AttributionModel:
         self.model, self.tokenizer = model, tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token) first")
+        validation.check_causal(model, self.is_encoder_decoder)
         self.engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
         self.engine.attribution_model = weakref.ref(self)  # step functions see it as args.attribution_model
         self.attribution_method = attribution_method
@@ -69,6 +71,7 @@ class AttributionModel:
 
     # -- attribution ----------------------------------------------------------------------------
 
+    @validation.in_eval_mode
     def attribute(
         self,
         input_texts: str | Sequence[str],
@@ -95,12 +98,21 @@ class AttributionModel:
         `reference=True` runs the step-by-step path (one prefix forward per step and example, as
         Inseq does): slow, for tests. Method options (`n_steps`, `baselines`, `target_layers`...) and
         step function options (`contrast_targets`, `logprob`, `top_k`...) go in `kwargs`.
+
+        `attr_pos_start` / `attr_pos_end` select the target steps `[start, end)` as Inseq 0.7.1 does
+        (an end past the target is its end, negatives count from the end, a start inside a decoder-only
+        prompt is the prompt's end) and the output's target stops at `attr_pos_end`. Refused where
+        Inseq's behaviour is accidental: a negative start on a decoder-only model (Inseq ignores it).
+        Unlike Inseq, an encoder-decoder's `attr_pos_end` is exclusive too (Inseq adds the step at
+        `attr_pos_end` when it is inside the target). The model runs in eval mode; its mode is restored.
         """
         started = time.perf_counter()
         inputs = _as_list(input_texts, "input_texts")
         targets = None if generated_texts is None else _as_list(generated_texts, "generated_texts")
         if targets is not None and len(targets) != len(inputs):
             raise ValueError(f"{len(inputs)} input texts but {len(targets)} generated texts; give one per input")
+        step_scores = validation.step_score_names(step_scores)
+        validation.check_attribute_args(attr_pos_start, attr_pos_end, attributed_fn, kwargs, len(inputs))
         method_name = method or self.attribution_method
         if method_name is None:
             raise ValueError("No attribution method: pass method=... here or to load_model")
@@ -125,6 +137,7 @@ class AttributionModel:
         else:
             target_ids = self.encode_targets(inputs, targets)
         examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs)
+        validation.check_examples(examples)
 
         per_example: list[dict[str, Any]] = [dict() for _ in examples]
         batch_size = batch_size or len(examples)
@@ -147,6 +160,7 @@ class AttributionModel:
                 progress.advance(task)
 
         sequences = [self._sequence_output(e, parts, attribute_target) for e, parts in zip(examples, per_example)]
+        sequences = [validation.cut_at_end(seq) for seq in sequences]  # as in Inseq, nothing past attr_pos_end
         info = {
             "attribution_method": method_name,
             "attributed_fn": getattr(step, "identifier", str(attributed_fn)),
@@ -203,17 +217,7 @@ class AttributionModel:
         limit = _context_length(self.model.config)
         examples = []
         for b, ids in enumerate(target_ids):
-            start = self.default_start(inputs[b], ids) if attr_pos_start is None else attr_pos_start
-            end = len(ids) if attr_pos_end is None else attr_pos_end
-            if start < 0:
-                start += len(ids)
-            if end < 0:
-                end += len(ids)
-            if not 1 <= start < end <= len(ids):
-                raise ValueError(
-                    f"Example {b}: attributed positions [{start}, {end}) are out of range for a target of "
-                    f"{len(ids)} tokens (start must be at least 1 and below end, end at most {len(ids)})"
-                )
+            start, end = validation.positions(b, attr_pos_start, attr_pos_end, len(ids), self.default_start(inputs[b], ids), self.is_encoder_decoder)
             for name, seq in (("target", ids), ("source", sources[b] if sources is not None else None)):
                 if seq is not None and limit is not None and len(seq) > limit:
                     raise ValueError(f"Example {b}: the {name} has {len(seq)} tokens, more than the model's context of {limit}")

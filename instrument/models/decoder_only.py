@@ -26,7 +26,7 @@ class DecoderOnlyModel(AttributionModel):
         for index, (prompt, text) in enumerate(zip(input_texts, texts)):
             if not text.startswith(prompt):
                 raise ValueError(
-                    f"Example {index}: on a decoder-only model the generated text must start with the input text; "
+                    f"Example {index}: on a decoder-only model generated_texts must start with the input text; "
                     f"{text!r} does not start with {prompt!r}"
                 )
         return [self._ids(text) for text in texts]
