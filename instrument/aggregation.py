@@ -173,7 +173,13 @@ def _replace(seq: FeatureAttributionSequenceOutput, **changes) -> FeatureAttribu
         sequence_scores=dict(seq.sequence_scores), attr_pos_start=seq.attr_pos_start, attr_pos_end=seq.attr_pos_end,
     )
     fields.update(changes)
+    if _prompt_as_source(seq):  # decoder-only: the source stays the prompt, target[:attr_pos_start]
+        fields["source"] = list(fields["target"][: fields["attr_pos_start"]])
     return FeatureAttributionSequenceOutput(**fields)
+
+
+def _prompt_as_source(seq: FeatureAttributionSequenceOutput) -> bool:
+    return seq.source_attributions is None and list(seq.source) == list(seq.target[: seq.attr_pos_start])
 
 
 def _merge_dim(t: torch.Tensor | None, groups: Sequence[Span], dim: int, fn: AggregationFunction) -> torch.Tensor | None:
@@ -448,7 +454,7 @@ def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
         raise ValueError("The slices aggregator needs source_spans and/or target_spans, e.g. source_spans=(0, 3)")
     changes: dict[str, Any] = {}
     if source_spans is not None:
-        if not seq.source:
+        if not seq.source or _prompt_as_source(seq):
             raise ValueError("This output has no source (decoder-only model): slice the prompt with target_spans, or seq[a:b]")
         keep = _kept_positions(source_spans, len(seq.source), "source")
         changes["source"] = [seq.source[i] for i in keep]

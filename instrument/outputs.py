@@ -68,7 +68,7 @@ class FeatureAttributionSequenceOutput:
         """
         if isinstance(index, bool) or not isinstance(index, (int, slice)):
             raise TypeError(f"Index with an int or a slice, got {type(index).__name__}")
-        side = "source" if self.source else "target"
+        side = "source" if self.source_attributions is not None else "target"  # decoder-only: slice the prompt
         length = len(getattr(self, side))
         if isinstance(index, int):
             position = index + length if index < 0 else index
@@ -125,6 +125,24 @@ class FeatureAttributionSequenceOutput:
         from instrument.visualization import repr_html
 
         return repr_html(self)
+
+
+@dataclass(eq=False)
+class FeatureAttributionStepOutput:
+    """One generation step of every example (`attribute(..., output_step_attributions=True)`), as Inseq's.
+
+    Tensors are stacked over examples: `source_attributions` `[examples, source_len(, ...)]`,
+    `target_attributions` `[examples, prefix_len(, ...)]` (NaN-padded), `step_scores[name]` `[examples]`;
+    `source`, `prefix` (target tokens before the step) and `target` (the step's token) are per example.
+    """
+
+    source_attributions: torch.Tensor | None = None
+    target_attributions: torch.Tensor | None = None
+    step_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    sequence_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: list[list[TokenWithId]] | None = None
+    prefix: list[list[TokenWithId]] | None = None
+    target: list[list[TokenWithId]] | None = None
 
 
 @dataclass(eq=False)
