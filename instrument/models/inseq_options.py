@@ -286,5 +286,5 @@ def warn_original_inputs() -> None:
         "only the predicted contrast token differs. Pass contrast_force_inputs=True to run it on the contrastive "
         "inputs instead (their forward then carries no gradient on decoder-only models).",
         UserWarning,
-        stacklevel=4,
+        stacklevel=3,
     )
