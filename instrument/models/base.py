@@ -24,7 +24,6 @@ from methods.registry import get_method
 
 CONTRAST_ARGS = ("contrast_targets", "contrast_sources", "contrast_ids", "contrast_attention_mask", "contrast_targets_alignments",
                  "contrast_force_inputs")
-IGNORED_ARGS = ()
 
 
 class AttributionModel:
@@ -326,7 +325,7 @@ def _context_length(config) -> int | None:
 
 
 def _check_step_kwargs(kwargs: dict, steps) -> None:
-    accepted = set(CONTRAST_ARGS) | set(IGNORED_ARGS)
+    accepted = set(CONTRAST_ARGS)
     for step in steps:
         params = inspect.signature(step.fn).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from instrument.outputs import FeatureAttributionStepOutput, TokenWithId
-from instrument.steps import StepFunction, call_step_function
+from instrument.steps import StepFunction, call_step_function, get_step_function
+from methods.registry import get_method
 
 OPTIONS = ("device", "override_default_attribution", "pretty_progress", "output_step_attributions", "clean_special_chars")
 
@@ -42,7 +43,9 @@ def inseq_call_options(attribute):
     """Adds Inseq's `device`, `override_default_attribution`, `pretty_progress`, `output_step_attributions`
     and `clean_special_chars` to `attribute`, and token-id prompts.
 
-        >>> AttributionModel.attribute = inseq_call_options(AttributionModel.attribute)
+        >>> class AttributionModel:
+        ...     @inseq_call_options
+        ...     def attribute(self, input_texts, ...): ...
 
     - `device`: the model is moved there for this call and moved back after it, errors included.
     - `override_default_attribution=True` with `method=...`: that method becomes the model's default
@@ -63,8 +66,6 @@ def inseq_call_options(attribute):
         arguments = bound.arguments
         method = arguments.get("method")
         if override_default_attribution and method:
-            from methods.registry import get_method
-
             get_method(method)  # an unknown name fails before the default changes
             if method != self.attribution_method:
                 self.attribution_method, self.method_kwargs = method, {}
@@ -73,8 +74,6 @@ def inseq_call_options(attribute):
         if arguments.get("attributed_fn") is not None and not options.get("contrast_force_inputs") and any(
             options.get(name) is not None for name in ("contrast_targets", "contrast_ids", "contrast_sources")
         ):
-            from instrument.steps import get_step_function
-
             if get_step_function(arguments["attributed_fn"]).needs_contrast or callable(arguments["attributed_fn"]):
                 warn_original_inputs()
         with _on_device(self, device):
