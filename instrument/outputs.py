@@ -242,6 +242,24 @@ class FeatureAttributionSequenceOutput:
 
 
 @dataclass(eq=False)
+class FeatureAttributionStepOutput:
+    """One generation step of every example (`attribute(..., output_step_attributions=True)`), as Inseq's.
+
+    Tensors are stacked over examples: `source_attributions` `[examples, source_len(, ...)]`,
+    `target_attributions` `[examples, prefix_len(, ...)]` (NaN-padded), `step_scores[name]` `[examples]`;
+    `source`, `prefix` (target tokens before the step) and `target` (the step's token) are per example.
+    """
+
+    source_attributions: torch.Tensor | None = None
+    target_attributions: torch.Tensor | None = None
+    step_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    sequence_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: list[list[TokenWithId]] | None = None
+    prefix: list[list[TokenWithId]] | None = None
+    target: list[list[TokenWithId]] | None = None
+
+
+@dataclass(eq=False)
 class FeatureAttributionOutput:
     """One `FeatureAttributionSequenceOutput` per example, plus `info` on how they were made.
 

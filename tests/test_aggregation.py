@@ -457,14 +457,14 @@ def test_real_subwords_and_spans_by_hand(real, arch):
         close(out.step_scores["probability"], probability)
     start = seq.attr_pos_start
     target_spans = ([(0, 2)] if start >= 2 else []) + [(start, start + 3)]  # a prompt span and a generated one
-    source_spans = [(1, 3)] if seq.source else None
+    source_spans = [(1, 3)] if seq.source_attributions is not None else None
     out = seq.aggregate("spans", "sum", source_spans=source_spans, target_spans=target_spans)
     tgt_groups = instrument.aggregation.spans_to_groups(target_spans, len(seq.target), "target")
     columns, new_start, new_end = instrument.aggregation._column_groups(tgt_groups, start, seq.attr_pos_end)
     assert (out.attr_pos_start, out.attr_pos_end) == (new_start, new_end) == (start - (start >= 2), new_start + len(columns))
     assert len(columns) == seq.attr_pos_end - start - 2
     close(out.target_attributions, merged_by_hand(seq.target_attributions, tgt_groups, columns, sum))
-    if seq.source:
+    if seq.source_attributions is not None:
         src_groups = instrument.aggregation.spans_to_groups(source_spans, len(seq.source), "source")
         close(out.source_attributions, merged_by_hand(seq.source_attributions, src_groups, columns, sum))
 
@@ -491,7 +491,7 @@ def test_real_scores_split_slices_pair(real, arch):
     close(sentences.target_attributions, merged_by_hand(seq.target_attributions, groups, columns, sum))
 
     sliced = seq[1:3]
-    if seq.source:
+    if seq.source_attributions is not None:
         close(sliced.source_attributions, seq.source_attributions[1:3])
     else:
         close(sliced.target_attributions, seq.target_attributions[[1, 2, *range(seq.attr_pos_start, len(seq.target))]])

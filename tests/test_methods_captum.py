@@ -397,7 +397,7 @@ def test_contrast_prob_diff_integrated_gradients(arch):
     assert len(contrast_ids) == len(c.target)
     am = instrument.load_model(c.model, "integrated_gradients", tokenizer=c.tok, n_steps=8, method="riemann_right")
     seq = am.attribute(source, target, show_progress=False, attributed_fn="contrast_prob_diff",
-                       contrast_targets=contrast, return_convergence_delta=True)[0]
+                       contrast_targets=contrast, contrast_force_inputs=True, return_convergence_delta=True)[0]
     ours, expected = [], []
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target=False)

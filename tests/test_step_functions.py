@@ -190,8 +190,13 @@ def test_contrast_alignment_for_other_lengths(case):
     scores = case.scores(names, contrast_targets=case.other_text, contrast_targets_alignments=case.alignment)
     for name in names:
         close(scores[name], case.per_step(HAND[name], contrast_ids=contrast, alignment=case.alignment), atol_for(name))
-    with pytest.raises(ValueError, match="contrast_targets_alignments"):
-        case.scores(names, contrast_targets=case.other_text)
+    # without alignments (Inseq's rule): positions aligned right to left from the end of the contrast, with a warning
+    with pytest.warns(UserWarning, match="right to left"):
+        scores = case.scores(names, contrast_targets=case.other_text)
+    back = {p: len(contrast) - (len(case.target) - p) for p in case.steps}  # the i-th position from the end -> len - i
+    right = {p: q if q > 0 else len(contrast) - 1 for p, q in back.items()}
+    for name in names:
+        close(scores[name], case.per_step(HAND[name], contrast_ids=contrast, alignment=right), atol_for(name))
 
 
 def test_contrast_sources_on_encoder_decoder():
@@ -247,9 +252,9 @@ def test_mc_dropout_is_the_z_score_of_noisy_forwards_and_restores_training_flags
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_each_as_attributed_fn(case, name):
-    kwargs = {"contrast_targets": case.contrast_text} if name in CONTRASTIVE else {}
-    if name == "kl_divergence":  # refused as attributed function without it, as in Inseq
-        kwargs["contrast_force_inputs"] = True
+    # contrast_force_inputs: the contrastive function runs on the contrastive inputs (Inseq's default scores
+    # the contrast token on the original inputs, where kl_divergence is 0 everywhere)
+    kwargs = {"contrast_targets": case.contrast_text, "contrast_force_inputs": True} if name in CONTRASTIVE else {}
     seq = case.am.attribute(case.source_text, case.target_text, method="saliency", show_progress=False,
                             attributed_fn=name, **kwargs)[0]
     attributions = seq.source_attributions if case.enc_dec else seq.target_attributions

@@ -18,14 +18,14 @@ from rich.progress import Progress
 from instrument import batching
 from instrument.engine import Engine, Example, Rows, scatter
 from instrument.models import validation
+from instrument.models import inseq_options
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 from instrument.steps import get_step_function, output2logits, step_functions_by_name
 from methods.base import Request
 from methods.registry import get_method
 
-CONTRAST_ARGS = ("contrast_targets", "contrast_sources", "contrast_ids", "contrast_attention_mask", "contrast_targets_alignments")
-# Accepted for compatibility with Inseq scripts; contrastive inputs are always used as given here.
-IGNORED_ARGS = ("contrast_force_inputs",)
+CONTRAST_ARGS = ("contrast_targets", "contrast_sources", "contrast_ids", "contrast_attention_mask", "contrast_targets_alignments",
+                 "contrast_force_inputs")
 
 
 class AttributionModel:
@@ -57,21 +57,22 @@ class AttributionModel:
 
     # -- to be given by subclasses --------------------------------------------------------------
 
-    def encode_sources(self, texts: Sequence[str]) -> list[torch.Tensor] | None:
+    def encode_sources(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[torch.Tensor] | None:
         raise NotImplementedError
 
-    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str]) -> list[torch.Tensor]:
+    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str], add_special_tokens: bool = True) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def default_start(self, input_text: str, target_ids: torch.Tensor) -> int:
+    def default_start(self, input_text: str, target_ids: torch.Tensor, add_special_tokens: bool = True) -> int:
         raise NotImplementedError
 
-    def generate(self, input_texts: Sequence[str], target_prefixes, generation_args: dict) -> list[torch.Tensor]:
+    def generate(self, input_texts: Sequence[str], target_prefixes, generation_args: dict, add_special_tokens: bool = True) -> list[torch.Tensor]:
         raise NotImplementedError
 
     # -- attribution ----------------------------------------------------------------------------
 
     @validation.in_eval_mode
+    @inseq_options.inseq_call_options
     def attribute(
         self,
         input_texts: str | Sequence[str],
@@ -97,7 +98,11 @@ class AttributionModel:
 
         `reference=True` runs the step-by-step path (one prefix forward per step and example, as
         Inseq does): slow, for tests. Method options (`n_steps`, `baselines`, `target_layers`...) and
-        step function options (`contrast_targets`, `logprob`, `top_k`...) go in `kwargs`.
+        step function options (`contrast_targets`, `logprob`, `top_k`...) go in `kwargs`. Inseq's
+        `device`, `override_default_attribution`, `pretty_progress`, `output_step_attributions` and
+        `clean_special_chars` are handled in `inseq_options.inseq_call_options`. A decoder-only prompt
+        may be token ids (e.g. `tokenizer.apply_chat_template(...)`), its target then ids too.
+        `skip_special_tokens=True` removes special tokens from the texts and adds none (Inseq).
 
         `attr_pos_start` / `attr_pos_end` select the target steps `[start, end)` as Inseq 0.7.1 does
         (an end past the target is its end, negatives count from the end, a start inside a decoder-only
@@ -132,11 +137,11 @@ class AttributionModel:
         batching.check_size("batch_size", batch_size)
 
         if targets is None or generate_from_target_prefix:
-            target_ids = self.generate(inputs, targets, dict(generation_args or {}))
+            target_ids = self.generate(inputs, targets, dict(generation_args or {}), add_special_tokens=not skip_special_tokens)
             targets = [self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in target_ids]
         else:
-            target_ids = self.encode_targets(inputs, targets)
-        examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs)
+            target_ids = self.encode_targets(inputs, targets, add_special_tokens=not skip_special_tokens)
+        examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=not skip_special_tokens)
         validation.check_examples(examples)
 
         per_example: list[dict[str, Any]] = [dict() for _ in examples]
@@ -190,7 +195,9 @@ class AttributionModel:
         rows = Rows.build(sub, [(local[b], p) for b, p in pairs], engine.pad_token_id).to(engine.device)
 
         def score(rows_, logits, source, target):
-            return engine.score(step, rows_, logits, step_kwargs, source, target, is_attributed_fn=True)
+            # Inseq scores a contrastive attributed function on the original inputs unless told otherwise
+            fn = step if step_kwargs.get("contrast_force_inputs") else inseq_options.on_original_inputs(step, rows_)
+            return engine.score(fn, rows_, logits, step_kwargs, source, target, is_attributed_fn=True)
 
         request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers))
         result = attributor.attribute(request, **attributor.defaults)
@@ -211,13 +218,13 @@ class AttributionModel:
                 parts.setdefault("steps", {})[name] = values[picked].float().cpu()
             _merge(target, parts, steps, n_steps)
 
-    def _examples(self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs) -> list[Example]:
-        sources = self.encode_sources(inputs)
-        contrast_ids, contrast_sources, alignments = self._contrast(inputs, step_kwargs, len(inputs))
+    def _examples(self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=True) -> list[Example]:
+        sources = self.encode_sources(inputs, add_special_tokens=add_special_tokens)
+        contrast_ids, contrast_sources, alignments = self._contrast(inputs, step_kwargs, len(inputs), add_special_tokens)
         limit = _context_length(self.model.config)
         examples = []
         for b, ids in enumerate(target_ids):
-            start, end = validation.positions(b, attr_pos_start, attr_pos_end, len(ids), self.default_start(inputs[b], ids), self.is_encoder_decoder)
+            start, end = validation.positions(b, attr_pos_start, attr_pos_end, len(ids), self.default_start(inputs[b], ids, add_special_tokens), self.is_encoder_decoder)
             for name, seq in (("target", ids), ("source", sources[b] if sources is not None else None)):
                 if seq is not None and limit is not None and len(seq) > limit:
                     raise ValueError(f"Example {b}: the {name} has {len(seq)} tokens, more than the model's context of {limit}")
@@ -225,20 +232,16 @@ class AttributionModel:
             if contrast_ids is not None or contrast_sources is not None:
                 example.contrast_ids = contrast_ids[b] if contrast_ids is not None else ids
                 example.contrast_source_ids = contrast_sources[b] if contrast_sources is not None else None
-                example.alignment = alignments[b] if alignments is not None else None
-                if example.alignment is None and len(example.contrast_ids) != len(ids):
-                    raise ValueError(
-                        f"Example {b}: the contrast target has {len(example.contrast_ids)} tokens and the target "
-                        f"{len(ids)}; pass contrast_targets_alignments as (target position, contrast position) pairs"
-                    )
+                example.alignment = self._alignment(b, alignments[b], start, end, len(ids), len(example.contrast_ids))
             examples.append(example)
         return examples
 
-    def _contrast(self, inputs, kwargs, count):
+    def _contrast(self, inputs, kwargs, count, add_special_tokens=True):
         """Contrastive target ids, source ids and alignments per example, from the step kwargs."""
-        contrast_ids = contrast_sources = alignments = None
+        contrast_ids = contrast_sources = None
         if kwargs.get("contrast_targets") is not None:
-            contrast_ids = self.encode_targets(inputs, _as_list(kwargs["contrast_targets"], "contrast_targets"))
+            texts = _as_list(kwargs["contrast_targets"], "contrast_targets")
+            contrast_ids = self.encode_targets(texts, texts, add_special_tokens)  # need not continue the input text
         elif kwargs.get("contrast_ids") is not None:
             ids = torch.as_tensor(kwargs["contrast_ids"])
             ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
@@ -248,18 +251,28 @@ class AttributionModel:
         if kwargs.get("contrast_sources") is not None:
             if not self.is_encoder_decoder:
                 raise ValueError("contrast_sources is for encoder-decoder models; on decoder-only models give the whole contrastive text in contrast_targets")
-            contrast_sources = self.encode_sources(_as_list(kwargs["contrast_sources"], "contrast_sources"))
+            contrast_sources = self.encode_sources(_as_list(kwargs["contrast_sources"], "contrast_sources"), add_special_tokens)
         for name, value in (("contrast targets", contrast_ids), ("contrast sources", contrast_sources)):
             if value is not None and len(value) != count:
                 raise ValueError(f"{len(value)} {name} for {count} input texts; give one per input")
-        raw = kwargs.get("contrast_targets_alignments")
-        if raw is not None:
-            nested = raw and isinstance(raw[0], (list, tuple)) and raw[0] and isinstance(raw[0][0], (list, tuple))
-            per_example = raw if nested else [raw] * count
-            if len(per_example) != count:
-                raise ValueError(f"Give one alignment per input text ({count}), or one for all")
-            alignments = [{int(t): int(c) for t, c in pairs} for pairs in per_example]
-        return contrast_ids, contrast_sources, alignments
+        if kwargs.get("contrast_targets_alignments") is not None and contrast_ids is None:
+            raise ValueError("contrast_targets_alignments needs contrast_targets (or contrast_ids)")
+        return contrast_ids, contrast_sources, inseq_options.parse_alignments(kwargs.get("contrast_targets_alignments"), count)
+
+    def _alignment(self, b, pairs, start, end, length, contrast_length) -> dict[int, int]:
+        """Inseq's alignment of the attributed positions to contrast positions, missing ones filled from the right.
+
+        Without pairs and with equal lengths: the identity (Inseq's fill would shift it when attr_pos_end
+        ends before the target does)."""
+        if pairs is None and contrast_length == length:
+            return {p: p for p in range(start, end)}
+        if pairs is None:
+            warnings.warn(
+                f"Example {b}: the contrast target has {contrast_length} tokens and the target {length}, and no "
+                "contrast_targets_alignments were given: attributed positions are aligned to the contrast's last "
+                "positions, right to left (Inseq's rule)", UserWarning, stacklevel=5,
+            )
+        return inseq_options.fill_alignment(pairs, start, end, contrast_length)
 
     def _tokens(self, ids: torch.Tensor) -> list[TokenWithId]:
         ids = ids.tolist()
@@ -269,8 +282,8 @@ class AttributionModel:
         step_scores = dict(parts.get("steps", {}))
         if "delta" in parts:
             step_scores["deltas"] = parts["delta"]
-        return FeatureAttributionSequenceOutput(
-            source=self._tokens(example.source_ids) if example.source_ids is not None else [],
+        return FeatureAttributionSequenceOutput(  # decoder-only: the source is the prompt (Inseq)
+            source=self._tokens(example.source_ids if example.source_ids is not None else example.target_ids[: example.start]),
             target=self._tokens(example.target_ids),
             source_attributions=parts.get("source"),
             target_attributions=parts.get("target"),
@@ -320,7 +333,7 @@ def _context_length(config) -> int | None:
 
 
 def _check_step_kwargs(kwargs: dict, steps) -> None:
-    accepted = set(CONTRAST_ARGS) | set(IGNORED_ARGS)
+    accepted = set(CONTRAST_ARGS)
     for step in steps:
         params = inspect.signature(step.fn).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

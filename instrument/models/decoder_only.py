@@ -11,28 +11,39 @@ from typing import Sequence
 import torch
 
 from instrument.models.base import AttributionModel
+from instrument.models.inseq_options import TokenIds
 
 
 class DecoderOnlyModel(AttributionModel):
     """Attributions are target-side only: `[sequence_len, generated_len(, hidden)]`."""
 
-    def encode_sources(self, texts: Sequence[str]) -> None:
+    def encode_sources(self, texts: Sequence[str], add_special_tokens: bool = True) -> None:
         return None
 
-    def _ids(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+    def _ids(self, text: str, add_special_tokens: bool = True) -> torch.Tensor:
+        """The text's ids; a text that starts with the BOS token itself (a chat template) gets no second one."""
+        if isinstance(text, TokenIds):
+            return text.ids
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return torch.tensor(ids, dtype=torch.long)
 
-    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str]) -> list[torch.Tensor]:
+    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str], add_special_tokens: bool = True) -> list[torch.Tensor]:
         for index, (prompt, text) in enumerate(zip(input_texts, texts)):
-            if not text.startswith(prompt):
+            if isinstance(prompt, TokenIds) and isinstance(text, TokenIds):
+                if not torch.equal(text.ids[: len(prompt.ids)], prompt.ids):
+                    raise ValueError(f"Example {index}: the generated token ids must start with the prompt's token ids")
+            elif not text.startswith(prompt):
                 raise ValueError(
                     f"Example {index}: on a decoder-only model generated_texts must start with the input text; "
                     f"{text!r} does not start with {prompt!r}"
                 )
-        return [self._ids(text) for text in texts]
+        return [self._ids(text, add_special_tokens) for text in texts]
 
-    def default_start(self, input_text: str, target_ids: torch.Tensor) -> int:
-        prompt = self._ids(input_text)
+    def default_start(self, input_text: str, target_ids: torch.Tensor, add_special_tokens: bool = True) -> int:
+        prompt = self._ids(input_text, add_special_tokens)
         if not torch.equal(target_ids[: len(prompt)], prompt):
             warnings.warn(
                 f"The tokens of {input_text!r} are not a prefix of the target's tokens (a token spans the boundary); "
@@ -41,23 +52,16 @@ class DecoderOnlyModel(AttributionModel):
             )
         return max(len(prompt), 1)
 
-    def generate(self, input_texts, target_prefixes, generation_args: dict) -> list[torch.Tensor]:
-        prompts = target_prefixes if target_prefixes is not None else input_texts
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
-        finally:
-            self.tokenizer.padding_side = side
-        generation_args.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+    def generate(self, input_texts, target_prefixes, generation_args: dict, add_special_tokens: bool = True) -> list[torch.Tensor]:
+        prompts = [self._ids(text, add_special_tokens) for text in (target_prefixes if target_prefixes is not None else input_texts)]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])  # left padding
+        mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]).long() for p in prompts])
+        generation_args.setdefault("pad_token_id", pad)
         with torch.no_grad():
-            sequences = self.model.generate(**batch, **generation_args).cpu()
-        width = batch["input_ids"].shape[1]
-        out = []
-        for row, mask in zip(sequences, batch["attention_mask"].cpu()):
-            prompt = row[:width][mask.bool()]
-            out.append(torch.cat([prompt, _until_eos(row[width:], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)]))
-        return out
+            sequences = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **generation_args).cpu()
+        return [torch.cat([p, _until_eos(row[width:], self.tokenizer.eos_token_id, pad)]) for p, row in zip(prompts, sequences)]
 
 
 def _until_eos(ids: torch.Tensor, eos: int | None, pad: int | None) -> torch.Tensor:
