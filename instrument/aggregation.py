@@ -176,13 +176,7 @@ def _replace(seq: FeatureAttributionSequenceOutput, **changes) -> FeatureAttribu
         _aggregator=getattr(seq, "_aggregator", None),
     )
     fields.update(changes)
-    if _prompt_as_source(seq):  # decoder-only: the source stays the prompt, target[:attr_pos_start]
-        fields["source"] = list(fields["target"][: fields["attr_pos_start"]])
     return FeatureAttributionSequenceOutput(**fields)
-
-
-def _prompt_as_source(seq: FeatureAttributionSequenceOutput) -> bool:
-    return seq.source_attributions is None and list(seq.source) == list(seq.target[: seq.attr_pos_start])
 
 
 def _merge_dim(t: torch.Tensor | None, groups: Sequence[Span], dim: int, fn: AggregationFunction) -> torch.Tensor | None:

@@ -142,7 +142,6 @@ class AttributionModel:
         else:
             target_ids = self.encode_targets(inputs, targets, add_special_tokens=not skip_special_tokens)
         examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=not skip_special_tokens)
-        validation.check_examples(examples)
 
         per_example: list[dict[str, Any]] = [dict() for _ in examples]
         batch_size = batch_size or len(examples)
@@ -264,6 +263,7 @@ class AttributionModel:
 
         Without pairs and with equal lengths: the identity (Inseq's fill would shift it when attr_pos_end
         ends before the target does)."""
+        validation.check_alignment_range(b, pairs, length, contrast_length)
         if pairs is None and contrast_length == length:
             return {p: p for p in range(start, end)}
         if pairs is None:

@@ -256,10 +256,7 @@ def parse_alignments(raw, count: int) -> list[list[tuple[int, int]] | None]:
     per_example = raw if nested else [raw] * count
     if len(per_example) != count:
         raise ValueError(f"Give one list of contrast_targets_alignments per input text ({count}), or one for all")
-    for pairs in per_example:
-        for pair in pairs:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
-                raise ValueError(f"contrast_targets_alignments: {pair!r} is not a (target position, contrast position) pair of ints")
+    # the form of each pair was checked by validation.check_attribute_args
     return [list(pairs) for pairs in per_example]
 
 

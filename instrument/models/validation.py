@@ -266,10 +266,3 @@ def cut_at_end(sequence):
         sequence.target_attributions = sequence.target_attributions[:end]
     return sequence
 
-
-def check_examples(examples) -> None:
-    """Ranges that need the token ids: the contrastive alignments of every example."""
-    for index, example in enumerate(examples):
-        if example.alignment is not None:
-            contrast = example.contrast_ids if example.contrast_ids is not None else example.target_ids
-            check_alignment_range(index, example.alignment, len(example.target_ids), len(contrast))
