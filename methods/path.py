@@ -41,16 +41,17 @@ class SequentialIntegratedGradients(PathMethod):
 
     Cost: `n_steps` path points per attributed token per row, all batched, at most
     `internal_batch_size` (default 512; None: all at once; "auto": sized from free memory) rows per
-    forward and backward.
+    forward and backward. The integration rule: `approximation_method` (or `method`), as for
+    integrated gradients.
     """
 
-    params = {"n_steps": 50, "method": "gausslegendre", "internal_batch_size": 512, "baselines": None,
-              "include_eos_baseline": False, "multiply_by_inputs": True}
+    params = {"n_steps": 50, "method": "gausslegendre", "approximation_method": None, "internal_batch_size": 512,
+              "baselines": None, "include_eos_baseline": False, "multiply_by_inputs": True}
 
-    def attribute(self, request: Request, n_steps=50, method="gausslegendre", internal_batch_size=512, baselines=None,
-                  include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
+    def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
+                  internal_batch_size=512, baselines=None, include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
         _check_batch_size(internal_batch_size)
-        alphas, weights = approximation(method, n_steps)
+        alphas, weights = approximation(approximation_method or method, n_steps)
         engine, rows = request.engine, request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = {"target": (target, target_base, rows.target_mask)}
@@ -242,7 +243,7 @@ class DiscretizedIntegratedGradients(AttributionMethod):
     `factor` times. The attribution is the left Riemann sum along that path,
     `sum_k grad f(c_k) * (c_{k+1} - c_k)` (DIG's own code). Baselines are token ids: UNK (default,
     EOS kept unless `include_eos_baseline`), "pad", or an int id; a token equal to its baseline
-    (or padding) stays put and gets zero.
+    (or padding) stays put and gets zero; so does the decoder start token of an encoder-decoder target.
     """
 
     params = {"n_steps": 30, "strategy": "greedy", "n_neighbors": 500, "factor": 0, "baselines": None,
@@ -269,7 +270,8 @@ class DiscretizedIntegratedGradients(AttributionMethod):
             if name not in moving:
                 paths[name] = x[None].expand(2, *x.shape)  # stays at its input
                 continue
-            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline, len(vocab.features))
+            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline, len(vocab.features),
+                                      keep_start=name == "target" and engine.is_encoder_decoder)
             length = 2 ** factor * (n_steps + 1) + 1
             path = x[None].repeat(length, *([1] * x.dim()))
             for r, i in mask.nonzero().tolist():
@@ -305,7 +307,10 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         return RowAttribution(source=totals.get("source"), target=totals.get("target"), logits=logits, delta=delta)
 
     @staticmethod
-    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int) -> torch.Tensor:
+    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int,
+                      keep_start: bool = False) -> torch.Tensor:
+        """Baseline token ids for `ids`; `keep_start`: the decoder start token (column 0) stays, as in
+        `Engine.baseline`."""
         if baselines in (None, "unk"):
             if engine.unk_token_id is None:
                 raise ValueError("The tokenizer has no UNK token for the default baseline; pass baselines='pad' or a token id")
@@ -321,4 +326,6 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         refs = torch.full_like(ids, ref)
         if not include_eos and engine.eos_token_id is not None:
             refs = torch.where(ids == engine.eos_token_id, ids, refs)
+        if keep_start:
+            refs[:, 0] = ids[:, 0]
         return refs

@@ -99,9 +99,13 @@ class Case:
 
     # -- inputs and baselines (by hand) ---------------------------------------------------------
 
-    def baseline_ids(self, ids):
-        """Default baseline: UNK everywhere except EOS tokens."""
-        return torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, self.tok.unk_token_id))
+    def baseline_ids(self, ids, target=False):
+        """Default baseline (Inseq's): UNK everywhere except EOS tokens and, on an encoder-decoder
+        target, the decoder start token."""
+        base = torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, self.tok.unk_token_id))
+        if target and self.enc_dec:
+            base[..., 0] = ids[..., 0]
+        return base
 
     @torch.no_grad()
     def embeds(self, p, attribute_target):
@@ -113,7 +117,7 @@ class Case:
         inputs, baselines = [self.src_emb(src)], [self.src_emb(self.baseline_ids(src))]
         if attribute_target:
             inputs.append(self.tgt_emb(prefix))
-            baselines.append(self.tgt_emb(self.baseline_ids(prefix)))
+            baselines.append(self.tgt_emb(self.baseline_ids(prefix, target=True)))
         return tuple(inputs), tuple(baselines)
 
     # -- forward functions for Captum ----------------------------------------------------------

@@ -64,8 +64,22 @@ def grad_at(c, p, attribute_target, points):
     return torch.autograd.grad(value, points)
 
 
-def baseline_ids(c, ids):
-    return torch.where(ids == c.tok.eos_token_id, ids, torch.full_like(ids, c.tok.unk_token_id))
+def baseline_ids(c, ids, target=False):
+    """UNK, EOS kept, and the decoder start token of an encoder-decoder target kept (Inseq's rule)."""
+    base = torch.where(ids == c.tok.eos_token_id, ids, torch.full_like(ids, c.tok.unk_token_id))
+    if target and c.enc_dec:
+        base[0] = ids[0]
+    return base
+
+
+def unk_embeds(c, p, attribute_target):
+    """`c.embeds` with UNK baselines, the decoder start token kept as it is on the target side."""
+    inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id)
+    if c.enc_dec and attribute_target:
+        target_base = baselines[1].clone()
+        target_base[:, 0] = inputs[1][:, 0]
+        baselines = (baselines[0], target_base)
+    return inputs, baselines
 
 
 # -- SIG -----------------------------------------------------------------------------------------
@@ -73,7 +87,7 @@ def baseline_ids(c, ids):
 
 def sig_by_hand(c, p, attribute_target, n_steps):
     alphas, weights = approximation("gausslegendre", n_steps)
-    inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id)
+    inputs, baselines = unk_embeds(c, p, attribute_target)
     result = []
     for side, (x, b) in enumerate(zip(inputs, baselines)):
         attribution = torch.zeros_like(x[0])
@@ -89,7 +103,7 @@ def sig_by_hand(c, p, attribute_target, n_steps):
     return result
 
 
-@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False)])
+@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False), ("t5", True)])
 def test_sig_equals_definition(arch, attribute_target):
     c = Case(arch)
     seq = c.attribute("sequential_integrated_gradients", n_steps=4, attribute_target=attribute_target)
@@ -174,6 +188,7 @@ def upscale(points):
 
 @pytest.mark.parametrize("arch, attribute_target, strategy, factor", [
     ("gpt2", False, "greedy", 0), ("llama", False, "maxcount", 1), ("bart", True, "greedy", 0), ("t5", False, "maxcount", 0),
+    ("t5", True, "greedy", 0),
 ])
 def test_dig_equals_definition(arch, attribute_target, strategy, factor):
     c = Case(arch)
@@ -191,7 +206,7 @@ def test_dig_equals_definition(arch, attribute_target, strategy, factor):
         for side, (side_ids, feats) in enumerate(zip(ids, features)):
             if side >= len(inputs):
                 continue
-            refs = baseline_ids(c, side_ids)
+            refs = baseline_ids(c, side_ids, target=side == 1)
             per_token = []
             for word, ref in zip(side_ids.tolist(), refs.tolist()):
                 length = 2 ** factor * (steps + 1) + 1
