@@ -275,6 +275,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.target_embedding.weight.device
 
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Pad, UNK and EOS, and the config's BOS and decoder start token (DIG keeps them off its paths)."""
+        config = self.model.config
+        ids = (self.pad_token_id, self.unk_token_id, self.eos_token_id, getattr(config, "bos_token_id", None),
+               getattr(config, "decoder_start_token_id", None))
+        return {int(i) for i in ids if isinstance(i, int)}
+
     # -- embeddings and baselines ---------------------------------------------------------------
 
     @property

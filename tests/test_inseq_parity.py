@@ -157,13 +157,19 @@ def test_attention(arch, attribute_target):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("t5", False), ("t5", True),
-                                                    ("bart", True)])
-def test_discretized_integrated_gradients(arch, attribute_target):
-    pytest.importorskip("sklearn")  # Inseq's DIG builds its neighbour graph with scikit-learn
-    options = {"n_steps": N_STEPS}
-    assert_parity(ours_run(arch, "discretized_integrated_gradients", attribute_target, **options),
-                  inseq_run(arch, "discretized_integrated_gradients", attribute_target, **options), attribute_target, arch)
+@pytest.mark.parametrize("arch, attribute_target", with_target(ARCHS))
+def test_discretized_integrated_gradients(arch, attribute_target, tmp_path):
+    """Inseq's DIG builds its neighbour graph with scikit-learn (50 neighbours, whatever is asked)
+    and caches it on disk under the model's name, which the fixtures lack: a fresh folder each."""
+    pytest.importorskip("sklearn")
+    model, tokenizer, _ = fixture(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = inseq.load_model(model, "discretized_integrated_gradients", tokenizer=copy.deepcopy(tokenizer),
+                                   device="cpu", cache_dir=str(tmp_path))
+        theirs = wrapped.attribute(*texts(arch), attribute_target=attribute_target, show_progress=False, n_steps=N_STEPS)[0]
+    ours = ours_run(arch, "discretized_integrated_gradients", attribute_target, n_steps=N_STEPS)
+    assert_parity(ours, theirs, attribute_target, arch)
 
 
 def test_marian_inseq_forward_differs():
@@ -181,3 +187,26 @@ def test_marian_inseq_forward_differs():
         plain = model(input_ids=src, decoder_input_ids=tgt).logits.softmax(-1)[0, :-1].gather(1, tgt[0, 1:, None])[:, 0]
     torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-8)
     assert not torch.allclose(theirs, plain, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "layer_gradient_x_activation"])
+def test_non_differentiable_attributed_fn_raises_in_both(method):
+    """An argmax has no gradient: Inseq (through autograd) and we both raise rather than return zeros."""
+    from instrument.steps import _REGISTRY
+
+    def ours_fn(args):
+        return args.logits.argmax(-1).float()
+
+    def inseq_fn(args):
+        return args.attribution_model.output2logits(args.forward_output).argmax(-1).float()
+
+    instrument.register_step_function(ours_fn, "test_parity_argmax")
+    inseq.register_step_function(inseq_fn, "test_parity_argmax", overwrite=True)
+    options = {"n_steps": N_STEPS} if method == "integrated_gradients" else {}
+    try:
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            inseq_run("gpt2", method, False, attributed_fn="test_parity_argmax", **options)
+        with pytest.raises(ValueError, match="attributed_fn 'test_parity_argmax'"):
+            ours_run("gpt2", method, False, attributed_fn="test_parity_argmax", **options)
+    finally:
+        _REGISTRY.pop("test_parity_argmax", None)

@@ -151,11 +151,14 @@ def dig_monotonize(baseline, current, anchor, steps):
                          for good, b, x, a in zip(ok, baseline.tolist(), current.tolist(), anchor.tolist())], dtype=torch.float64)
 
 
-def dig_path_by_hand(features, word, ref, steps, strategy, k):
-    """Anchor words (DIG's find_word_path), then monotonized points reversed (make_monotonic_path)."""
+def dig_path_by_hand(features, word, ref, steps, strategy, k, special=False):
+    """Anchor words (DIG's find_word_path), then monotonized points reversed (make_monotonic_path):
+    `steps` points. A special token (Inseq's rule) sits at its baseline, then at itself."""
+    if special:
+        return torch.stack([features[ref]] + [features[word]] * (steps - 1))
     distances = torch.cdist(features, features)
     path, current = [word], word
-    for _ in range(steps):
+    for _ in range(steps - 2):
         if current == ref:
             path.append(ref)
             continue
@@ -209,11 +212,11 @@ def test_dig_equals_definition(arch, attribute_target, strategy, factor):
             refs = baseline_ids(c, side_ids, target=side == 1)
             per_token = []
             for word, ref in zip(side_ids.tolist(), refs.tolist()):
-                length = 2 ** factor * (steps + 1) + 1
+                length = 2 ** factor * (steps - 1) + 1
                 if word == ref:
                     per_token.append(feats[word].expand(length, -1))
                     continue
-                points = dig_path_by_hand(feats, word, ref, steps, strategy, k)
+                points = dig_path_by_hand(feats, word, ref, steps, strategy, k, word in c.tok.all_special_ids)
                 for _ in range(factor):
                     points = upscale(points)
                 for a, b in zip(points[:-1], points[1:]):  # monotonic towards the input, as DIG checks
