@@ -85,8 +85,8 @@ def unk_embeds(c, p, attribute_target):
 # -- SIG -----------------------------------------------------------------------------------------
 
 
-def sig_by_hand(c, p, attribute_target, n_steps):
-    alphas, weights = approximation("gausslegendre", n_steps)
+def sig_by_hand(c, p, attribute_target, n_steps, rule="gausslegendre"):
+    alphas, weights = approximation(rule, n_steps)
     inputs, baselines = unk_embeds(c, p, attribute_target)
     result = []
     for side, (x, b) in enumerate(zip(inputs, baselines)):
@@ -110,6 +110,18 @@ def test_sig_equals_definition(arch, attribute_target):
     for j, p in enumerate(c.steps):
         for side, expected in zip(c.sides(attribute_target), sig_by_hand(c, p, attribute_target, 4)):
             close(c.ours(seq, j, p, side), expected)
+
+
+def test_sig_approximation_method():
+    """The integration rule per call (`approximation_method`) and at load time (`method`)."""
+    c = Case("gpt2")
+    seq = c.attribute("sequential_integrated_gradients", n_steps=4, approximation_method="riemann_right")
+    for j, p in enumerate(c.steps):
+        (expected,) = sig_by_hand(c, p, False, 4, rule="riemann_right")
+        close(c.ours(seq, j, p, "target"), expected)
+    wrapped = instrument.load_model(c.model, "sequential_integrated_gradients", tokenizer=c.tok, method="riemann_right")
+    at_load = wrapped.attribute(*c.texts, n_steps=4, show_progress=False)[0]
+    torch.testing.assert_close(at_load.target_attributions, seq.target_attributions, equal_nan=True)
 
 
 def test_sig_completeness_per_token():
