@@ -31,7 +31,7 @@ from tiny_models import tiny_model
 
 # Captum warns that it sets requires_grad on inputs and hooks on nonlinearities: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
-ARCHS = ["gpt2", "llama", "bart", "t5"]
+ARCHS = ["gpt2", "llama", "bart", "t5", "marian"]
 
 
 @pytest.fixture(autouse=True, scope="module")
