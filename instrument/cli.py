@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--overwrite", action="store_true", help="replace an existing --save_path file")
     attribute.add_argument("--device", default=None, help="e.g. cpu or cuda (default: where the model is)")
     attribute.add_argument("--model_kwargs", type=_json, default={}, metavar="JSON", help="keyword arguments for from_pretrained")
+    attribute.add_argument("--approximation_method", default=None, metavar="RULE",
+                           help="integration rule of integrated gradients, layer IG and sequential IG: riemann_left, "
+                                "riemann_right, riemann_middle, riemann_trapezoid or gausslegendre (their default)")
     attribute.add_argument("--attribution_kwargs", type=_json, default={}, metavar="JSON", help="method and step function options, e.g. '{\"n_steps\": 20}'")
     attribute.add_argument("--generation_kwargs", type=_json, default={}, metavar="JSON", help="generation options, e.g. '{\"max_new_tokens\": 10}'")
     listing = [commands.add_parser("list-methods", help="list the attribution methods"),
@@ -118,6 +121,7 @@ def run_attribute(args: argparse.Namespace) -> None:
             inputs_, targets_, attributed_fn=args.attributed_fn, step_scores=args.step_scores,
             attribute_target=args.attribute_target, batch_size=args.batch_size, attr_pos_start=args.attr_pos_start,
             attr_pos_end=args.attr_pos_end, generation_args=args.generation_kwargs, **args.attribution_kwargs,
+            **({"approximation_method": args.approximation_method} if args.approximation_method else {}),
         )
 
     if targets is None or all(t is not None for t in targets):

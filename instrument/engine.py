@@ -277,6 +277,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.target_embedding.weight.device
 
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Pad, UNK and EOS, and the config's BOS and decoder start token (DIG keeps them off its paths)."""
+        config = self.model.config
+        ids = (self.pad_token_id, self.unk_token_id, self.eos_token_id, getattr(config, "bos_token_id", None),
+               getattr(config, "decoder_start_token_id", None))
+        return {int(i) for i in ids if isinstance(i, int)}
+
     # -- embeddings and baselines ---------------------------------------------------------------
 
     @property
@@ -300,35 +308,75 @@ class Engine:
             return self._as_input(source), self._as_input(self.target_embedding(rows.target_ids))
 
     def baseline(self, rows: Rows, baselines: Any = None, include_eos_baseline: bool = False):
-        """Baseline embeddings: UNK everywhere (EOS kept unless `include_eos_baseline`), or
-        "zeros", "pad", a tensor, or a `(source, target)` pair of those."""
-        if isinstance(baselines, tuple):
-            source = self._baseline_side(rows.source_ids, self.source_embedding, baselines[0], include_eos_baseline)
-            target = self._baseline_side(rows.target_ids, self.target_embedding, baselines[1], include_eos_baseline)
-            return self._as_input(source), self._as_input(target)
+        """Baseline embeddings `(source, target)` for the rows (source None on decoder-only models).
+
+            >>> source_base, target_base = engine.baseline(rows)              # UNK, EOS kept
+            >>> engine.baseline(rows, ("zeros", "unk"))                       # per side (encoder-decoders)
+
+        `baselines`: None or "unk" (the UNK token everywhere, EOS kept unless `include_eos_baseline`),
+        "pad", "zeros" (also 0 or 0.0), a tensor of shape `(hidden,)` or `(length, hidden)` (`length`
+        at least the side's longest sequence; positions past it are cut), or, on encoder-decoders,
+        a `(source, target)` pair of those. The decoder start token of an encoder-decoder target is
+        no attributed input: the token baselines ("unk", "pad") keep it as it is, as Inseq does.
+        """
+        if isinstance(baselines, (tuple, list)):
+            if not self.is_encoder_decoder:
+                raise ValueError("baselines: a (source, target) pair is for encoder-decoder models; "
+                                 "this decoder-only model has one input, so pass one baseline")
+            if len(baselines) != 2:
+                raise ValueError(f"baselines: expected a (source, target) pair, got {len(baselines)} values")
+            source_spec, target_spec = baselines
+        else:
+            source_spec = target_spec = baselines
         source = None
         if rows.source_ids is not None:
-            source = self._baseline_side(rows.source_ids, self.source_embedding, baselines, include_eos_baseline)
-        target = self._baseline_side(rows.target_ids, self.target_embedding, baselines, include_eos_baseline)
+            source = self._baseline_side(rows.source_ids, self.source_embedding, source_spec, include_eos_baseline, "source")
+        target = self._baseline_side(rows.target_ids, self.target_embedding, target_spec, include_eos_baseline, "target",
+                                     keep_start=self.is_encoder_decoder)
         return self._as_input(source), self._as_input(target)
 
-    def _baseline_side(self, ids: torch.Tensor, embedding: nn.Module, baselines: Any, include_eos: bool):
+    def _baseline_side(self, ids: torch.Tensor, embedding: nn.Module, baselines: Any, include_eos: bool, side: str,
+                       keep_start: bool = False):
         with torch.no_grad():
             if isinstance(baselines, torch.Tensor):
-                reference = embedding(ids)
-                return baselines.to(reference).expand_as(reference)
-            if baselines in (None, "unk"):
-                if self.unk_token_id is None:
-                    raise ValueError("The tokenizer has no UNK token for the default baseline; pass baselines='zeros' or 'pad'")
-                base = torch.full_like(ids, self.unk_token_id)
-                if not include_eos and self.eos_token_id is not None:
-                    base = torch.where(ids == self.eos_token_id, ids, base)
-                return embedding(base)
-            if baselines == "pad":
-                return embedding(torch.full_like(ids, self.pad_token_id))
-            if baselines == "zeros":
-                return torch.zeros_like(embedding(ids))
-        raise ValueError(f"Unknown baselines {baselines!r}; use None (UNK), 'zeros', 'pad' or a tensor")
+                return self._baseline_tensor(baselines, embedding(ids), side)
+            if isinstance(baselines, (int, float)) and not isinstance(baselines, bool) and baselines == 0:
+                baselines = "zeros"
+            if isinstance(baselines, str) or baselines is None:
+                if baselines in (None, "unk"):
+                    if self.unk_token_id is None:
+                        raise ValueError("baselines: the tokenizer has no UNK token for the default baseline; "
+                                         "pass baselines='zeros' or 'pad'")
+                    base = torch.full_like(ids, self.unk_token_id)
+                    if not include_eos and self.eos_token_id is not None:
+                        base = torch.where(ids == self.eos_token_id, ids, base)
+                elif baselines == "pad":
+                    base = torch.full_like(ids, self.pad_token_id)
+                elif baselines == "zeros":
+                    return torch.zeros_like(embedding(ids))
+                else:
+                    base = None
+                if base is not None:
+                    if keep_start:
+                        base[:, 0] = ids[:, 0]
+                    return embedding(base)
+        raise ValueError(f"Unknown baselines {baselines!r}; use None (UNK), 'unk', 'zeros' (or 0), 'pad', a tensor"
+                         + (" or a (source, target) pair of those" if self.is_encoder_decoder else ""))
+
+    @staticmethod
+    def _baseline_tensor(baselines: torch.Tensor, reference: torch.Tensor, side: str) -> torch.Tensor:
+        """A user's baseline tensor, `(hidden,)` or `(length, hidden)`, as `reference` `[R, L, hidden]`."""
+        rows, width, hidden = reference.shape
+        if baselines.dim() == 2 and baselines.shape[1] == hidden and baselines.shape[0] >= width:
+            baselines = baselines[:width]
+        elif not (baselines.dim() == 1 and baselines.shape[0] == hidden):
+            raise ValueError(
+                f"baselines: a tensor of shape {tuple(baselines.shape)} does not fit the {side} embeddings; "
+                f"expected ({hidden},) or (length, {hidden}) with length >= {width} (the longest {side} sequence)"
+            )
+        if not baselines.is_floating_point():
+            raise ValueError(f"baselines: expected a floating point tensor, got {baselines.dtype}")
+        return baselines.to(reference).expand_as(reference)
 
     # -- the forward ----------------------------------------------------------------------------
 
@@ -453,6 +501,7 @@ class Engine:
             with train_mode(self.model) if train else contextlib.nullcontext():
                 return self.forward(rows, source_embeds, target_embeds)[0]
 
+        self.scored = step.identifier  # named by the gradient methods' errors (methods.base)
         args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs,
                                 inputs=StepInputs(self, rows, source_embeds, target_embeds), is_attributed_fn=is_attributed_fn)
         scores = call_step_function(step, args, kwargs)

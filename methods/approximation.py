@@ -26,4 +26,4 @@ def approximation(rule: str, n_steps: int) -> tuple[list[float], list[float]]:
         # Captum's weights (1/n inside, 1/2n at the ends: they sum to (n-1)/n), kept so that results
         # equal Captum's and Inseq's number for number.
         return list(np.linspace(0, 1, n_steps)), [0.5 / n_steps] + [1 / n_steps] * (n_steps - 2) + [0.5 / n_steps]
-    raise ValueError(f"Unknown integration rule {rule!r}; use one of {', '.join(RULES)}")
+    raise ValueError(f"Unknown approximation_method (integration rule) {rule!r}; use one of {', '.join(RULES)}")

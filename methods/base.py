@@ -105,12 +105,31 @@ def gradients(request: Request, rows: Rows, wrt: list[torch.Tensor], source=None
         logits, activations = request.engine.forward(rows, source, target, layers, layer_patch)
         scores = request.score(rows, logits, source, target)
         wanted = list(wrt) + [activations[name] for name in layers]
-        if scores.requires_grad:
-            grads = torch.autograd.grad(scores.sum(), wanted, allow_unused=True)
-        else:  # the attributed function does not depend on the inputs (e.g. top_p_size): zero attributions
-            grads = [None] * len(wanted)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+        _check_differentiable(request, scores)
+        grads = _check_used(request, torch.autograd.grad(scores.sum(), wanted, allow_unused=True), wanted)
     return grads, logits.detach(), {name: activations[name].detach() for name in layers}
+
+
+def _not_differentiable(request: Request, why: str) -> ValueError:
+    name = getattr(request.engine, "scored", None) or "the attributed function"
+    return ValueError(
+        f"attributed_fn {name!r} {why}, so gradient attributions would all be zero. Gradient, path and layer "
+        "methods need a function computed differentiably from the logits (not argmax, counts or values "
+        "computed without gradient); use a perturbation method for such functions"
+    )
+
+
+def _check_differentiable(request: Request, scores: torch.Tensor) -> None:
+    if not scores.requires_grad:
+        raise _not_differentiable(request, "returned a value that has no gradient")
+
+
+def _check_used(request: Request, grads, wanted) -> list[torch.Tensor]:
+    """Gradients, zeros for the inputs the function does not use (the target prefix under a
+    contrastive function that reads contrast ids); an error when it uses none of them."""
+    if grads and all(g is None for g in grads):
+        raise _not_differentiable(request, "returned a value that does not depend on the attributed inputs")
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
 
 
 def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source, target, layers):
@@ -130,17 +149,16 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
         scores = request.score(rows, logits, full_source[owner] if full_source is not None else None,
                                full_target[owner] if full_target is not None else None)
         wanted = [full[id(t)] for t in wrt] + [activations[name] for name in layers]
-        if scores.requires_grad:
-            one_hot = (fr.slot[None, :] == torch.arange(n_slots, device=fr.slot.device)[:, None]).to(scores.dtype)
-            roots, seeds = [scores], [one_hot]
-            if head_input.requires_grad:
-                at_head = torch.autograd.grad(scores.sum(), head_input, retain_graph=True, allow_unused=True)[0]
-                if at_head is not None:  # [R, 1, D] -> [S, R, 1, D], row r in its slot
-                    roots.append(states)
-                    seeds.append(one_hot.to(at_head.dtype).view(n_slots, -1, 1, 1) * at_head)
-            grads = torch.autograd.grad(roots, wanted, seeds, is_grads_batched=True, allow_unused=True)
-        else:  # the attributed function does not depend on the inputs (e.g. top_p_size): zero attributions
-            grads = [None] * len(wanted)
+        _check_differentiable(request, scores)
+        one_hot = (fr.slot[None, :] == torch.arange(n_slots, device=fr.slot.device)[:, None]).to(scores.dtype)
+        roots, seeds = [scores], [one_hot]
+        if head_input.requires_grad:
+            at_head = torch.autograd.grad(scores.sum(), head_input, retain_graph=True, allow_unused=True)[0]
+            if at_head is not None:  # [R, 1, D] -> [S, R, 1, D], row r in its slot
+                roots.append(states)
+                seeds.append(one_hot.to(at_head.dtype).view(n_slots, -1, 1, 1) * at_head)
+        grads = torch.autograd.grad(roots, wanted, seeds, is_grads_batched=True, allow_unused=True)
+        grads = _check_used(request, grads, [t.expand(n_slots, *t.shape) for t in wanted])
 
     def per_row(value: torch.Tensor, batched: bool) -> torch.Tensor:
         """`[(S,) F, ...]` (or `[(S,) F * positions, hidden]`) -> `[R, ...]`."""
@@ -149,7 +167,7 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
             value = value.reshape(*value.shape[:lead], n_full, -1, value.shape[-1])
         return value[fr.slot, owner] if batched else value[owner]
 
-    grads = [per_row(torch.zeros_like(t) if g is None else g, batched=g is not None) for t, g in zip(wanted, grads)]
+    grads = [per_row(g, batched=True) for g in grads]
     return grads, logits.detach(), {name: per_row(activations[name].detach(), batched=False) for name in layers}
 
 

@@ -75,11 +75,17 @@ class IntegratedGradients(PathMethod):
 
     The gradients of each chunk of path points are folded into a float32 accumulator as the chunk
     finishes, so memory depends on `internal_batch_size`, not on `n_steps`.
+
+    The integration rule (`methods.approximation.RULES`, default "gausslegendre") is Captum's
+    `method`; as `attribute(method=...)` names the attribution method, pass it per call as
+    `approximation_method="riemann_trapezoid"` (CLI: `--approximation_method`). `method=` works
+    where it does not collide: `load_model(hf_model, "integrated_gradients", method="riemann_trapezoid")`.
+    `approximation_method`, when given, wins over `method`.
     """
 
     params = {
         "n_steps": 50,
-        "method": "gausslegendre",
+        "method": "gausslegendre", "approximation_method": None,
         "internal_batch_size": None,
         "baselines": None,
         "include_eos_baseline": False,
@@ -87,10 +93,10 @@ class IntegratedGradients(PathMethod):
         "return_convergence_delta": False,
     }
 
-    def attribute(self, request: Request, n_steps=50, method="gausslegendre", internal_batch_size=None,
-                  baselines=None, include_eos_baseline=False, multiply_by_inputs=True,
+    def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
+                  internal_batch_size=None, baselines=None, include_eos_baseline=False, multiply_by_inputs=True,
                   return_convergence_delta=False) -> RowAttribution:
-        alphas, weights = approximation(method, n_steps)
+        alphas, weights = approximation(approximation_method or method, n_steps)
         rows = request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]

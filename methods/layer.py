@@ -86,19 +86,20 @@ class LayerGradientXActivation(AttributionMethod):
 class LayerIntegratedGradients(AttributionMethod):
     """Integrated gradients on a layer's output, from its output on the baselines to its output on
     the inputs. Layers in series need separate paths: one group of passes per layer (the two
-    embedding modules of an encoder-decoder are attributed together, as they are parallel)."""
+    embedding modules of an encoder-decoder are attributed together, as they are parallel). The
+    integration rule: `approximation_method` (or `method`), as for integrated gradients."""
 
     attributes_inputs = False
 
-    params = {**LAYER_PARAMS, "n_steps": 50, "method": "gausslegendre", "internal_batch_size": None,
-              "baselines": None, "include_eos_baseline": False}
+    params = {**LAYER_PARAMS, "n_steps": 50, "method": "gausslegendre", "approximation_method": None,
+              "internal_batch_size": None, "baselines": None, "include_eos_baseline": False}
 
     def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True,
-                  n_steps=50, method="gausslegendre", internal_batch_size=None, baselines=None,
-                  include_eos_baseline=False) -> RowAttribution:
+                  n_steps=50, method="gausslegendre", approximation_method=None, internal_batch_size=None,
+                  baselines=None, include_eos_baseline=False) -> RowAttribution:
         names, stacked = resolve_layers(request, target_layer, target_layers)
         engine, rows = request.engine, request.rows
-        alphas, weights = approximation(method, n_steps)
+        alphas, weights = approximation(approximation_method or method, n_steps)
         source_base, target_base = engine.baseline(rows, baselines, include_eos_baseline)
         if engine.is_encoder_decoder and not request.attribute_target:
             target_base = None  # the target prefix is no attributed input: it stays as it is

@@ -41,16 +41,17 @@ class SequentialIntegratedGradients(PathMethod):
 
     Cost: `n_steps` path points per attributed token per row, all batched, at most
     `internal_batch_size` (default 512; None: all at once; "auto": sized from free memory) rows per
-    forward and backward.
+    forward and backward. The integration rule: `approximation_method` (or `method`), as for
+    integrated gradients.
     """
 
-    params = {"n_steps": 50, "method": "gausslegendre", "internal_batch_size": 512, "baselines": None,
-              "include_eos_baseline": False, "multiply_by_inputs": True}
+    params = {"n_steps": 50, "method": "gausslegendre", "approximation_method": None, "internal_batch_size": 512,
+              "baselines": None, "include_eos_baseline": False, "multiply_by_inputs": True}
 
-    def attribute(self, request: Request, n_steps=50, method="gausslegendre", internal_batch_size=512, baselines=None,
-                  include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
+    def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
+                  internal_batch_size=512, baselines=None, include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
         _check_batch_size(internal_batch_size)
-        alphas, weights = approximation(method, n_steps)
+        alphas, weights = approximation(approximation_method or method, n_steps)
         engine, rows = request.engine, request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = {"target": (target, target_base, rows.target_mask)}
@@ -177,12 +178,13 @@ def monotonize(baseline: torch.Tensor, current: torch.Tensor, anchor: torch.Tens
 
 
 def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int) -> list[int]:
-    """DIG's anchor words from `word` towards the baseline word `ref` (`steps + 1` ids, `word` first)."""
+    """DIG's anchor words from `word` towards the baseline word `ref` for a path of `steps` points
+    (`steps - 1` ids, `word` first; the baseline closes the path)."""
     features = vocab.features
     baseline = features[ref].double()
     path = [word]
     current = word
-    for _ in range(steps):
+    for _ in range(steps - 2):
         if current == ref:
             path.append(ref)
             continue
@@ -207,13 +209,14 @@ def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str,
 
 
 def monotonic_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int,
-                   factor: int) -> torch.Tensor:
-    """DIG's interpolation points `[2 ** factor * (steps + 1) + 1, H]` for one token, from the
+                   factor: int, special: bool = False) -> torch.Tensor:
+    """DIG's interpolation points `[2 ** factor * (steps - 1) + 1, H]` for one token, from the
     baseline (first) to the token's embedding (last); cached per vocabulary."""
-    key = (word, ref, steps, strategy, n_neighbors, factor)
+    key = (word, ref, steps, strategy, n_neighbors, factor, special)
     if key not in vocab.paths:
         features = vocab.features
-        ids = word_path(vocab, word, ref, steps, strategy, n_neighbors)
+        # A special token takes no detour through the vocabulary: it sits at its baseline, then at itself.
+        ids = [word] * (steps - 1) if special else word_path(vocab, word, ref, steps, strategy, n_neighbors)
         points = [features[ids[0]].double()]
         for nxt in ids[1:]:
             points.append(monotonize(features[ref].double(), points[-1], features[nxt].double(), steps))
@@ -230,10 +233,10 @@ def monotonic_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy:
 
 @register("discretized_integrated_gradients")
 class DiscretizedIntegratedGradients(AttributionMethod):
-    """Discretized integrated gradients (Sanyal and Ren 2021).
+    """Discretized integrated gradients (Sanyal and Ren 2021), on paths of `n_steps` points.
 
     Each token moves from its baseline token to itself along a monotonic path through the
-    vocabulary: from the token, `n_steps` anchor words are picked one after the other among the
+    vocabulary: from the token, `n_steps - 2` anchor words are picked one after the other among the
     `n_neighbors` nearest neighbours (Euclidean, on the embedding module's outputs for every token
     id, found with torch and cached per model) of the last anchor — "greedy": the neighbour whose
     monotonized embedding moves least; "maxcount": the one with the most monotonic dimensions — and
@@ -242,17 +245,20 @@ class DiscretizedIntegratedGradients(AttributionMethod):
     `factor` times. The attribution is the left Riemann sum along that path,
     `sum_k grad f(c_k) * (c_{k+1} - c_k)` (DIG's own code). Baselines are token ids: UNK (default,
     EOS kept unless `include_eos_baseline`), "pad", or an int id; a token equal to its baseline
-    (or padding) stays put and gets zero.
+    (or padding) stays put and gets zero; so does the decoder start token of an encoder-decoder
+    target. As in Inseq, special tokens (`Engine.special_token_ids`) go straight from their
+    baseline to themselves (`[baseline, token, ..., token]`), and the defaults are Inseq's
+    (`n_steps=50`, `n_neighbors=50`).
     """
 
-    params = {"n_steps": 30, "strategy": "greedy", "n_neighbors": 500, "factor": 0, "baselines": None,
+    params = {"n_steps": 50, "strategy": "greedy", "n_neighbors": 50, "factor": 0, "baselines": None,
               "include_eos_baseline": False, "internal_batch_size": None, "return_convergence_delta": False}
 
-    def attribute(self, request: Request, n_steps=30, strategy="greedy", n_neighbors=500, factor=0, baselines=None,
+    def attribute(self, request: Request, n_steps=50, strategy="greedy", n_neighbors=50, factor=0, baselines=None,
                   include_eos_baseline=False, internal_batch_size=None, return_convergence_delta=False) -> RowAttribution:
         if strategy not in ("greedy", "maxcount"):
             raise ValueError(f"strategy must be 'greedy' or 'maxcount', got {strategy!r}")
-        for name, value, low in (("n_steps", n_steps, 1), ("n_neighbors", n_neighbors, 1), ("factor", factor, 0)):
+        for name, value, low in (("n_steps", n_steps, 2), ("n_neighbors", n_neighbors, 1), ("factor", factor, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         _check_batch_size(internal_batch_size)
@@ -269,13 +275,15 @@ class DiscretizedIntegratedGradients(AttributionMethod):
             if name not in moving:
                 paths[name] = x[None].expand(2, *x.shape)  # stays at its input
                 continue
-            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline, len(vocab.features))
-            length = 2 ** factor * (n_steps + 1) + 1
+            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline, len(vocab.features),
+                                      keep_start=name == "target" and engine.is_encoder_decoder)
+            length = 2 ** factor * (n_steps - 1) + 1
+            special = engine.special_token_ids
             path = x[None].repeat(length, *([1] * x.dim()))
             for r, i in mask.nonzero().tolist():
                 word, ref = int(ids[r, i]), int(refs[r, i])
                 if word != ref:
-                    points = monotonic_path(vocab, word, ref, n_steps, strategy, n_neighbors, factor)
+                    points = monotonic_path(vocab, word, ref, n_steps, strategy, n_neighbors, factor, word in special)
                     path[:, r, i] = points.to(path.device, path.dtype)
             paths[name] = path
         n_points = max(len(p) for p in paths.values())
@@ -305,7 +313,10 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         return RowAttribution(source=totals.get("source"), target=totals.get("target"), logits=logits, delta=delta)
 
     @staticmethod
-    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int) -> torch.Tensor:
+    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int,
+                      keep_start: bool = False) -> torch.Tensor:
+        """Baseline token ids for `ids`; `keep_start`: the decoder start token (column 0) stays, as in
+        `Engine.baseline`."""
         if baselines in (None, "unk"):
             if engine.unk_token_id is None:
                 raise ValueError("The tokenizer has no UNK token for the default baseline; pass baselines='pad' or a token id")
@@ -321,4 +332,6 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         refs = torch.full_like(ids, ref)
         if not include_eos and engine.eos_token_id is not None:
             refs = torch.where(ids == engine.eos_token_id, ids, refs)
+        if keep_start:
+            refs[:, 0] = ids[:, 0]
         return refs

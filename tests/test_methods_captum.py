@@ -31,7 +31,7 @@ from tiny_models import tiny_model
 
 # Captum warns that it sets requires_grad on inputs and hooks on nonlinearities: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
-ARCHS = ["gpt2", "llama", "bart", "t5"]
+ARCHS = ["gpt2", "llama", "bart", "t5", "marian"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,6 +50,7 @@ TEXTS = {
     "llama": ("Hello world", "Hello world, this is"),
     "bart": ("Hello world", "Le chat"),
     "t5": ("Hello world", "Le chat"),
+    "marian": ("Hello world", "Le chat"),
 }
 
 
@@ -99,9 +100,13 @@ class Case:
 
     # -- inputs and baselines (by hand) ---------------------------------------------------------
 
-    def baseline_ids(self, ids):
-        """Default baseline: UNK everywhere except EOS tokens."""
-        return torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, self.tok.unk_token_id))
+    def baseline_ids(self, ids, target=False):
+        """Default baseline (Inseq's): UNK everywhere except EOS tokens and, on an encoder-decoder
+        target, the decoder start token."""
+        base = torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, self.tok.unk_token_id))
+        if target and self.enc_dec:
+            base[..., 0] = ids[..., 0]
+        return base
 
     @torch.no_grad()
     def embeds(self, p, attribute_target):
@@ -113,7 +118,7 @@ class Case:
         inputs, baselines = [self.src_emb(src)], [self.src_emb(self.baseline_ids(src))]
         if attribute_target:
             inputs.append(self.tgt_emb(prefix))
-            baselines.append(self.tgt_emb(self.baseline_ids(prefix)))
+            baselines.append(self.tgt_emb(self.baseline_ids(prefix, target=True)))
         return tuple(inputs), tuple(baselines)
 
     # -- forward functions for Captum ----------------------------------------------------------
@@ -421,3 +426,195 @@ def test_contrast_prob_diff_integrated_gradients(arch):
     # Absolute slack from the whole sequence: a step whose contrast token is the target token has
     # exactly zero attributions in Captum, and float32 noise (both forwards' rounding) in ours.
     close(torch.cat(ours), torch.cat(expected))
+
+
+# -- target-side baselines of encoder-decoders (Inseq's rule) ------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["marian", "t5", "bart"])
+def test_target_baseline_keeps_the_decoder_start_token(arch):
+    """With attribute_target, the baseline keeps the decoder start token as it is and replaces the
+    real target tokens by UNK (EOS kept): Captum fed those baselines (`Case.embeds`) agrees, for
+    integrated gradients, DeepLIFT and layer IG on the embeddings, and the start token gets zero."""
+    c = case(arch)
+    assert int(c.target[0]) == c.model.config.decoder_start_token_id != c.tok.unk_token_id
+    ig = c.attribute("integrated_gradients", attribute_target=True, n_steps=8)
+    check_against(c, ig, lambda f, x, b: IntegratedGradients(f).attribute(x, baselines=b, n_steps=8), attribute_target=True)
+    assert (ig.target_attributions[0] == 0).all()
+    deeplift = c.attribute("deeplift", attribute_target=True)
+    check_against(c, deeplift, lambda f, x, b: DeepLift(Module(c.model, f)).attribute(x, baselines=b),
+                  attribute_target=True)
+    # Layer IG on the embedding modules (its default layers with attribute_target) is IG on their outputs.
+    layer_ig = c.attribute("layer_integrated_gradients", attribute_target=True, n_steps=8)
+    check_against(c, layer_ig, lambda f, x, b: IntegratedGradients(f).attribute(x, baselines=b, n_steps=8),
+                  attribute_target=True)
+    rows = Rows.build([Example(target_ids=c.target, start=1, end=len(c.target), source_ids=c.source)],
+                      [(0, len(c.target) - 1)], c.tok.pad_token_id)
+    for baselines in (None, "pad"):
+        _, target_base = c.am.engine.baseline(rows, baselines)
+        torch.testing.assert_close(target_base[0, 0], c.tgt_emb(c.target[:1])[0])
+
+
+@pytest.mark.parametrize("arch", ["marian", "t5", "bart"])
+def test_gradient_shap_target_side_baselines(arch):
+    """mean over k of grad f(b + a_k (x - b)) * (x - b), both sides moving, with the library's a_k."""
+    c = case(arch)
+    seq = c.attribute("gradient_shap", attribute_target=True, n_samples=4)
+    example = Example(target_ids=c.target, start=c.steps[0], end=c.steps[-1] + 1, source_ids=c.source)
+    rows = Rows.build([example], [(0, p) for p in c.steps], c.tok.pad_token_id)
+    source, target = c.am.engine.embed(rows)
+    alphas, _ = _row_samples(rows, [(source, None), (target, None)], 4, 0.0, 42)
+    for r, p in enumerate(c.steps):
+        inputs, baselines = c.embeds(p, attribute_target=True)
+        totals = [torch.zeros_like(x[0]) for x in inputs]
+        for k in range(4):
+            points = [(b + alphas[k, r] * (x - b)).requires_grad_() for x, b in zip(inputs, baselines)]
+            grads = torch.autograd.grad(c.prob_fn(p, True)(*points).sum(), points)
+            for total, grad, x, b in zip(totals, grads, inputs, baselines):
+                total += (grad * (x - b))[0] / 4
+        for side, ref in zip(c.sides(True), totals):
+            close(c.ours(seq, r, p, side), ref)
+
+
+# -- baseline input checks -----------------------------------------------------------------------
+
+
+def test_baseline_tensor_of_the_wrong_shape_raises():
+    c = case("gpt2")
+    for bad in (torch.zeros(31), torch.zeros(2, 32), torch.zeros(1, 100, 32)):
+        with pytest.raises(ValueError, match=r"baselines.*\(32,\)"):
+            c.attribute("integrated_gradients", n_steps=2, baselines=bad)
+    with pytest.raises(ValueError, match="baselines"):
+        c.attribute("deeplift", baselines=torch.zeros(32, dtype=torch.long))
+
+
+def test_baseline_tensors_that_fit():
+    """`(hidden,)` everywhere, or `(length, hidden)`: equal to Captum fed the same baseline."""
+    c = case("gpt2")
+    torch.manual_seed(0)
+    per_position = torch.randn(len(c.target), 32)
+    for baselines in (torch.full((32,), 0.1), per_position):
+        seq = c.attribute("integrated_gradients", n_steps=4, baselines=baselines)
+        for j, p in enumerate(c.steps):
+            (x,), _ = c.embeds(p, False)
+            b = (baselines.expand(p, 32) if baselines.dim() == 1 else baselines[:p])[None]
+            ref = IntegratedGradients(c.prob_fn(p)).attribute(x, baselines=b, n_steps=4)
+            close(seq.target_attributions[:p, j], ref[0].detach())
+
+
+def test_baseline_pair_on_a_decoder_only_model_raises():
+    c = case("gpt2")
+    with pytest.raises(ValueError, match="baselines.*encoder-decoder"):
+        c.attribute("integrated_gradients", n_steps=2, baselines=("zeros", "zeros"))
+    with pytest.raises(ValueError, match="baselines.*pair"):
+        case("bart").attribute("integrated_gradients", n_steps=2, baselines=("zeros", "zeros", "zeros"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_zero_baselines(arch):
+    c = case(arch)
+    zeros = c.attribute("integrated_gradients", n_steps=4, baselines="zeros", attribute_target=c.enc_dec)
+    for spelling in (0, 0.0, ("zeros", 0.0) if c.enc_dec else 0):
+        seq = c.attribute("integrated_gradients", n_steps=4, baselines=spelling, attribute_target=c.enc_dec)
+        for name in ("source_attributions", "target_attributions"):
+            ours, ref = getattr(seq, name), getattr(zeros, name)
+            assert (ours is None) == (ref is None)
+            if ref is not None:
+                torch.testing.assert_close(ours, ref, equal_nan=True)
+    p = c.steps[0]
+    inputs, _ = c.embeds(p, c.enc_dec)
+    refs = IntegratedGradients(c.prob_fn(p, c.enc_dec)).attribute(
+        inputs, baselines=tuple(torch.zeros_like(x) for x in inputs), n_steps=4)  # Captum's zero baselines
+    for side, ref in zip(c.sides(c.enc_dec), refs):
+        close(c.ours(zeros, 0, p, side), ref[0].detach())
+    with pytest.raises(ValueError, match="baselines"):
+        c.attribute("integrated_gradients", n_steps=2, baselines=1.5)
+
+
+# -- attributed functions without a gradient ------------------------------------------------------
+
+
+GRADIENT_METHODS = {
+    "saliency": {}, "input_x_gradient": {}, "integrated_gradients": {"n_steps": 2}, "deeplift": {},
+    "gradient_shap": {"n_samples": 2}, "sequential_integrated_gradients": {"n_steps": 2},
+    "discretized_integrated_gradients": {"n_steps": 2, "n_neighbors": 5},
+    "layer_integrated_gradients": {"n_steps": 2}, "layer_gradient_x_activation": {}, "layer_deeplift": {},
+}
+
+
+@pytest.fixture
+def step_functions():
+    from instrument.steps import _REGISTRY
+
+    def predicted_id(args):  # argmax: no gradient at all
+        return args.logits.argmax(-1).float()
+
+    def detached_top(args):  # differentiable (through a parameter-free leaf) but not in the inputs
+        return args.logits.detach().max(-1).values * torch.ones((), requires_grad=True)
+
+    instrument.register_step_function(predicted_id, "test_predicted_id")
+    instrument.register_step_function(detached_top, "test_detached_top")
+    yield ["test_predicted_id", "test_detached_top"]
+    for name in ("test_predicted_id", "test_detached_top"):
+        _REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize("method", list(GRADIENT_METHODS))
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_non_differentiable_attributed_fn_raises(arch, method, step_functions):
+    c = case(arch)
+    for name in step_functions:
+        with pytest.raises(ValueError, match=f"attributed_fn '{name}'.*(no gradient|does not depend)"):
+            c.attribute(method, attributed_fn=name, **GRADIENT_METHODS[method])
+    with pytest.raises(ValueError, match="attributed_fn 'top_p_size'"):
+        c.attribute(method, attributed_fn="top_p_size", **GRADIENT_METHODS[method])
+
+
+# -- the integration rule: approximation_method ---------------------------------------------------
+
+
+def test_approximation_method_per_call_and_at_load():
+    """Per call as `approximation_method` (attribute's `method` is the method name), at load time as
+    `approximation_method` or Inseq's `method`; equal to Captum's rule of that name."""
+    c = case("gpt2")
+    per_call = c.attribute("integrated_gradients", n_steps=8, approximation_method="riemann_trapezoid")
+    for options in ({"method": "riemann_trapezoid"}, {"approximation_method": "riemann_trapezoid"}):
+        am = instrument.load_model(c.model, "integrated_gradients", tokenizer=c.tok, n_steps=8, **options)
+        at_load = am.attribute(*c.texts, show_progress=False)[0]
+        torch.testing.assert_close(at_load.target_attributions, per_call.target_attributions, equal_nan=True)
+    # Given per call, it wins over the rule given at load time.
+    am = instrument.load_model(c.model, "integrated_gradients", tokenizer=c.tok, n_steps=8, method="riemann_left")
+    overridden = am.attribute(*c.texts, show_progress=False, approximation_method="riemann_trapezoid")[0]
+    torch.testing.assert_close(overridden.target_attributions, per_call.target_attributions, equal_nan=True)
+    for j, p in enumerate(c.steps):
+        (x,), (b,) = c.embeds(p, attribute_target=False)
+        ref = IntegratedGradients(c.prob_fn(p)).attribute(x, baselines=b, n_steps=8, method="riemann_trapezoid")
+        close(per_call.target_attributions[:p, j], ref[0].detach())
+    default = c.attribute("integrated_gradients", n_steps=8)
+    assert not torch.allclose(default.target_attributions.nan_to_num(), per_call.target_attributions.nan_to_num())
+    with pytest.raises(ValueError, match="approximation_method"):
+        c.attribute("integrated_gradients", n_steps=8, approximation_method="simpson")
+
+
+@pytest.mark.parametrize("arch,name", [("gpt2", "transformer.h.0"), ("bart", "model.encoder.layers.0")])
+def test_layer_integrated_gradients_approximation_method(arch, name):
+    c = case(arch)
+    seq = c.attribute("layer_integrated_gradients", target_layer=name, n_steps=8, approximation_method="riemann_right")
+    check_layer(c, seq, lambda f, layer, x, b: LayerIntegratedGradients(f, layer).attribute(
+        x, baselines=b, n_steps=8, method="riemann_right"), name)
+
+
+def test_approximation_method_from_the_cli(tmp_path):
+    from instrument.cli import main
+
+    c = case("gpt2")
+    directory = tmp_path / "model"
+    c.model.save_pretrained(directory)
+    c.tok.save_pretrained(directory)
+    out = tmp_path / "out.json"
+    assert main(["attribute", "-m", str(directory), "-a", "integrated_gradients", "-i", c.texts[0], "-g", c.texts[1],
+                 "--approximation_method", "riemann_trapezoid", "--attribution_kwargs", '{"n_steps": 8}',
+                 "-o", str(out), "--hide"]) == 0
+    loaded = instrument.FeatureAttributionOutput.load(out)[0]
+    expected = c.attribute("integrated_gradients", n_steps=8, approximation_method="riemann_trapezoid")
+    torch.testing.assert_close(loaded.target_attributions, expected.target_attributions, equal_nan=True, rtol=1e-5, atol=1e-9)

@@ -64,16 +64,30 @@ def grad_at(c, p, attribute_target, points):
     return torch.autograd.grad(value, points)
 
 
-def baseline_ids(c, ids):
-    return torch.where(ids == c.tok.eos_token_id, ids, torch.full_like(ids, c.tok.unk_token_id))
+def baseline_ids(c, ids, target=False):
+    """UNK, EOS kept, and the decoder start token of an encoder-decoder target kept (Inseq's rule)."""
+    base = torch.where(ids == c.tok.eos_token_id, ids, torch.full_like(ids, c.tok.unk_token_id))
+    if target and c.enc_dec:
+        base[0] = ids[0]
+    return base
+
+
+def unk_embeds(c, p, attribute_target):
+    """`c.embeds` with UNK baselines, the decoder start token kept as it is on the target side."""
+    inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id)
+    if c.enc_dec and attribute_target:
+        target_base = baselines[1].clone()
+        target_base[:, 0] = inputs[1][:, 0]
+        baselines = (baselines[0], target_base)
+    return inputs, baselines
 
 
 # -- SIG -----------------------------------------------------------------------------------------
 
 
-def sig_by_hand(c, p, attribute_target, n_steps):
-    alphas, weights = approximation("gausslegendre", n_steps)
-    inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id)
+def sig_by_hand(c, p, attribute_target, n_steps, rule="gausslegendre"):
+    alphas, weights = approximation(rule, n_steps)
+    inputs, baselines = unk_embeds(c, p, attribute_target)
     result = []
     for side, (x, b) in enumerate(zip(inputs, baselines)):
         attribution = torch.zeros_like(x[0])
@@ -89,13 +103,25 @@ def sig_by_hand(c, p, attribute_target, n_steps):
     return result
 
 
-@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False)])
+@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False), ("t5", True)])
 def test_sig_equals_definition(arch, attribute_target):
     c = Case(arch)
     seq = c.attribute("sequential_integrated_gradients", n_steps=4, attribute_target=attribute_target)
     for j, p in enumerate(c.steps):
         for side, expected in zip(c.sides(attribute_target), sig_by_hand(c, p, attribute_target, 4)):
             close(c.ours(seq, j, p, side), expected)
+
+
+def test_sig_approximation_method():
+    """The integration rule per call (`approximation_method`) and at load time (`method`)."""
+    c = Case("gpt2")
+    seq = c.attribute("sequential_integrated_gradients", n_steps=4, approximation_method="riemann_right")
+    for j, p in enumerate(c.steps):
+        (expected,) = sig_by_hand(c, p, False, 4, rule="riemann_right")
+        close(c.ours(seq, j, p, "target"), expected)
+    wrapped = instrument.load_model(c.model, "sequential_integrated_gradients", tokenizer=c.tok, method="riemann_right")
+    at_load = wrapped.attribute(*c.texts, n_steps=4, show_progress=False)[0]
+    torch.testing.assert_close(at_load.target_attributions, seq.target_attributions, equal_nan=True)
 
 
 def test_sig_completeness_per_token():
@@ -137,11 +163,14 @@ def dig_monotonize(baseline, current, anchor, steps):
                          for good, b, x, a in zip(ok, baseline.tolist(), current.tolist(), anchor.tolist())], dtype=torch.float64)
 
 
-def dig_path_by_hand(features, word, ref, steps, strategy, k):
-    """Anchor words (DIG's find_word_path), then monotonized points reversed (make_monotonic_path)."""
+def dig_path_by_hand(features, word, ref, steps, strategy, k, special=False):
+    """Anchor words (DIG's find_word_path), then monotonized points reversed (make_monotonic_path):
+    `steps` points. A special token (Inseq's rule) sits at its baseline, then at itself."""
+    if special:
+        return torch.stack([features[ref]] + [features[word]] * (steps - 1))
     distances = torch.cdist(features, features)
     path, current = [word], word
-    for _ in range(steps):
+    for _ in range(steps - 2):
         if current == ref:
             path.append(ref)
             continue
@@ -174,6 +203,7 @@ def upscale(points):
 
 @pytest.mark.parametrize("arch, attribute_target, strategy, factor", [
     ("gpt2", False, "greedy", 0), ("llama", False, "maxcount", 1), ("bart", True, "greedy", 0), ("t5", False, "maxcount", 0),
+    ("t5", True, "greedy", 0),
 ])
 def test_dig_equals_definition(arch, attribute_target, strategy, factor):
     c = Case(arch)
@@ -191,14 +221,14 @@ def test_dig_equals_definition(arch, attribute_target, strategy, factor):
         for side, (side_ids, feats) in enumerate(zip(ids, features)):
             if side >= len(inputs):
                 continue
-            refs = baseline_ids(c, side_ids)
+            refs = baseline_ids(c, side_ids, target=side == 1)
             per_token = []
             for word, ref in zip(side_ids.tolist(), refs.tolist()):
-                length = 2 ** factor * (steps + 1) + 1
+                length = 2 ** factor * (steps - 1) + 1
                 if word == ref:
                     per_token.append(feats[word].expand(length, -1))
                     continue
-                points = dig_path_by_hand(feats, word, ref, steps, strategy, k)
+                points = dig_path_by_hand(feats, word, ref, steps, strategy, k, word in c.tok.all_special_ids)
                 for _ in range(factor):
                     points = upscale(points)
                 for a, b in zip(points[:-1], points[1:]):  # monotonic towards the input, as DIG checks

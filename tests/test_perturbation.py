@@ -94,7 +94,10 @@ class Case:
         inputs = tuple(emb(ids) for emb, ids in sides)
         if baseline_id is None:
             return inputs, None
-        return inputs, tuple(emb(base(ids)) for emb, ids in sides)
+        bases = [base(ids) for _, ids in sides]
+        if self.enc_dec and attribute_target:  # the decoder start token is kept (Inseq's rule)
+            bases[1][:, 0] = prefix[:, 0]
+        return inputs, tuple(emb(b) for (emb, _), b in zip(sides, bases))
 
     def logits(self, n, p, src_embeds=None, tgt_embeds=None):
         tgt_ids = self.target[:p].expand(n, -1)
