@@ -221,7 +221,9 @@ def register_step_function(
     >>> register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
 
     Inseq's signature: functions written for `inseq.register_step_function` register unchanged.
-    `aggregate_map`: {aggregator name: aggregation function} for its step scores.
+    `aggregate_map`: how its scores combine when steps are merged, {aggregator name: aggregation function};
+    "spans" also serves "subwords" and "split", "logprob" comes first when `logprob=True` was passed;
+    unlisted: "mean".
     """
     if not callable(fn):
         raise TypeError(f"A step function must be callable, got {type(fn).__name__}")
@@ -414,9 +416,13 @@ def top_p_size(args: StepFunctionArgs, top_p: float = 0.9) -> torch.Tensor:
     return (~_removed_by_top_p(args.logits.float(), top_p, 1)).sum(-1).float()
 
 
-for _fn, _contrast in [
-    (logit, False), (probability, False), (entropy, False), (crossentropy, False), (perplexity, False),
-    (contrast_logits, True), (contrast_prob, True), (contrast_logits_diff, True), (contrast_prob_diff, True),
-    (pcxmi, True), (kl_divergence, True), (in_context_pvi, True), (mc_dropout_prob_avg, False), (top_p_size, False),
+# How the scores of merged steps combine (e.g. a word's probability is the product of its subwords'),
+# "logprob" when `attribute(..., logprob=True)` made them log-probabilities; unlisted: averaged.
+_PROB, _SUM = {"spans": "prod", "logprob": "sum"}, {"spans": "sum"}
+for _fn, _contrast, _aggregate_map in [
+    (logit, False, None), (probability, False, _PROB), (entropy, False, _SUM), (crossentropy, False, _SUM),
+    (perplexity, False, {"spans": "prod"}), (contrast_logits, True, None), (contrast_prob, True, _PROB),
+    (contrast_logits_diff, True, None), (contrast_prob_diff, True, {"logprob": "sum"}), (pcxmi, True, _SUM),
+    (kl_divergence, True, _SUM), (in_context_pvi, True, _SUM), (mc_dropout_prob_avg, False, _PROB), (top_p_size, False, None),
 ]:
-    register_step_function(_fn, _fn.__name__, needs_contrast=_contrast)
+    register_step_function(_fn, _fn.__name__, dict(_aggregate_map) if _aggregate_map else None, needs_contrast=_contrast)
