@@ -16,7 +16,7 @@ from instrument.aggregators import list_aggregators
 from instrument.merging import merge_attributions
 from instrument.reductions import get_aggregation_function, list_aggregation_functions, register_aggregation_function
 from instrument.spans import _column_groups, spans_to_groups, split_spans, word_spans
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
 from tiny_models import tiny_model
 
 NAN = float("nan")
@@ -314,6 +314,33 @@ def test_subwords_logprob_sums():
     close(wrapped.aggregate("subwords")[0].step_scores["probability"], torch.tensor([-1.0, -2.5]))
     close(seq.aggregate("subwords", step_score_fns={"probability": "max"}).step_scores["probability"], torch.tensor([-1.0, -0.5]))
 
+
+def test_step_scores_merge_by_aggregate_map_like_user_functions():
+    probability = instrument.steps.get_step_function("probability")
+    assert probability.aggregate_map == {"spans": "prod", "logprob": "sum"}
+    instrument.register_step_function(probability.fn, "t_my_prob", aggregate_map=dict(probability.aggregate_map), overwrite=True)
+    instrument.register_step_function(probability.fn, "t_plain", overwrite=True)  # no aggregate_map: averaged
+    try:
+        seq = decoder_only()
+        seq.step_scores.update(t_my_prob=seq.step_scores["probability"], t_plain=seq.step_scores["probability"])
+        for logprob, merged in [(False, 0.2 * 0.4), (True, 0.2 + 0.4)]:
+            out = seq.aggregate("subwords", logprob=logprob)
+            close(out.step_scores["t_my_prob"], torch.tensor([0.5, merged]))
+            close(out.step_scores["t_my_prob"], out.step_scores["probability"])
+            close(out.step_scores["t_plain"], torch.tensor([0.5, 0.3]))
+            close(out.step_scores["deltas"], torch.tensor([0.1, -0.3]))  # not a step function: absmax
+    finally:
+        for name in ("t_my_prob", "t_plain"):
+            instrument.steps._REGISTRY.pop(name)
+
+
+def test_copy_replace_keeps_every_field_and_shares_no_container():
+    seq = decoder_only()
+    seq._aggregator = ["subwords", "scores"]
+    copied = copy_replace(seq, attr_pos_end=4)
+    assert copied.attr_pos_end == 4 and copied._aggregator == seq._aggregator and copied.target == seq.target
+    assert all(getattr(copied, n) is not getattr(seq, n) for n in ("source", "target", "step_scores", "sequence_scores", "_aggregator"))
+    assert copied.target_attributions is seq.target_attributions  # tensors are not copied
 
 def test_split_by_hand():
     seq = FeatureAttributionSequenceOutput(
