@@ -16,13 +16,15 @@ if not getattr(_methods, "SEQ_INSTRUMENT_METHODS", False):
     )
 
 from instrument import demo, kernels  # noqa: E402
-from instrument.aggregation import (  # noqa: E402
-    list_aggregation_functions, list_aggregators, merge_attributions, register_aggregation_function, register_aggregator,
-)
+from instrument.aggregators import get_aggregator, list_aggregators, register_aggregator  # noqa: E402
+from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId  # noqa: E402
+from instrument.reductions import (  # noqa: E402
+    get_aggregation_function, list_aggregation_functions, register_aggregation_function,
+)
 from instrument.selection import register_model_config  # noqa: E402
-from instrument.steps import StepFunctionArgs, list_step_functions, register_step_function  # noqa: E402
+from instrument.steps import StepFunctionArgs, get_step_function, list_step_functions, register_step_function  # noqa: E402
 from instrument.trace import Trace, trace  # noqa: E402
 from instrument.visualization import (  # noqa: E402
     show_attributions, show_granular_attributions, show_token_attributions,
@@ -37,17 +39,15 @@ def list_feature_attribution_methods() -> list:
 def explain(id: str) -> None:
     """`explain("saliency")` prints what an identifier means: an attribution method, an aggregator, an
     aggregation function or a step function (as Inseq's `explain`). Unknown identifiers raise ValueError."""
-    from instrument import aggregation, steps
-
     found = []
     if id in _methods.list_methods():
         found.append(("attribution method", _methods.get_method(id)))
-    if id in aggregation._AGGREGATORS:
-        found.append(("aggregator", aggregation._AGGREGATORS[id].fn))
-    if id in aggregation._FUNCTIONS:
-        found.append(("aggregation function", aggregation._FUNCTIONS[id]))
-    if id in steps.list_step_functions():
-        found.append(("step function", steps.get_step_function(id).fn))
+    if id in list_aggregators():
+        found.append(("aggregator", get_aggregator(id).fn))
+    if id in list_aggregation_functions():
+        found.append(("aggregation function", get_aggregation_function(id)))
+    if id in list_step_functions():
+        found.append(("step function", get_step_function(id).fn))
     if not found:
         raise ValueError(f"Unknown identifier {id!r}: not an attribution method, aggregator, aggregation function "
                          "or step function (see list_feature_attribution_methods(), list_aggregators(), "

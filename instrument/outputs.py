@@ -6,11 +6,20 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+RUNTIME_INFO = ("exec_time",)  # `info` measured, not chosen: summed by `merge_attributions`, ignored by `equals`
+
+
+def copy_replace(obj: Any, **changes) -> Any:
+    """`copy_replace(seq, source=tokens)`: `dataclasses.replace`, with the lists and dicts it keeps copied (not shared)."""
+    kept = {f.name: getattr(obj, f.name) for f in fields(obj) if f.init and f.name not in changes}
+    return replace(obj, **{k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in kept.items()}, **changes)
 
 
 @dataclass(frozen=True)
@@ -53,23 +62,20 @@ class FeatureAttributionSequenceOutput:
         """The target tokens that were attributed (one per column)."""
         return self.target[self.attr_pos_start : self.attr_pos_end]
 
-    # -- aggregation (instrument.aggregation) ---------------------------------------------------
+    # -- aggregation (instrument.aggregators) ---------------------------------------------------
 
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionSequenceOutput:
-        """A new, aggregated copy; see `instrument.aggregation` for the aggregators.
+        """A new, aggregated copy; see `instrument.aggregators`.
 
             >>> seq.aggregate(["subwords", "scores"])   # default: "scores" (vnorm over hidden, normalized)
         """
-        from instrument.aggregation import aggregate_sequence
+        from instrument.aggregators import aggregate_sequence
 
         return aggregate_sequence(self, aggregator, aggregate_fn, **kwargs)
 
     def __getitem__(self, index: int | slice) -> FeatureAttributionSequenceOutput:
-        """`seq[2:5]`: the "slices" aggregator over source positions (target positions when there are no
-        source attributions, as for decoder-only models).
-
-        Generated tokens and their columns are always kept; see `instrument.aggregation.slices`.
-        """
+        """`seq[2:5]`: the "slices" aggregator (`instrument.aggregators.slices`) over source positions (target
+        positions without source attributions, as for decoder-only models); generated tokens are always kept."""
         if isinstance(index, bool) or not isinstance(index, (int, slice)):
             raise TypeError(f"Index with an int or a slice, got {type(index).__name__}")
         side = "source" if self.source_attributions is not None else "target"
@@ -283,7 +289,7 @@ class FeatureAttributionOutput:
         """`out1 + out2` is `merge_attributions([out1, out2])`."""
         if not isinstance(other, FeatureAttributionOutput):
             return NotImplemented
-        from instrument.aggregation import merge_attributions
+        from instrument.merging import merge_attributions
 
         return merge_attributions([self, other])
 
@@ -307,11 +313,11 @@ class FeatureAttributionOutput:
         return self
 
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionOutput:
-        """Every sequence aggregated (a new output; `info` copied); see `instrument.aggregation`.
+        """Every sequence aggregated (a new output; `info` copied); see `instrument.aggregators`.
 
             >>> out.aggregate("subwords").aggregate()   # words, then one normalized score per word
         """
-        from instrument.aggregation import aggregate_output
+        from instrument.aggregators import aggregate_output
 
         return aggregate_output(self, aggregator, aggregate_fn, **kwargs)
 
@@ -322,7 +328,7 @@ class FeatureAttributionOutput:
         return other.aggregate("pair", paired_attr=self)
 
     def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0, check_info: bool = True,
-               ignore_info: tuple[str, ...] = ("exec_time",)) -> bool:
+               ignore_info: tuple[str, ...] = RUNTIME_INFO) -> bool:
         """Equal sequences (see `FeatureAttributionSequenceOutput.equals`) and `info` equal as saved, apart
         from the run-time fields in `ignore_info` (by default `exec_time`; pass `()` to compare them too)."""
         from instrument.serialization import outputs_equal

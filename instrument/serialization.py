@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+from instrument.outputs import RUNTIME_INFO, FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 
 FORMAT = "seq-instrument.attributions"
 VERSION = 1
@@ -607,7 +607,7 @@ def sequences_equal(a: FeatureAttributionSequenceOutput, b: FeatureAttributionSe
 
 
 def outputs_equal(a: FeatureAttributionOutput, b: FeatureAttributionOutput, rtol: float = 0.0, atol: float = 0.0,
-                  check_info: bool = True, ignore_info: tuple[str, ...] = ("exec_time",)) -> bool:
+                  check_info: bool = True, ignore_info: tuple[str, ...] = RUNTIME_INFO) -> bool:
     """Sequences equal, and `info` equal as saved (`jsonable`: tuples equal lists, tensors their repr)
     except for the keys in `ignore_info` (run-time measurements such as `exec_time`)."""
     if not isinstance(b, FeatureAttributionOutput) or len(a) != len(b):

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
+from instrument.aggregators import aggregate_sequence
+from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, copy_replace
 
 POSITIVE, NEGATIVE, WHITE = (220, 38, 38), (37, 99, 235), (255, 255, 255)
 CELL_WIDTH = 7  # "-0.123" plus a space
@@ -252,8 +253,6 @@ def _prepared(obj, aggregate: bool | str | list, **aggregate_kwargs) -> list[Fea
     sequences = _sequences(obj)
     if aggregate is False:
         return sequences
-    from instrument.aggregation import aggregate_sequence
-
     if aggregate is True:
         return [_default_view(seq, **aggregate_kwargs) for seq in sequences]
     sequences = [aggregate_sequence(seq, aggregate, **aggregate_kwargs) for seq in sequences]
@@ -263,8 +262,6 @@ def _prepared(obj, aggregate: bool | str | list, **aggregate_kwargs) -> list[Fea
 def _default_view(seq: FeatureAttributionSequenceOutput, **aggregate_kwargs) -> FeatureAttributionSequenceOutput:
     """"scores" over every extra dimension, or the sequence's own default pipeline when it has one
     (`weight_attributions` leaves an empty one: already 2-D, shown as it is)."""
-    from instrument.aggregation import aggregate_sequence
-
     if seq._aggregator is None:
         return aggregate_sequence(seq, "scores", keep_layers=False, **aggregate_kwargs)
     seq = aggregate_sequence(seq, seq._aggregator, **aggregate_kwargs)
@@ -353,8 +350,6 @@ def _panels(seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim:
     """2-D views of `seq`: one per index combination of the extra dimensions (after `slice_dims`)."""
     import itertools
 
-    from instrument.aggregation import _replace
-
     tensors = {n: getattr(seq, n) for n in ("source_attributions", "target_attributions") if getattr(seq, n) is not None}
     if not tensors:
         return [("", seq)]
@@ -384,7 +379,7 @@ def _panels(seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim:
     for index in itertools.product(*(range(n) for n in shape[2:])):
         label = ", ".join(f"dim {d} = {i}" for d, i in zip(range(2, ndim), index) if show_dim in (None, d))
         fields = {n: t[(slice(None), slice(None), *index)] for n, t in tensors.items()}
-        panels.append((label, _replace(seq, **fields)))
+        panels.append((label, copy_replace(seq, **fields)))
     return panels
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import instrument
-from instrument.aggregation import (
-    list_aggregation_functions, list_aggregators, merge_attributions, register_aggregation_function, word_spans,
-)
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+from instrument.aggregators import list_aggregators
+from instrument.merging import merge_attributions
+from instrument.reductions import get_aggregation_function, list_aggregation_functions, register_aggregation_function
+from instrument.spans import _column_groups, spans_to_groups, split_spans, word_spans
+from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
 from tiny_models import tiny_model
 
 NAN = float("nan")
@@ -105,7 +106,7 @@ def test_list_aggregation_functions():
 ])
 def test_aggregation_function_by_hand(name, expected):
     x = torch.tensor([[1.0, NAN, -3.0, 2.0], [NAN, NAN, NAN, NAN], [2.0, 4.0, 0.0, NAN]])
-    fn = instrument.aggregation.get_aggregation_function(name)
+    fn = get_aggregation_function(name)
     close(fn(x, 1), torch.tensor(expected))
     close(fn(x.T, 0), torch.tensor(expected))  # any dimension
 
@@ -126,7 +127,7 @@ def test_aggregation_function_against_numpy(name):
             "absmax": lambda: np.take_along_axis(filled, np.abs(filled).argmax(1)[:, None], 1)[:, 0],
         }[name]()
     reference[np.isnan(a).all(1)] = np.nan
-    fn = instrument.aggregation.get_aggregation_function(name)
+    fn = get_aggregation_function(name)
     close(fn(x, 1), torch.from_numpy(reference).float())
 
 
@@ -314,6 +315,33 @@ def test_subwords_logprob_sums():
     close(seq.aggregate("subwords", step_score_fns={"probability": "max"}).step_scores["probability"], torch.tensor([-1.0, -0.5]))
 
 
+def test_step_scores_merge_by_aggregate_map_like_user_functions():
+    probability = instrument.steps.get_step_function("probability")
+    assert probability.aggregate_map == {"spans": "prod", "logprob": "sum"}
+    instrument.register_step_function(probability.fn, "t_my_prob", aggregate_map=dict(probability.aggregate_map), overwrite=True)
+    instrument.register_step_function(probability.fn, "t_plain", overwrite=True)  # no aggregate_map: averaged
+    try:
+        seq = decoder_only()
+        seq.step_scores.update(t_my_prob=seq.step_scores["probability"], t_plain=seq.step_scores["probability"])
+        for logprob, merged in [(False, 0.2 * 0.4), (True, 0.2 + 0.4)]:
+            out = seq.aggregate("subwords", logprob=logprob)
+            close(out.step_scores["t_my_prob"], torch.tensor([0.5, merged]))
+            close(out.step_scores["t_my_prob"], out.step_scores["probability"])
+            close(out.step_scores["t_plain"], torch.tensor([0.5, 0.3]))
+            close(out.step_scores["deltas"], torch.tensor([0.1, -0.3]))  # not a step function: absmax
+    finally:
+        for name in ("t_my_prob", "t_plain"):
+            instrument.steps._REGISTRY.pop(name)
+
+
+def test_copy_replace_keeps_every_field_and_shares_no_container():
+    seq = decoder_only()
+    seq._aggregator = ["subwords", "scores"]
+    copied = copy_replace(seq, attr_pos_end=4)
+    assert copied.attr_pos_end == 4 and copied._aggregator == seq._aggregator and copied.target == seq.target
+    assert all(getattr(copied, n) is not getattr(seq, n) for n in ("source", "target", "step_scores", "sequence_scores", "_aggregator"))
+    assert copied.target_attributions is seq.target_attributions  # tensors are not copied
+
 def test_split_by_hand():
     seq = FeatureAttributionSequenceOutput(
         source=tokens("▁A", "▁b", ".", "▁C", "!", "▁d"), target=tokens("<pad>", "▁X", ".", "▁Y"),
@@ -448,7 +476,7 @@ def test_real_subwords_and_spans_by_hand(real, arch):
         out = seq.aggregate("subwords", fn)
         src_groups = word_spans(seq.source, "word_start", ("▁", "Ġ"))
         tgt_groups = word_spans(seq.target, "word_start", ("▁", "Ġ"))
-        columns, _, _ = instrument.aggregation._column_groups(tgt_groups, seq.attr_pos_start, seq.attr_pos_end)
+        columns, _, _ = _column_groups(tgt_groups, seq.attr_pos_start, seq.attr_pos_end)
         assert [t.token for t in out.target] == ["".join(t.token for t in seq.target[a:b]) for a, b in tgt_groups]
         close(out.target_attributions, merged_by_hand(seq.target_attributions, tgt_groups, columns, pick))
         if seq.source_attributions is not None:
@@ -459,13 +487,13 @@ def test_real_subwords_and_spans_by_hand(real, arch):
     target_spans = ([(0, 2)] if start >= 2 else []) + [(start, start + 3)]  # a prompt span and a generated one
     source_spans = [(1, 3)] if seq.source_attributions is not None else None
     out = seq.aggregate("spans", "sum", source_spans=source_spans, target_spans=target_spans)
-    tgt_groups = instrument.aggregation.spans_to_groups(target_spans, len(seq.target), "target")
-    columns, new_start, new_end = instrument.aggregation._column_groups(tgt_groups, start, seq.attr_pos_end)
+    tgt_groups = spans_to_groups(target_spans, len(seq.target), "target")
+    columns, new_start, new_end = _column_groups(tgt_groups, start, seq.attr_pos_end)
     assert (out.attr_pos_start, out.attr_pos_end) == (new_start, new_end) == (start - (start >= 2), new_start + len(columns))
     assert len(columns) == seq.attr_pos_end - start - 2
     close(out.target_attributions, merged_by_hand(seq.target_attributions, tgt_groups, columns, sum))
     if seq.source_attributions is not None:
-        src_groups = instrument.aggregation.spans_to_groups(source_spans, len(seq.source), "source")
+        src_groups = spans_to_groups(source_spans, len(seq.source), "source")
         close(out.source_attributions, merged_by_hand(seq.source_attributions, src_groups, columns, sum))
 
     words = [t.token for t in seq.aggregate("subwords").target]
@@ -486,8 +514,8 @@ def test_real_scores_split_slices_pair(real, arch):
     close(scored.target_attributions, target_norms / denominator)
 
     sentences = seq.aggregate("split", "sum", split_pattern=",")
-    groups = instrument.aggregation.split_spans(seq.target, ",")
-    columns, _, _ = instrument.aggregation._column_groups(groups, seq.attr_pos_start, seq.attr_pos_end)
+    groups = split_spans(seq.target, ",")
+    columns, _, _ = _column_groups(groups, seq.attr_pos_start, seq.attr_pos_end)
     close(sentences.target_attributions, merged_by_hand(seq.target_attributions, groups, columns, sum))
 
     sliced = seq[1:3]

@@ -14,7 +14,8 @@ import torch
 import transformers
 
 import instrument
-from instrument.steps import _REGISTRY, StepFunctionArgs, StepInputs, call_step_function, get_step_function
+from instrument.step_args import StepFunctionArgs, StepInputs
+from instrument.steps import _REGISTRY, call_step_function, get_step_function
 from tiny_models import tiny_model
 
 
@@ -155,7 +156,7 @@ def test_per_step_fields_call_the_function_once_per_step_and_builtins_once():
     assert [c.shape for c in calls] == [(1, 3), (1, 4), (1, 5)]
     expected = torch.stack([ids[:p].sum() + ids[p] for p in (3, 5, 4)]).float()
     assert torch.equal(scores, expected)
-    assert isinstance(args.attribution_model, instrument.steps.ModelView)
+    assert isinstance(args.attribution_model, instrument.step_args.ModelView)
     torch.testing.assert_close(args.attribution_model.output2logits(args.forward_output), logits)
     with pytest.raises(AttributeError, match="encoder-decoder"):
         args.encoder_input_ids

@@ -121,8 +121,8 @@ def test_explain(capsys):
     inseq = import_inseq()
     import methods
 
-    for identifier, doc in [("saliency", methods.get_method("saliency").__doc__), ("vnorm", instrument.aggregation.vnorm.__doc__),
-                            ("subwords", instrument.aggregation.subwords.__doc__),
+    for identifier, doc in [("saliency", methods.get_method("saliency").__doc__), ("vnorm", instrument.reductions.vnorm.__doc__),
+                            ("subwords", instrument.aggregators.subwords.__doc__),
                             ("probability", instrument.steps.probability.__doc__)]:
         instrument.explain(identifier)
         printed = capsys.readouterr().out

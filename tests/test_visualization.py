@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 import instrument
-from instrument.aggregation import merge_attributions
+from instrument.merging import merge_attributions
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 from instrument.visualization import format_score
 from tiny_models import tiny_model

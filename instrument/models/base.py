@@ -20,7 +20,8 @@ from instrument.engine import Engine, Example, Rows, scatter
 from instrument.models import validation
 from instrument.models import inseq_options
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
-from instrument.steps import get_step_function, output2logits, step_functions_by_name
+from instrument.step_args import output2logits
+from instrument.steps import get_step_function, step_functions_by_name
 from methods.base import Request
 from methods.registry import get_method
 

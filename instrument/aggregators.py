@@ -1,4 +1,4 @@
-"""Aggregation: reduce, merge, slice and compare attributions, with Inseq's `aggregate` semantics.
+"""Aggregators: reduce, merge, slice and compare attributions, with Inseq's `aggregate` semantics.
 
     >>> out.aggregate()                                         # "scores": L2 norm over hidden, normalized per step
     >>> out.aggregate(["subwords", "scores"])                   # whole words, then one score per word
@@ -23,312 +23,34 @@ Every aggregator returns a new object; the input is never modified. Tensors are 
   but only "scores" uses them; both true together is an error.
 - `spans`: merges the given contiguous `source_spans` / `target_spans` (`(start, end)`, end excluded)
   with `aggregate_fn` (default `absmax`). Merged target tokens merge both their rows and, for the
-  generated ones, their columns; step scores of merged columns are merged per step function (see
-  `STEP_SCORE_AGGREGATION`). Tokens outside any span are kept as they are; merged tokens are labelled
+  generated ones, their columns; step scores of merged columns combine as their step function's
+  `aggregate_map` says (see `instrument.spans.step_score_function`). Tokens outside any span are kept as they are; merged tokens are labelled
   with their concatenated strings and id -1. Rows are merged first, then columns.
-- `subwords`: `spans` over the words found from subword markers (see `word_spans`).
+- `subwords`: `spans` over the words found from subword markers (see `instrument.spans.word_spans`).
 - `split`: `spans` ending at every token matching `split_pattern` (a literal string, or a compiled regex).
 - `slices`: keeps only the source tokens in `source_spans`, or the prompt (pre-generation) target tokens
   in `target_spans`; generated tokens, columns and step scores are always kept.
 - `pair`: `attr.aggregate("pair", paired_attr=other)` is `other - attr` elementwise (as in Inseq), also
   written `other - attr`; shapes must match. Differing tokens are labelled `"attr → other"`.
 
-Aggregation functions take `(tensor, dim)` and ignore NaN: a result is NaN only where every input is
-NaN, so positions a step cannot see stay NaN after merging.
+Aggregation functions (`aggregate_fn`) are those of `instrument.reductions`, which ignore NaN. New
+aggregators register with `register_aggregator`; `aggregate_sequence` and `aggregate_output` run a
+pipeline of them (what `seq.aggregate` and `out.aggregate` call).
 """
 from __future__ import annotations
 
 import inspect
-import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
-
-AggregationFunction = Callable[[torch.Tensor, int], torch.Tensor]
-
-# -- aggregation functions ----------------------------------------------------------------------
-
-
-def _masked(x: torch.Tensor, fill: float) -> torch.Tensor:
-    return torch.where(torch.isnan(x), torch.full_like(x, fill), x) if x.is_floating_point() else x
-
-
-def _nan_where_all_nan(result: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
-    if not x.is_floating_point():
-        return result
-    return result.masked_fill(torch.isnan(x).all(dim), float("nan"))
-
-
-def nan_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`nan_sum(torch.tensor([1., nan, 2.]), 0) == 3.`: sum of the non-NaN values."""
-    return _nan_where_all_nan(_masked(x, 0.0).sum(dim), x, dim)
-
-
-def nan_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`nan_mean(torch.tensor([1., nan, 2.]), 0) == 1.5`: mean of the non-NaN values."""
-    return torch.nanmean(x, dim) if x.is_floating_point() else x.float().mean(dim)
-
-
-def vnorm(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`vnorm(torch.tensor([3., nan, 4.]), 0) == 5.`: L2 norm of the non-NaN values."""
-    work = torch.promote_types(x.dtype, torch.float32)  # half precision and integers are computed in float32
-    return _nan_where_all_nan(torch.linalg.vector_norm(_masked(x, 0.0).to(work), 2, dim), x, dim)
-
-
-def absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`absmax(torch.tensor([0.3, -0.7, nan]), 0) == -0.7`: the value of largest magnitude, sign kept."""
-    filled = _masked(x, 0.0)
-    index = filled.abs().argmax(dim, keepdim=True)
-    return _nan_where_all_nan(filled.gather(dim, index).squeeze(dim), x, dim)
-
-
-def nan_max(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`nan_max(torch.tensor([1., nan, -2.]), 0) == 1.`"""
-    return _nan_where_all_nan(_masked(x, -math.inf).amax(dim), x, dim)
-
-
-def nan_min(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`nan_min(torch.tensor([1., nan, -2.]), 0) == -2.`"""
-    return _nan_where_all_nan(_masked(x, math.inf).amin(dim), x, dim)
-
-
-def nan_prod(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`nan_prod(torch.tensor([2., nan, 3.]), 0) == 6.`"""
-    return _nan_where_all_nan(_masked(x, 1.0).prod(dim), x, dim)
-
-
-_FUNCTIONS: dict[str, AggregationFunction] = {
-    "sum": nan_sum, "mean": nan_mean, "vnorm": vnorm, "absmax": absmax, "max": nan_max, "min": nan_min, "prod": nan_prod,
-}
-
-
-def list_aggregation_functions() -> list[str]:
-    """Names accepted as `aggregate_fn`: `["sum", "mean", "vnorm", "absmax", "max", "min", "prod"]` and registered ones."""
-    return list(_FUNCTIONS)
-
-
-def register_aggregation_function(fn: AggregationFunction, name: str, overwrite: bool = False) -> None:
-    """Make `fn(tensor, dim) -> tensor` usable as `aggregate_fn=name`.
-
-    >>> register_aggregation_function(lambda x, dim: x.nan_to_num().abs().sum(dim), "abssum")
-    """
-    if not callable(fn):
-        raise TypeError(f"An aggregation function must be callable, got {type(fn).__name__}")
-    if name in _FUNCTIONS and not overwrite:
-        raise ValueError(f"Aggregation function {name!r} exists already; pass overwrite=True to replace it")
-    _FUNCTIONS[name] = fn
-
-
-def get_aggregation_function(fn: str | AggregationFunction) -> AggregationFunction:
-    """`get_aggregation_function("vnorm")(x, dim)`; callables are returned as they are."""
-    if callable(fn):
-        return fn
-    if fn not in _FUNCTIONS:
-        raise ValueError(f"Unknown aggregation function {fn!r}. Available: {', '.join(_FUNCTIONS)}")
-    return _FUNCTIONS[fn]
-
-
-# -- step scores ------------------------------------------------------------------------------
-
-# How the step scores of merged generated tokens combine (e.g. the probability of a word is the product
-# of its subwords' probabilities); every other score is averaged. With `logprob=True` (as passed to
-# `attribute`) the probability-like scores are log-probabilities and are summed. A registered step
-# function's `aggregate_map` ({aggregator name or "spans": function name}) takes precedence.
-STEP_SCORE_AGGREGATION = {
-    "probability": "prod", "contrast_prob": "prod", "mc_dropout_prob_avg": "prod", "perplexity": "prod",
-    "crossentropy": "sum", "entropy": "sum", "pcxmi": "sum", "in_context_pvi": "sum", "kl_divergence": "sum",
-    "deltas": "absmax",
-}
-LOGPROB_SCORES = ("probability", "contrast_prob", "mc_dropout_prob_avg", "contrast_prob_diff")
-
-
-def step_score_function(name: str, aggregator: str = "spans", logprob: bool = False,
-                        overrides: dict[str, Any] | None = None) -> AggregationFunction:
-    """`step_score_function("probability")` is `nan_prod`: how merged steps of score `name` combine."""
-    if overrides and name in overrides:
-        return get_aggregation_function(overrides[name])
-    from instrument.steps import get_step_function
-
-    try:
-        mapping = get_step_function(name).aggregate_map or {}
-    except ValueError:
-        mapping = {}
-    chosen = mapping.get(aggregator) or mapping.get("spans")
-    if chosen is None:
-        chosen = "sum" if logprob and name in LOGPROB_SCORES else STEP_SCORE_AGGREGATION.get(name, "mean")
-    return get_aggregation_function(chosen)
-
-
-# -- helpers ----------------------------------------------------------------------------------
-
-Span = tuple[int, int]
-
-
-def _replace(seq: FeatureAttributionSequenceOutput, **changes) -> FeatureAttributionSequenceOutput:
-    fields = dict(
-        source=list(seq.source), target=list(seq.target), source_attributions=seq.source_attributions,
-        target_attributions=seq.target_attributions, step_scores=dict(seq.step_scores),
-        sequence_scores=dict(seq.sequence_scores), attr_pos_start=seq.attr_pos_start, attr_pos_end=seq.attr_pos_end,
-        _aggregator=getattr(seq, "_aggregator", None),
-    )
-    fields.update(changes)
-    return FeatureAttributionSequenceOutput(**fields)
-
-
-def _merge_dim(t: torch.Tensor | None, groups: Sequence[Span], dim: int, fn: AggregationFunction) -> torch.Tensor | None:
-    """Merges each group `(a, b)` of positions along `dim` with `fn`; single positions are copied."""
-    if t is None:
-        return None
-    if all(b - a == 1 for a, b in groups) and len(groups) == t.shape[dim]:
-        return t
-    parts = [t.narrow(dim, a, b - a) if b - a == 1 else fn(t.narrow(dim, a, b - a), dim).unsqueeze(dim) for a, b in groups]
-    return torch.cat(parts, dim)
-
-
-def _merge_tokens(tokens: Sequence[TokenWithId], groups: Sequence[Span]) -> list[TokenWithId]:
-    return [tokens[a] if b - a == 1 else TokenWithId("".join(t.token for t in tokens[a:b]), -1) for a, b in groups]
-
-
-def _singletons(n: int) -> list[Span]:
-    return [(i, i + 1) for i in range(n)]
-
-
-def spans_to_groups(spans: Any, n: int, what: str) -> list[Span]:
-    """`spans_to_groups([(1, 3)], 5, "source") == [(0, 1), (1, 3), (3, 4), (4, 5)]`: a partition of range(n)."""
-    if spans is None or (isinstance(spans, (list, tuple)) and len(spans) == 0):
-        return _singletons(n)
-    spans = [spans] if isinstance(spans, (list, tuple)) and len(spans) == 2 and all(isinstance(v, int) for v in spans) else spans
-    groups, position = [], 0
-    for span in spans:
-        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
-            raise ValueError(f"{what} spans must be (start, end) pairs of integers, got {span!r}")
-        start, end = span
-        if not 0 <= start < end <= n:
-            raise ValueError(f"{what} span {tuple(span)} is out of range: need 0 <= start < end <= {n} ({what} length)")
-        if start < position:
-            raise ValueError(f"{what} spans must be sorted and must not overlap, got {list(spans)!r}")
-        groups += _singletons(start)[position:] + [(start, end)]
-        position = end
-    return groups + [(i, i + 1) for i in range(position, n)]
-
-
-def _column_groups(target_groups: Sequence[Span], start: int, end: int) -> tuple[list[Span], int, int]:
-    """Column groups (step indices) of the merged generated tokens, and the new attr_pos_start / end."""
-    columns, new_start, new_end = [], None, None
-    for index, (a, b) in enumerate(target_groups):
-        lo, hi = max(a, start), min(b, end)
-        if lo < hi:
-            new_start = index if new_start is None else new_start
-            new_end = index + 1
-            columns.append((lo - start, hi - start))
-    if new_start is None:  # no attributed steps
-        new_start = new_end = sum(1 for a, b in target_groups if b <= start)
-    return columns, new_start, new_end
-
-
-def merge_groups(
-    seq: FeatureAttributionSequenceOutput,
-    source_groups: Sequence[Span],
-    target_groups: Sequence[Span],
-    fn: AggregationFunction,
-    aggregator: str = "spans",
-    logprob: bool = False,
-    step_score_fns: dict[str, Any] | None = None,
-) -> FeatureAttributionSequenceOutput:
-    """Merges the rows of each source / target group, and the columns of the generated target groups."""
-    columns, new_start, new_end = _column_groups(target_groups, seq.attr_pos_start, seq.attr_pos_end)
-
-    def both(t, row_groups):
-        return _merge_dim(_merge_dim(t, row_groups, 0, fn), columns, 1, fn)
-
-    step_scores = {
-        name: _merge_dim(values, columns, 0, step_score_function(name, aggregator, logprob, step_score_fns))
-        for name, values in seq.step_scores.items()
-    }
-    sequence_scores = {  # Inseq's convention: sequence scores are shaped like source attributions
-        name: both(values, source_groups) if values.dim() >= 2 and values.shape[0] == len(seq.source)
-        and values.shape[1] == seq.attr_pos_end - seq.attr_pos_start else values
-        for name, values in seq.sequence_scores.items()
-    }
-    return _replace(
-        seq,
-        source=_merge_tokens(seq.source, source_groups),
-        target=_merge_tokens(seq.target, target_groups),
-        source_attributions=both(seq.source_attributions, source_groups),
-        target_attributions=both(seq.target_attributions, target_groups),
-        step_scores=step_scores,
-        sequence_scores=sequence_scores,
-        attr_pos_start=new_start,
-        attr_pos_end=new_end,
-    )
-
-
-# -- word detection ---------------------------------------------------------------------------
-
-WORD_START_CHARS = ("▁", "Ġ")  # SentencePiece and byte-level BPE: the token starts a new word
-CONTINUATION_CHARS = ("##",)  # WordPiece: the token continues the previous word
-WORD_END_CHARS = ("</w>",)  # BPE with end-of-word suffixes: the token ends a word
-SPECIAL_TOKEN = re.compile(r"<[^<>\s]+>|\[[A-Z][A-Z_]*\]")  # <s>, </s>, <pad>, <|endoftext|>, [CLS], [SEP]
-SPACE_CHARS = set(" \t\r\n▁ĠĊĉč")  # spaces, and their SentencePiece / byte-level renderings
-
-
-def _is_special(token: str, special_tokens: Iterable[str] | None) -> bool:
-    return token in special_tokens if special_tokens is not None else bool(SPECIAL_TOKEN.fullmatch(token))
-
-
-def word_spans(
-    tokens: Sequence[TokenWithId | str],
-    marker: str = "word_start",
-    special_chars: Sequence[str] = WORD_START_CHARS,
-    special_tokens: Iterable[str] | None = None,
-) -> list[Span]:
-    """`word_spans(["▁H", "ello", "▁world"]) == [(0, 2), (2, 3)]`: the words as a partition of the tokens.
-
-    `marker` says what `special_chars` mark: "word_start" (a token starting with one begins a word:
-    `▁`, `Ġ`), "continuation" (a token starting with one continues the previous word: `##`) or
-    "word_end" (a token ending with one ends its word: `</w>`). Special tokens (`special_tokens`, by
-    default anything like `<s>` or `[CLS]`) and whitespace-only tokens are always words of their own.
-    """
-    if marker not in ("word_start", "continuation", "word_end"):
-        raise ValueError(f"marker must be 'word_start', 'continuation' or 'word_end', got {marker!r}")
-    chars = (special_chars,) if isinstance(special_chars, str) else tuple(special_chars)
-    texts = [t.token if isinstance(t, TokenWithId) else str(t) for t in tokens]
-    alone = [_is_special(t, special_tokens) or (t != "" and set(t) <= SPACE_CHARS) for t in texts]
-    groups: list[Span] = []
-    for i, text in enumerate(texts):
-        if i == 0 or alone[i] or alone[i - 1]:
-            new_word = True
-        elif marker == "word_start":
-            new_word = text.startswith(chars)
-        elif marker == "continuation":
-            new_word = not text.startswith(chars)
-        else:
-            new_word = texts[i - 1].endswith(chars)
-        if new_word:
-            groups.append((i, i + 1))
-        else:
-            groups[-1] = (groups[-1][0], i + 1)
-    return groups
-
-
-def detect_marker(tokens: Iterable[str], special_tokens: Iterable[str] | None = None) -> tuple[str, tuple[str, ...]] | None:
-    """`detect_marker(["▁H", "ello"]) == ("word_start", ("▁", "Ġ"))`; None when no subword marker is found."""
-    texts = [t for t in tokens if not _is_special(t, special_tokens)]
-    if any(t.startswith(WORD_START_CHARS) for t in texts):
-        return "word_start", WORD_START_CHARS
-    if any(t.startswith(CONTINUATION_CHARS) for t in texts):
-        return "continuation", CONTINUATION_CHARS
-    if any(t.endswith(WORD_END_CHARS) for t in texts):
-        return "word_end", WORD_END_CHARS
-    return None
-
-
-# -- aggregators ------------------------------------------------------------------------------
-
+from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
+from instrument.reductions import AggregationFunction, get_aggregation_function, list_aggregation_functions, nan_max, nan_sum
+from instrument.spans import (
+    MARKER_CHARS, detect_marker, kept_positions, merge_groups, singletons, split_spans, spans_to_groups, word_spans,
+)
 
 def _reduce_columns(src, tgt, how: str):
     """Per-column denominators over all rows of source and target: sum of |x| or max |x|, NaN ignored."""
@@ -367,7 +89,7 @@ def scores(seq, aggregate_fn: AggregationFunction, normalize: bool | None = None
         denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
         src = None if src is None else src / denominator
         tgt = None if tgt is None else tgt / denominator
-    return _replace(seq, source_attributions=src, target_attributions=tgt)
+    return copy_replace(seq, source_attributions=src, target_attributions=tgt)
 
 
 def spans(seq, aggregate_fn: AggregationFunction, source_spans=None, target_spans=None, logprob: bool = False,
@@ -393,28 +115,17 @@ def subwords(seq, aggregate_fn: AggregationFunction, special_chars: str | Sequen
     if special_chars is None and marker is None and not is_suffix_symbol:
         found = detect_marker([t.token for t in [*seq.source, *seq.target]], special_tokens)
         if found is None:
-            return _replace(seq)
+            return copy_replace(seq)
         marker, special_chars = found
     marker = marker or ("continuation" if is_suffix_symbol else "word_start")
     if special_chars is None:
-        special_chars = {"word_start": WORD_START_CHARS, "continuation": CONTINUATION_CHARS, "word_end": WORD_END_CHARS}[marker]
+        special_chars = MARKER_CHARS[marker]
 
     def groups(tokens, enabled):
-        return word_spans(tokens, marker, special_chars, special_tokens) if enabled else _singletons(len(tokens))
+        return word_spans(tokens, marker, special_chars, special_tokens) if enabled else singletons(len(tokens))
 
     return merge_groups(seq, groups(seq.source, aggregate_source), groups(seq.target, aggregate_target),
                         aggregate_fn, "subwords", logprob, step_score_fns)
-
-
-def split_spans(tokens: Sequence[TokenWithId], pattern: str | re.Pattern) -> list[Span]:
-    """`split_spans(tokens_of("A b. C d."), ".")`: groups that end at each token matching `pattern`."""
-    regex = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
-    groups, start = [], 0
-    for i, token in enumerate(tokens):
-        if regex.search(token.token):
-            groups.append((start, i + 1))
-            start = i + 1
-    return groups + ([(start, len(tokens))] if start < len(tokens) else [])
 
 
 def split(seq, aggregate_fn: AggregationFunction, split_pattern: str | re.Pattern | None = None,
@@ -430,18 +141,10 @@ def split(seq, aggregate_fn: AggregationFunction, split_pattern: str | re.Patter
         raise TypeError(f"split_pattern must be a string or a compiled regex, got {type(split_pattern).__name__}")
 
     def groups(tokens, enabled):
-        return split_spans(tokens, split_pattern) if enabled else _singletons(len(tokens))
+        return split_spans(tokens, split_pattern) if enabled else singletons(len(tokens))
 
     return merge_groups(seq, groups(seq.source, aggregate_source), groups(seq.target, aggregate_target),
                         aggregate_fn, "split", logprob, step_score_fns)
-
-
-def _kept_positions(spans_: Any, n: int, what: str) -> list[int]:
-    """The positions inside `spans_` (validated as by `spans_to_groups`), in order."""
-    groups = spans_to_groups(spans_, n, what)
-    wanted = [spans_] if len(spans_) == 2 and all(isinstance(v, int) for v in spans_) else spans_
-    wanted = {tuple(span) for span in wanted}
-    return [i for a, b in groups if (a, b) in wanted for i in range(a, b)]
 
 
 def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
@@ -458,14 +161,14 @@ def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
         if seq.source_attributions is None:
             raise ValueError("This output has no source attributions (decoder-only model): slice the prompt with "
                              "target_spans, or seq[a:b]")
-        keep = _kept_positions(source_spans, len(seq.source), "source")
+        keep = kept_positions(source_spans, len(seq.source), "source")
         changes["source"] = [seq.source[i] for i in keep]
         changes["source_attributions"] = _rows(seq.source_attributions, keep)
         changes["sequence_scores"] = {
             name: _rows(v, keep) if v.dim() >= 1 and v.shape[0] == len(seq.source) else v for name, v in seq.sequence_scores.items()
         }
     if target_spans is not None:
-        prompt = [i for i in _kept_positions(target_spans, len(seq.target), "target") if i < seq.attr_pos_start]
+        prompt = [i for i in kept_positions(target_spans, len(seq.target), "target") if i < seq.attr_pos_start]
         keep = prompt + list(range(seq.attr_pos_start, len(seq.target)))
         changes["target"] = [seq.target[i] for i in keep]
         if seq.source_attributions is None and seq.source and source_spans is None:  # decoder-only: the prompt
@@ -473,7 +176,7 @@ def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
         changes["target_attributions"] = _rows(seq.target_attributions, keep)
         changes["attr_pos_start"] = len(prompt)
         changes["attr_pos_end"] = len(prompt) + seq.attr_pos_end - seq.attr_pos_start
-    return _replace(seq, **changes)
+    return copy_replace(seq, **changes)
 
 
 def _rows(t: torch.Tensor | None, keep: list[int]) -> torch.Tensor | None:
@@ -523,7 +226,7 @@ def pair(seq, aggregate_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     def combine(x, y):
         return None if x is None else aggregate_fn(x, y)
 
-    return _replace(
+    return copy_replace(
         seq,
         source=_pair_tokens(seq.source, paired_attr.source),
         target=_pair_tokens(seq.target, paired_attr.target),
@@ -570,6 +273,13 @@ def list_aggregators() -> list[str]:
     return list(_AGGREGATORS)
 
 
+def get_aggregator(name: str) -> Aggregator:
+    """`get_aggregator("subwords").fn` is `subwords`; unknown names raise ValueError."""
+    if name not in _AGGREGATORS:
+        raise ValueError(f"Unknown aggregator {name!r}. Available: {', '.join(_AGGREGATORS)}")
+    return _AGGREGATORS[name]
+
+
 def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
     """The (aggregator, function) steps of `aggregator`, spelled as Inseq takes it.
 
@@ -596,14 +306,14 @@ def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
             name, fn = name
         if not isinstance(name, str):
             raise TypeError(f"Aggregators are given by name, got {type(name).__name__}")
-        if name not in _AGGREGATORS and name in _FUNCTIONS:
+        if name not in _AGGREGATORS and name in list_aggregation_functions():
             if fn is not None:
                 raise ValueError(f"{name!r} is an aggregation function used as aggregator (\"scores\" with {name!r}); "
                                  "do not pass aggregate_fn with it")
             name, fn = "scores", name
         if name not in _AGGREGATORS:
             raise ValueError(f"Unknown aggregator {name!r}. Available: {', '.join(_AGGREGATORS)}; "
-                             f"or an aggregation function for \"scores\": {', '.join(_FUNCTIONS)}")
+                             f"or an aggregation function for \"scores\": {', '.join(list_aggregation_functions())}")
         agg = _AGGREGATORS[name]
         fn = agg.default_fn if fn is None else fn
         if name == "pair" and isinstance(fn, str):
@@ -628,7 +338,7 @@ def aggregate_sequence(seq: FeatureAttributionSequenceOutput, aggregator=None, a
     if aggregator is None:
         aggregator = getattr(seq, "_aggregator", None)
     if isinstance(aggregator, (list, tuple)) and not aggregator and aggregate_fn is None:
-        return _replace(seq)  # an empty pipeline, as left by `weight_attributions`: nothing to do
+        return copy_replace(seq)  # an empty pipeline, as left by `weight_attributions`: nothing to do
     steps = _pipeline(aggregator, aggregate_fn)
     if kwargs.get("normalize") and kwargs.get("rescale"):
         raise ValueError("Pass either normalize=True or rescale=True, not both")
@@ -655,47 +365,4 @@ def aggregate_output(out: FeatureAttributionOutput, aggregator=None, aggregate_f
         aggregate_sequence(seq, aggregator, aggregate_fn, **kwargs, **({} if other is None else {"paired_attr": other}))
         for seq, other in zip(out.sequence_attributions, pairs)
     ]
-    return FeatureAttributionOutput(sequences, step_attributions=out.step_attributions, info=dict(out.info))
-
-
-PER_EXAMPLE_INFO = ("input_texts", "generated_texts")  # one entry per sequence: concatenated when merging
-RUNTIME_INFO = ("exec_time",)  # measured, not chosen: summed when merging, ignored by `equals`
-
-
-def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAttributionOutput:
-    """`merge_attributions([out1, out2])`: all their sequences, in order, with merged `info`.
-
-    In `info`, per-example lists (`input_texts`, `generated_texts`) are concatenated, `exec_time` is
-    summed, values equal in all outputs are kept, and any other key (e.g. `step_scores` when the outputs
-    computed different ones) gets the list of per-output values, None where an output lacks the key.
-    """
-    outputs = list(outputs)
-    if not outputs:
-        raise ValueError("merge_attributions needs at least one FeatureAttributionOutput")
-    for item in outputs:
-        if not isinstance(item, FeatureAttributionOutput):
-            raise TypeError(f"merge_attributions takes FeatureAttributionOutput objects, got {type(item).__name__}")
-    info: dict[str, Any] = {}
-    keys = list(dict.fromkeys(k for item in outputs for k in item.info))
-    for key in keys:
-        values = [item.info.get(key) for item in outputs]
-        present = [key in item.info for item in outputs]
-        if key in PER_EXAMPLE_INFO and all(present) and all(isinstance(v, list) for v in values):
-            info[key] = [x for v in values for x in v]
-        elif key in RUNTIME_INFO and all(isinstance(v, (int, float)) for v in values):
-            info[key] = sum(values)
-        elif all(present) and all(_same(v, values[0]) for v in values):
-            info[key] = values[0]
-        else:
-            info[key] = values
-    steps = [item.step_attributions for item in outputs]
-    step_attributions = None if all(s is None for s in steps) else (
-        [x for s in steps for x in s] if all(isinstance(s, list) for s in steps) else steps)
-    return FeatureAttributionOutput([s for item in outputs for s in item.sequence_attributions], step_attributions, info)
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) if not isinstance(a, torch.Tensor) else isinstance(b, torch.Tensor) and torch.equal(a, b)
-    except Exception:
-        return a is b
+    return replace(out, sequence_attributions=sequences, info=dict(out.info))
