@@ -1,7 +1,7 @@
 """Perturbation methods: occlusion and LIME on the input embeddings, value zeroing inside attention,
 and ReAGent on the input tokens.
 
-    >>> out = model.attribute(text, method="occlusion")                          # one token at a time
+    >>> out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
     >>> out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
     >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)
     >>> out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
@@ -127,9 +127,16 @@ class Occlusion(AttributionMethod):
     slides over each attributed side with `strides = (tokens, hidden)` (default 1); the window's
     elements are set to `baselines` (default None: UNK embeddings, EOS kept, as Inseq; also "zeros",
     Captum's default, "pad", a tensor) and `f(input) - f(occluded)` is added to every element of the
-    window; each element's total is divided by the number of windows covering it. A pair of pairs gives separate source / target
-    settings. A step only counts the windows that fit in its own prefix, as Captum's windows over
-    that prefix would (a prefix shorter than the window is an error, as in Captum).
+    window; each element's total is divided by the number of windows covering it. A pair of pairs
+    gives separate source / target settings. A step only counts the windows that fit in its own
+    prefix, as Captum's windows over that prefix would (a prefix shorter than the window is an error,
+    as in Captum).
+
+    Shape: when every window spans the whole embedding (the default), all hidden units of a token get
+    the same score, so one signed score per token is stored, `[positions, steps]`; Inseq stores its
+    absolute value: take `.abs()` of the attributions for Inseq's numbers. Windows over part of the
+    embedding (on any attributed side) give different scores per hidden unit, and then both sides
+    keep Captum's granular `[positions, steps, hidden]`.
     """
 
     params = {"sliding_window_shapes": None, "strides": None, "baselines": None,
@@ -162,14 +169,16 @@ class Occlusion(AttributionMethod):
                         "or a later attr_pos_start"
                     )
             logits, original = perturber.original()
-            out = {side: self._side(perturber, side, inputs, bases, windows[side], stride[side], original, perturbations_per_eval)
+            granular = any(windows[side][1] < hidden[side] for side in sides)
+            out = {side: self._side(perturber, side, inputs, bases, windows[side], stride[side], original,
+                                    perturbations_per_eval, granular)
                    for side in sides}
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
 
-    def _side(self, perturber: Perturber, side, inputs, bases, window, stride, original, per_eval) -> torch.Tensor:
-        """`[R, length, hidden]` occlusion attributions of one side. Windows are rectangles (token range x
-        hidden range), so totals and counts are kept per token and hidden window, `[R, length, W]`,
-        and spread over the hidden dimension once at the end."""
+    def _side(self, perturber: Perturber, side, inputs, bases, window, stride, original, per_eval, granular) -> torch.Tensor:
+        """`[R, length]` occlusion attributions of one side (`[R, length, hidden]` if `granular`). Windows
+        are rectangles (token range x hidden range), so totals and counts are kept per token and hidden
+        window, `[R, length, W]`, and spread over the hidden dimension once at the end."""
         fr, rows = perturber.fr, perturber.request.rows
         x, base = inputs[side], bases[side]
         row_lengths = _side_lengths(rows, side).tolist()
@@ -209,6 +218,8 @@ class Occlusion(AttributionMethod):
             total.index_add_(0, slot, diff[:, None] * hit)
             count.index_add_(0, slot, hit)
         total, count = total.view(len(rows), n_windows, -1), count.view(len(rows), n_windows, -1)
+        if not granular:  # one window over the whole embedding: one score per token
+            return (total[:, 0] / count[:, 0]).float()
         spread_total = torch.zeros(len(rows), *x.shape[1:], dtype=torch.float64)
         spread_count = torch.zeros(len(rows), *x.shape[1:], dtype=torch.float64)
         for w, h0 in enumerate(hidden_starts):
