@@ -535,6 +535,22 @@ class Lime(AttributionMethod):
 # -- ReAGent ---------------------------------------------------------------------------------------
 
 
+# Built-in step functions that are not probabilities: ReAGent's update would be NaN with them.
+NOT_PROBABILITIES = {"logit", "entropy", "crossentropy", "perplexity", "contrast_logits", "contrast_logits_diff",
+                     "contrast_prob_diff", "pcxmi", "kl_divergence", "in_context_pvi", "top_p_size"}
+
+
+def _probabilities(request: Request, scores: torch.Tensor) -> torch.Tensor:
+    """`scores`, checked to be probabilities (a custom attributed function, or `logprob=True`, may not be)."""
+    bad = ~((scores >= 0) & (scores <= 1))
+    if bad.any():
+        raise ValueError(
+            f"reagent needs attributed_fn to be a probability in [0, 1], but attributed_fn="
+            f"{request.attributed_fn!r} gave {float(scores[bad][0]):.4g} (is logprob=True set?)"
+        )
+    return scores
+
+
 def probe_generator(seed: int, probe: int, rows, r: int) -> torch.Generator:
     """The random stream of probe `probe` of row r, seeded by the row's own tokens (its prefix and
     source), so that it does not depend on which other rows share the batch."""
@@ -582,6 +598,8 @@ class Reagent(AttributionMethod):
     Replacement tokens: ReAGent draws them from a language model (Inseq: same-POS words); here they
     are drawn uniformly from the attributed model's vocabulary (special tokens pad / UNK / EOS
     excluded), which needs no second model. Randomness is seeded per (seed, probe, row tokens).
+    The attributed function must be a probability (its update is NaN otherwise): `attributed_fn`
+    such as "logit" or "entropy", or values outside [0, 1], raise a ValueError.
     Every active probe of every row of the batch goes through one forward per stage.
     """
 
@@ -602,6 +620,11 @@ class Reagent(AttributionMethod):
         if internal_batch_size is not None and (
                 isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1):
             raise ValueError(f"internal_batch_size must be None or a positive integer, got {internal_batch_size!r}")
+        if request.attributed_fn in NOT_PROBABILITIES:
+            raise ValueError(
+                f"reagent needs attributed_fn to be a probability (its update takes logit(0.5 +- 0.5 * delta)); "
+                f"got attributed_fn={request.attributed_fn!r}: use 'probability' (the default) or 'contrast_prob'"
+            )
         engine, rows = request.engine, request.rows
         vocab = int(engine.target_embedding.weight.shape[0])
         special = {t for t in (engine.pad_token_id, engine.unk_token_id, engine.eos_token_id) if t is not None}
@@ -616,7 +639,7 @@ class Reagent(AttributionMethod):
             probes += [_Probe(r, ids, probe_generator(seed, k, rows, r), candidates) for k in range(num_probes)]
         with torch.no_grad():
             logits = engine.forward(rows)[0]
-            original = request.score(rows, logits, *engine.embed(rows)).double().cpu()
+            original = _probabilities(request, request.score(rows, logits, *engine.embed(rows)).double().cpu())
             for _ in range(max_probe_steps):
                 active = [probe for probe in probes if not probe.stopped]
                 if not active:
@@ -680,7 +703,7 @@ class Reagent(AttributionMethod):
                 fields[name] = values
             sub = replace(sub, **fields)
             logits = engine.forward(sub)[0]
-            scores.append(request.score(sub, logits, None, None).double().cpu())
+            scores.append(_probabilities(request, request.score(sub, logits, None, None).double().cpu()))
             if top_k is not None:
                 top = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
                 hits.append((top == sub.token[:, None]).any(-1).cpu())

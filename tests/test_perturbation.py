@@ -541,3 +541,28 @@ def test_reagent_bad_options(options, match):
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=match):
         wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, **options)
+
+
+@pytest.mark.parametrize("attributed_fn, kwargs, match", [
+    ("logit", {}, "attributed_fn='logit'"),
+    ("entropy", {}, "attributed_fn='entropy'"),
+    ("probability", {"logprob": True}, "probability in \\[0, 1\\].*attributed_fn='probability'"),
+    (lambda args: args.logits[:, 0] * 0 + 2.0, {}, "probability in \\[0, 1\\].*attributed_fn='<lambda>'"),
+])
+def test_reagent_refuses_attributed_functions_that_are_not_probabilities(attributed_fn, kwargs, match):
+    """ReAGent's update takes logit(0.5 +- 0.5 * delta): NaN unless the function is a probability."""
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False,
+                          attributed_fn=attributed_fn, **REAGENT, **kwargs)
+
+
+def test_reagent_accepts_probabilities_of_contrast_targets():
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    seq = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, attributed_fn="contrast_prob",
+                            contrast_targets="Hello world, that", **REAGENT)[0]
+    scores = seq.target_attributions[..., 0]
+    assert torch.isfinite(scores.nan_to_num()).all()
+    torch.testing.assert_close(scores.nansum(0), torch.ones(scores.shape[1]))  # importance sums to 1 per step

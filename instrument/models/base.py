@@ -174,7 +174,7 @@ class AttributionModel:
         def score(rows_, logits, source, target):
             return engine.score(step, rows_, logits, step_kwargs, source, target)
 
-        request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers))
+        request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers), attributed_fn=step.identifier)
         result = attributor.attribute(request, **attributor.defaults)
         if attributor.attributes_inputs and not attribute_target:
             result.target = None
