@@ -388,7 +388,7 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
 
     n_samples, seed = 40, 3
     c = Case(arch)
-    seq = c.attribute("lime", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options)
+    seq = c.attribute("lime", variant="captum", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options)
     sides = c.sides(attribute_target)
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id if "baselines" in options else None)
@@ -410,7 +410,9 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
         expected = lime.attribute(inputs, baselines=baselines if baselines is not None else tuple(0.0 for _ in inputs),
                                   feature_mask=tuple(masks), n_samples=n_samples, perturbations_per_eval=8)
         for side, ref in zip(sides, expected):
-            close(c.ours(seq, j, p, side), ref[0], rtol=1e-5)
+            ours = c.ours(seq, j, p, side)
+            assert torch.equal(ours, ours[..., :1].expand_as(ours))  # one coefficient per token, repeated
+            close(ours, ref[0], rtol=1e-5)
         assert float(expected[0].abs().max()) > 0
 
 
@@ -436,7 +438,7 @@ def test_lime_recovers_a_token_effect_statistically():
     token moves the first generated token's probability most of all in this model, and LIME ranks
     it first, as occlusion of that token alone does."""
     c = Case("gpt2")
-    lime = c.attribute("lime", n_samples=400, seed=0)
+    lime = c.attribute("lime", variant="captum", n_samples=400, seed=0)
     occlusion = c.attribute("occlusion", baselines="zeros")  # the baseline LIME uses
     p = c.steps[0]
     lime_scores = lime.target_attributions[:p, 0, 0]
@@ -447,8 +449,15 @@ def test_lime_recovers_a_token_effect_statistically():
 
 @pytest.mark.parametrize("options, match", [
     ({"n_samples": 0}, "n_samples"),
-    ({"distance_mode": "manhattan"}, "distance_mode"),
-    ({"kernel_width": 0}, "kernel_width"),
+    ({"variant": "captum", "distance_mode": "manhattan"}, "distance_mode"),
+    ({"variant": "captum", "kernel_width": 0}, "kernel_width"),
+    ({"variant": "sklearn"}, "variant must be"),
+    ({"kernel_width": 2.0}, "kernel_width is an option of variant='captum'"),
+    ({"baselines": None}, "baselines is an option of variant='captum'"),
+    ({"variant": "captum", "mask_prob": 0.5}, "mask_prob is an option of variant='inseq'"),
+    ({"mask_prob": 1.5}, "mask_prob"),
+    ({"alpha": 0}, "alpha"),
+    ({"mask_token": "mask"}, "mask_token"),
 ])
 def test_lime_bad_options(options, match):
     model, tokenizer = tiny_model("gpt2")
@@ -572,3 +581,45 @@ def test_reagent_accepts_probabilities_of_contrast_targets():
     scores = seq.target_attributions[..., 0]
     assert torch.isfinite(scores.nan_to_num()).all()
     torch.testing.assert_close(scores.nansum(0), torch.ones(scores.shape[1]))  # importance sums to 1 per step
+
+
+def ridge_by_hand(features, targets, weights, alpha):
+    """scikit-learn's `Ridge(alpha).fit(X, y, sample_weight=w).coef_` in its primal form: weighted
+    centering (the intercept), then `(Xc^T W Xc + alpha I)^-1 Xc^T W yc`, float64."""
+    x, y, w = features.double(), targets.double(), weights.double()
+    xc = x - (w[:, None] * x).sum(0) / w.sum()
+    yc = y - (w * y).sum() / w.sum()
+    lhs = xc.T @ (w[:, None] * xc) + alpha * torch.eye(x.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(lhs, xc.T @ (w * yc))
+
+
+@pytest.mark.parametrize("arch, mask_token, alpha", [("gpt2", "unk", 1.0), ("llama", "pad", 1e-3), ("t5", "unk", 1.0)])
+def test_lime_inseq_variant_written_out(arch, mask_token, alpha):
+    """Inseq's LIME, step by step: the library's token subsets (a token replaced with probability 0.3),
+    replaced embeddings holding the mask token's id in every element, similarity = number of
+    embedding elements left equal, and a ridge regression on the flattened perturbed embeddings."""
+    from methods.perturbation import token_samples
+
+    n_samples, seed = 30, 4
+    c = Case(arch)
+    seq = c.attribute("lime", n_samples=n_samples, seed=seed, mask_token=mask_token, alpha=alpha)
+    fill = float(c.tok.unk_token_id if mask_token == "unk" else c.tok.pad_token_id)
+    side = "source" if c.enc_dec else "target"
+    for j, p in enumerate(c.steps):
+        (x,), _ = c.embeds(p, attribute_target=False)
+        keep = token_samples(seed, int(side == "target"), x.shape[1], n_samples, keep_prob=0.7)
+        perturbed = torch.where(keep[:, :, None], x, torch.full_like(x, fill))  # [n, L, H]
+        with torch.no_grad():
+            targets = c.prob_fn(p)(perturbed).double()
+        weights = (perturbed == x).sum((1, 2)).double()
+        expected = ridge_by_hand(perturbed.flatten(1), targets, weights, alpha).view(x.shape[1:])
+        close(c.ours(seq, j, p, side), expected, rtol=1e-5)
+        assert float(expected.abs().max()) > 0
+    assert getattr(seq, f"{side}_attributions").shape[-1] == x.shape[-1]  # one coefficient per embedding element
+
+
+def test_lime_inseq_variant_replaces_three_tokens_in_ten():
+    from methods.perturbation import token_samples
+
+    keep = token_samples(0, 0, 200, 500, keep_prob=0.7)
+    assert abs(1 - keep.double().mean() - 0.3) < 0.005  # 100000 draws: sd 0.0014
