@@ -48,7 +48,7 @@ class Perturber:
         rows = self.request.rows
         logits = self.fr.gather(self.engine.forward_steps(self.fr.full, self.fr.positions)[0])
         source, target = self.engine.embed(rows)
-        return logits, self.request.score(rows, logits, source, target).float()
+        return logits, self.request.score(rows, logits, source, target).double()  # differences of probabilities: no float32 rounding
 
     def run(self, owners: torch.Tensor, source: torch.Tensor | None, target: torch.Tensor | None, pairs=None):
         """Scores of `(perturbation n, row r)` pairs: `(n [E], r [E], scores [E])`.
@@ -79,7 +79,7 @@ class Perturber:
             source[index_n] if source is not None else None,
             target[index_n] if target is not None else None,
         )
-        return index_n, index_r, scores.float()
+        return index_n, index_r, scores.double()
 
 
 def _same(a, b) -> bool:
