@@ -623,3 +623,28 @@ def test_lime_inseq_variant_replaces_three_tokens_in_ten():
 
     keep = token_samples(0, 0, 200, 500, keep_prob=0.7)
     assert abs(1 - keep.double().mean() - 0.3) < 0.005  # 100000 draws: sd 0.0014
+
+
+def test_occlusion_per_token_scores_work_with_aggregation_views_and_files(tmp_path):
+    """One score per token, `[positions, steps]`: aggregators, views and files take it as they take
+    attention's 2-D scores; the default aggregation keeps the sign and divides each step's scores by
+    the sum of their absolute values."""
+    model, tokenizer = tiny_model("bart")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    out = wrapped.attribute(SOURCES[:2], TRANSLATIONS[:2], method="occlusion", attribute_target=True, show_progress=False)
+    seq = out[0]
+    assert seq.source_attributions.shape == (len(seq.source), len(seq.generated))
+    assert seq.target_attributions.shape == (len(seq.target), len(seq.generated))
+    scores = seq.aggregate()
+    both = torch.cat([scores.source_attributions, scores.target_attributions]).nan_to_num()
+    torch.testing.assert_close(both.abs().sum(0), torch.ones(both.shape[1]))
+    raw = torch.cat([seq.source_attributions, seq.target_attributions]).nan_to_num()
+    torch.testing.assert_close(both, raw / raw.abs().sum(0))
+    assert (raw < 0).any() and (raw > 0).any()  # signed
+    assert seq.aggregate("subwords").source_attributions.dim() == 2
+    assert seq[0:2].source_attributions.shape == (2, len(seq.generated))
+    html = out.show(return_html=True, display=False)
+    assert isinstance(html, str) and html.count("<tr") > len(seq.source)
+    path = tmp_path / "occlusion.safetensors"
+    out.save(path)
+    assert instrument.FeatureAttributionOutput.load(path).equals(out)
