@@ -3,8 +3,9 @@ and ReAGent on the input tokens.
 
     >>> out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
     >>> out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
-    >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)
+    >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)       # Inseq's; variant="captum"
     >>> out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
+    >>> out[0].sequence_scores["encoder_self_scores"]                          # encoder-decoders
     >>> out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
 
 Everything runs under `torch.no_grad()`. For occlusion, LIME and value zeroing, a perturbed input is
