@@ -15,8 +15,8 @@ passes internal_batch_size=N to both libraries, else each uses its own default: 
 layer_gradient_x_activation over all 12 blocks (ours in one call with `target_layers="layers"`,
 Inseq in 12 calls, one per `target_layer=model.transformer.h[i]`, whose times are summed),
 attention (every layer and head kept, Inseq's output; ours with `aggregate_fn=None`) and occlusion
-(each library's defaults: one-token windows over the whole embedding, zeros baseline; Inseq keeps
-|score| per token, so ours is compared as `[..., 0].abs()`).
+(each library's defaults: one-token windows over the whole embedding; both keep one score per
+token, Inseq its absolute value, so ours is compared as `.abs()`).
 
 The unit of the last column ("bare s", timed between the repeats of each method, as the load of a
 shared machine changes by the minute) is one bare forward + backward (gradient w.r.t. the input
@@ -127,8 +127,8 @@ def ours_runner(model, tokenizer, method: str, ig_batch):
     def run():
         out = wrapped.attribute(PROMPT, PROMPT + CONTINUATION, show_progress=False, **options)
         attributions = out[0].target_attributions
-        # Inseq keeps one |score| per token (its windows cover the whole embedding); ours, each element's.
-        return attributions[..., 0].abs() if method == "occlusion" else attributions
+        # Both keep one score per token; Inseq its absolute value, ours the signed score.
+        return attributions.abs() if method == "occlusion" else attributions
 
     return run
 

@@ -152,13 +152,16 @@ class RowAttribution:
     """What a method returns for R rows: granular scores over source / target positions.
 
     `source`: `[R, source_len, ...]`, `target`: `[R, prefix_len, ...]`; `logits` are the logits at
-    the unperturbed input when the method computed them anyway; `delta` the convergence delta.
+    the unperturbed input when the method computed them anyway; `delta` the convergence delta;
+    `sequence_scores` per-example scores, `[R, source_len, source_len, ...]` (each row holds its
+    example's), such as value zeroing's encoder self-attention scores.
     """
 
     source: torch.Tensor | None = None
     target: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    sequence_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

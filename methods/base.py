@@ -27,7 +27,8 @@ class Request:
     On encoder-decoders the target prefix is an attributed input only with `attribute_target`;
     otherwise it stays at its real embedding whatever the method does to the source.
     `needs_logits`: the caller reads the result's logits (for step scores); a method that has no
-    use for them may skip the LM head.
+    use for them may skip the LM head. `attributed_fn`: the step function's identifier, for methods
+    that only make sense for some (ReAGent needs a probability).
     """
 
     engine: Engine
@@ -35,6 +36,7 @@ class Request:
     score: Score
     attribute_target: bool = True
     needs_logits: bool = True
+    attributed_fn: str | None = None
 
     @property
     def attribute_source(self) -> bool:

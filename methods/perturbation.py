@@ -1,10 +1,11 @@
 """Perturbation methods: occlusion and LIME on the input embeddings, value zeroing inside attention,
 and ReAGent on the input tokens.
 
-    >>> out = model.attribute(text, method="occlusion")                          # one token at a time
+    >>> out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
     >>> out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
-    >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)
+    >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)       # Inseq's; variant="captum"
     >>> out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
+    >>> out[0].sequence_scores["encoder_self_scores"]                          # encoder-decoders
     >>> out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
 
 Everything runs under `torch.no_grad()`. For occlusion, LIME and value zeroing, a perturbed input is
@@ -48,7 +49,7 @@ class Perturber:
         rows = self.request.rows
         logits = self.fr.gather(self.engine.forward_steps(self.fr.full, self.fr.positions)[0])
         source, target = self.engine.embed(rows)
-        return logits, self.request.score(rows, logits, source, target).float()
+        return logits, self.request.score(rows, logits, source, target).double()  # differences of probabilities: no float32 rounding
 
     def run(self, owners: torch.Tensor, source: torch.Tensor | None, target: torch.Tensor | None, pairs=None):
         """Scores of `(perturbation n, row r)` pairs: `(n [E], r [E], scores [E])`.
@@ -79,7 +80,12 @@ class Perturber:
             source[index_n] if source is not None else None,
             target[index_n] if target is not None else None,
         )
-        return index_n, index_r, scores.float()
+        return index_n, index_r, scores.double()
+
+
+def _same(a, b) -> bool:
+    """`a == b` for option values (tensors compare by identity)."""
+    return a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
 
 
 def _side_lengths(rows, side: str) -> torch.Tensor:
@@ -127,9 +133,16 @@ class Occlusion(AttributionMethod):
     slides over each attributed side with `strides = (tokens, hidden)` (default 1); the window's
     elements are set to `baselines` (default None: UNK embeddings, EOS kept, as Inseq; also "zeros",
     Captum's default, "pad", a tensor) and `f(input) - f(occluded)` is added to every element of the
-    window; each element's total is divided by the number of windows covering it. A pair of pairs gives separate source / target
-    settings. A step only counts the windows that fit in its own prefix, as Captum's windows over
-    that prefix would (a prefix shorter than the window is an error, as in Captum).
+    window; each element's total is divided by the number of windows covering it. A pair of pairs
+    gives separate source / target settings. A step only counts the windows that fit in its own
+    prefix, as Captum's windows over that prefix would (a prefix shorter than the window is an error,
+    as in Captum).
+
+    Shape: when every window spans the whole embedding (the default), all hidden units of a token get
+    the same score, so one signed score per token is stored, `[positions, steps]`; Inseq stores its
+    absolute value: take `.abs()` of the attributions for Inseq's numbers. Windows over part of the
+    embedding (on any attributed side) give different scores per hidden unit, and then both sides
+    keep Captum's granular `[positions, steps, hidden]`.
     """
 
     params = {"sliding_window_shapes": None, "strides": None, "baselines": None,
@@ -162,14 +175,16 @@ class Occlusion(AttributionMethod):
                         "or a later attr_pos_start"
                     )
             logits, original = perturber.original()
-            out = {side: self._side(perturber, side, inputs, bases, windows[side], stride[side], original, perturbations_per_eval)
+            granular = any(windows[side][1] < hidden[side] for side in sides)
+            out = {side: self._side(perturber, side, inputs, bases, windows[side], stride[side], original,
+                                    perturbations_per_eval, granular)
                    for side in sides}
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
 
-    def _side(self, perturber: Perturber, side, inputs, bases, window, stride, original, per_eval) -> torch.Tensor:
-        """`[R, length, hidden]` occlusion attributions of one side. Windows are rectangles (token range x
-        hidden range), so totals and counts are kept per token and hidden window, `[R, length, W]`,
-        and spread over the hidden dimension once at the end."""
+    def _side(self, perturber: Perturber, side, inputs, bases, window, stride, original, per_eval, granular) -> torch.Tensor:
+        """`[R, length]` occlusion attributions of one side (`[R, length, hidden]` if `granular`). Windows
+        are rectangles (token range x hidden range), so totals and counts are kept per token and hidden
+        window, `[R, length, W]`, and spread over the hidden dimension once at the end."""
         fr, rows = perturber.fr, perturber.request.rows
         x, base = inputs[side], bases[side]
         row_lengths = _side_lengths(rows, side).tolist()
@@ -209,6 +224,8 @@ class Occlusion(AttributionMethod):
             total.index_add_(0, slot, diff[:, None] * hit)
             count.index_add_(0, slot, hit)
         total, count = total.view(len(rows), n_windows, -1), count.view(len(rows), n_windows, -1)
+        if not granular:  # one window over the whole embedding: one score per token
+            return (total[:, 0] / count[:, 0]).float()
         spread_total = torch.zeros(len(rows), *x.shape[1:], dtype=torch.float64)
         spread_count = torch.zeros(len(rows), *x.shape[1:], dtype=torch.float64)
         for w, h0 in enumerate(hidden_starts):
@@ -274,18 +291,23 @@ def _with_first(output, value: torch.Tensor):
 
 @register("value_zeroing")
 class ValueZeroing(AttributionMethod):
-    """Value zeroing (Mohebbi et al. 2023), per layer: `[positions, steps, layers]`.
+    """Value zeroing (Mohebbi et al. 2023), per layer: `[positions, steps, layers]`, as Inseq computes it.
 
     For each layer and each token j, token j's value vectors (every head) are set to zero in that
     layer's attention, the layer runs on its *unperturbed* input, and token j's score at query i is
     the cosine distance (`similarity_metric="cosine"`, or "euclidean": the L2 distance) between the
     layer's original and perturbed outputs at position i. The representation compared is the output
-    hidden state of the whole transformer block (its first output: after attention, residual
-    connections, normalisation and feed-forward), as in the paper and Inseq. Step p reads query
-    `p - 1`. Decoder self-attention gives the target side; on encoder-decoders, zeroing source token
-    j's values in the decoder's cross-attention gives the source side (encoder self-attention is
-    not step-oriented and is not reported). `normalize=True` divides each column by its sum over the
-    visible tokens (per side), as Inseq does; `layers` picks blocks (indices, negative from the end).
+    hidden state of the transformer block (its first output), except for the last block of the
+    stack, whose output is read after the stack's final norm (the model's last hidden state), as
+    Inseq does. Step p reads query `p - 1`. Decoder self-attention gives the target side; on
+    encoder-decoders, zeroing source token j's values in the decoder's cross-attention gives the
+    source side, and encoder self-attention gives `sequence_scores["encoder_self_scores"]`,
+    `[source tokens zeroed, source queries, layers]` (`output_encoder_self_scores=False` skips it),
+    the same `layers` indices picking encoder blocks. As Inseq, scores below `min_score_threshold`
+    (1e-5) are set to 0 and, with `normalize=True` (the default), each query's scores are divided
+    by their sum over the tokens it sees (per side and layer); `normalize=False,
+    min_score_threshold=0` give the raw distances. `layers` picks blocks (indices, negative from
+    the end; default: all).
 
     Batched: a perturbed copy of an example's full row zeroes token j in every picked layer at
     once, and each block's output is replaced by its unperturbed output before the next block, so
@@ -293,54 +315,55 @@ class ValueZeroing(AttributionMethod):
     cut short after the last picked block.
     """
 
-    params = {"layers": None, "similarity_metric": "cosine", "normalize": False, "perturbations_per_eval": 32}
+    params = {"layers": None, "similarity_metric": "cosine", "normalize": True, "min_score_threshold": 1e-5,
+              "output_encoder_self_scores": True, "perturbations_per_eval": 32}
 
-    def attribute(self, request: Request, layers=None, similarity_metric="cosine", normalize=False,
-                  perturbations_per_eval=32) -> RowAttribution:
+    def attribute(self, request: Request, layers=None, similarity_metric="cosine", normalize=True, min_score_threshold=1e-5,
+                  output_encoder_self_scores=True, perturbations_per_eval=32) -> RowAttribution:
         if similarity_metric not in ("cosine", "euclidean"):
             raise ValueError(f"similarity_metric must be 'cosine' or 'euclidean', got {similarity_metric!r}")
         if not isinstance(perturbations_per_eval, int) or perturbations_per_eval < 1:
             raise ValueError(f"perturbations_per_eval must be a positive integer, got {perturbations_per_eval!r}")
+        if isinstance(min_score_threshold, bool) or not isinstance(min_score_threshold, (int, float)) or not min_score_threshold >= 0:
+            raise ValueError(f"min_score_threshold must be a number >= 0, got {min_score_threshold!r}")
         engine, rows = request.engine, request.rows
         model, enc_dec = engine.model, engine.is_encoder_decoder
-        blocks = resolve_alias(model, "layers", "decoder" if enc_dec else None)
-        if not blocks:
-            raise ValueError(f"Found no transformer blocks in {type(model).__name__}")
-        picked = pick_indices(layers, len(blocks), "layers")
-        kinds = {}
+        stacks = {"decoder": _Stack(model, "decoder" if enc_dec else None, layers)}
         if request.attribute_target or not enc_dec:
-            kinds["target"] = resolve_alias(model, "attention", "decoder" if enc_dec else None)
+            stacks["decoder"].zero("target", "attention")
         if enc_dec:
-            kinds["source"] = resolve_alias(model, "cross_attention", "decoder")
-        zeroers = {}
-        for side, names in kinds.items():
-            zeroers[side] = []
-            for index in picked:
-                inside = [n for n in names if n.startswith(blocks[index] + ".")]
-                if len(inside) != 1:
-                    kind = "cross-" if side == "source" else "self-"
-                    raise ValueError(f"Expected one {kind}attention module in {blocks[index]}, found {inside}")
-                registered = getattr(model_config(model), "value_vector", None)
-                zeroers[side].append(value_projection(model.get_submodule(inside[0]), inside[0], registered))
+            stacks["decoder"].zero("source", "cross_attention")
+            if output_encoder_self_scores:
+                stacks["encoder"] = _Stack(model, "encoder", layers)
+                stacks["encoder"].zero("encoder", "attention")
         fr = full_rows(rows)
         perturber = Perturber(request, fr)
-        last = picked[-1]
-        read = blocks[: last + 1]
         encoder = select_modules(model, model.get_encoder())[0] if enc_dec else None
+        read = [name for stack in stacks.values() for name in stack.read]
         with torch.no_grad():
-            logits, clean = engine.forward_steps(fr.full, fr.positions, layers=read + ([encoder] if enc_dec else []))
+            logits, clean = engine.forward_steps(fr.full, fr.positions, layers=list(dict.fromkeys(read + ([encoder] if enc_dec else []))))
             logits = fr.gather(logits)
             clean = {name: value.detach() for name, value in clean.items()}
-            out = {}
-            for side in kinds:
-                out[side] = self._side(perturber, side, blocks, picked, read, clean, encoder, zeroers[side],
-                                       similarity_metric, perturbations_per_eval)
+            out = {side: self._side(perturber, side, stacks["decoder"], clean, encoder, similarity_metric, perturbations_per_eval)
+                   for side in stacks["decoder"].zeroers}
+            sequence = {}
+            if "encoder" in stacks:
+                scores = self._encoder_side(perturber, stacks["encoder"], clean, similarity_metric, perturbations_per_eval)
+                sequence["encoder_self_scores"] = self._finish(scores, fr.full.source_mask.bool().cpu()[:, :, None, None],
+                                                               min_score_threshold, normalize)[fr.owner.cpu()]
+        for side, values in out.items():
+            out[side] = self._finish(values, self._visible(rows, side).bool().cpu()[:, :, None], min_score_threshold, normalize)
+        return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits, sequence_scores=sequence)
+
+    @staticmethod
+    def _finish(values: torch.Tensor, visible: torch.Tensor, threshold: float, normalize: bool) -> torch.Tensor:
+        """Scores below `threshold` set to 0, then (`normalize`) divided by their sum over the visible
+        tokens (dim 1), a zero sum left as is."""
+        values = torch.where(values < threshold, torch.zeros_like(values), values)
         if normalize:
-            for side, values in out.items():
-                visible = self._visible(rows, side).to(values.device)[:, :, None]
-                total = (values * visible).sum(1, keepdim=True)
-                out[side] = values / torch.where(total == 0, torch.ones_like(total), total)
-        return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
+            total = (values * visible).sum(1, keepdim=True)
+            values = values / torch.where(total == 0, torch.ones_like(total), total)
+        return values
 
     @staticmethod
     def _visible(rows, side: str) -> torch.Tensor:
@@ -349,64 +372,81 @@ class ValueZeroing(AttributionMethod):
         length = rows.target_ids.shape[1]
         return (torch.arange(length, device=rows.target_ids.device)[None] < rows.position[:, None]).float()
 
-    def _side(self, perturber, side, blocks, picked, read, clean, encoder, zeroers, metric, per_eval):
+    @staticmethod
+    def _zeroed_run(stack: "_Stack", side: str, clean, owners, zero_at, run) -> dict[str, torch.Tensor]:
+        """Runs `run()` with token `zero_at[n]`'s values zeroed in copy n in every picked layer of
+        `stack`, each read block's output replaced by its clean output (`clean[name][owners]`);
+        returns the perturbed representations of the picked layers (the last block's after the
+        stack's final norm), stopping once they are all read."""
+        model = stack.model
+        captured, handles = {}, []
+        picked = set(stack.picked_names)
+
+        def block_hook(name):
+            def hook(module, args, output):
+                if name in picked:
+                    captured[name] = _first(output)
+                if name == stack.read[-1] and not stack.final:
+                    raise _Stop
+                return _with_first(output, clean[name][owners])  # the next block sees its clean input
+            return hook
+
+        def stack_hook(module, args, output):
+            captured[stack.blocks[-1]] = _first(output)
+            raise _Stop
+
+        try:
+            for projection, zero in stack.zeroers[side]:
+                handles.append(projection.register_forward_hook(lambda m, a, o, zero=zero: zero(o, zero_at)))
+            for name in stack.read[:-2] if stack.final else stack.read:  # when final, read ends with the last block, the stack
+                handles.append(model.get_submodule(name).register_forward_hook(block_hook(name)))
+            if stack.final:
+                handles.append(model.get_submodule(stack.name).register_forward_hook(stack_hook))
+            try:
+                run()
+            except _Stop:
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    @staticmethod
+    def _distances(stack: "_Stack", clean, captured, owners, queries, metric) -> torch.Tensor:
+        """`[N, K, layers]` distances at positions `queries [N, K]` between clean and perturbed outputs."""
+        n_index = torch.arange(len(owners), device=queries.device)[:, None]
+        distances = []
+        for name, key in zip(stack.picked_names, stack.clean_names):
+            original, perturbed = clean[key][owners][n_index, queries], captured[name][n_index, queries]
+            original, perturbed = original.double(), perturbed.double()  # 1 - cos of nearly equal vectors
+            if metric == "cosine":
+                distances.append(1 - torch.nn.functional.cosine_similarity(original, perturbed, dim=-1))
+            else:
+                distances.append((original - perturbed).norm(dim=-1))
+        return torch.stack(distances, dim=-1).float().cpu()
+
+    def _side(self, perturber, side, stack, clean, encoder, metric, per_eval):
         from transformers.modeling_outputs import BaseModelOutput
 
         engine, fr, rows = perturber.engine, perturber.fr, perturber.request.rows
-        model = engine.model
         full = fr.full
         mask = full.source_mask if side == "source" else full.target_mask
         perturbations = [(f, j) for f, j in mask.nonzero().tolist()]
-        width = mask.shape[1]
-        result = torch.zeros(len(rows), width, len(picked))
+        result = torch.zeros(len(rows), mask.shape[1], len(stack.picked))
         for start in range(0, len(perturbations), per_eval):
             chunk = perturbations[start : start + per_eval]
             owners = torch.tensor([f for f, _ in chunk], dtype=torch.long, device=full.target_ids.device)
             zero_at = torch.tensor([j for _, j in chunk], dtype=torch.long, device=full.target_ids.device)
             sub = full.take(owners)
-            captured, handles = {}, []
-            picked_names = {blocks[i] for i in picked}
-
-            def patch(name):
-                def hook(module, args, output):
-                    if name in picked_names:
-                        captured[name] = _first(output)
-                    if name == read[-1]:
-                        raise _Stop
-                    return _with_first(output, clean[name][owners])  # the next block sees its clean input
-                return hook
-
-            try:
-                for projection, zero in zeroers:
-                    handles.append(projection.register_forward_hook(lambda m, a, o, zero=zero: zero(o, zero_at)))
-                for name in read:
-                    handles.append(model.get_submodule(name).register_forward_hook(patch(name)))
-                kwargs = {"use_cache": False}
-                if engine.is_encoder_decoder:
-                    kwargs.update(encoder_outputs=BaseModelOutput(last_hidden_state=clean[encoder][owners]),
-                                  attention_mask=sub.source_mask, decoder_input_ids=sub.target_ids,
-                                  decoder_attention_mask=sub.target_mask)
-                else:
-                    kwargs.update(input_ids=sub.target_ids, attention_mask=sub.target_mask)
-                try:
-                    model(**kwargs)
-                except _Stop:
-                    pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            queries = fr.positions[owners]  # [N, K]
-            n_index = torch.arange(len(chunk), device=queries.device)[:, None]
-            distances = []
-            for index in picked:
-                name = blocks[index]
-                original, perturbed = clean[name][owners][n_index, queries], captured[name][n_index, queries]
-                original, perturbed = original.double(), perturbed.double()  # 1 - cos of nearly equal vectors
-                if metric == "cosine":
-                    distances.append(1 - torch.nn.functional.cosine_similarity(original, perturbed, dim=-1))
-                else:
-                    distances.append((original - perturbed).norm(dim=-1))
-            distances = torch.stack(distances, dim=-1).float().cpu()  # [N, K, layers]
+            kwargs = {"use_cache": False}
+            if engine.is_encoder_decoder:
+                kwargs.update(encoder_outputs=BaseModelOutput(last_hidden_state=clean[encoder][owners]),
+                              attention_mask=sub.source_mask, decoder_input_ids=sub.target_ids,
+                              decoder_attention_mask=sub.target_mask)
+            else:
+                kwargs.update(input_ids=sub.target_ids, attention_mask=sub.target_mask)
+            captured = self._zeroed_run(stack, side, clean, owners, zero_at, lambda: engine.model(**kwargs))
+            distances = self._distances(stack, clean, captured, owners, fr.positions[owners], metric)  # [N, K, layers]
             pairs_n, pairs_r = [], []
             for n, (f, _) in enumerate(chunk):
                 for r in perturber.rows_of[f]:
@@ -416,19 +456,77 @@ class ValueZeroing(AttributionMethod):
             result[pairs_r, zero_at.cpu()[pairs_n]] = distances[pairs_n, fr.slot.cpu()[pairs_r]]
         return result
 
+    def _encoder_side(self, perturber, stack, clean, metric, per_eval) -> torch.Tensor:
+        """`[F, source tokens zeroed, source queries, layers]` encoder self-attention scores per full row."""
+        full = perturber.fr.full
+        mask = full.source_mask
+        width = mask.shape[1]
+        perturbations = [(f, j) for f, j in mask.nonzero().tolist()]
+        result = torch.zeros(len(full), width, width, len(stack.picked))
+        encoder = stack.model.get_encoder()
+        for start in range(0, len(perturbations), per_eval):
+            chunk = perturbations[start : start + per_eval]
+            owners = torch.tensor([f for f, _ in chunk], dtype=torch.long, device=full.target_ids.device)
+            zero_at = torch.tensor([j for _, j in chunk], dtype=torch.long, device=full.target_ids.device)
+            sub = full.take(owners)
+            captured = self._zeroed_run(stack, "encoder", clean, owners, zero_at,
+                                        lambda: encoder(input_ids=sub.source_ids, attention_mask=sub.source_mask))
+            queries = torch.arange(width, device=owners.device)[None].expand(len(chunk), -1)
+            distances = self._distances(stack, clean, captured, owners, queries, metric)  # [N, S, layers]
+            result[owners.cpu(), zero_at.cpu()] = distances
+        return result
+
+
+class _Stack:
+    """The blocks of one stack (decoder-only model, decoder or encoder), the picked ones, and the
+    value projections to zero in them, per side. `name` is the module holding the blocks, whose
+    output is the stack's last hidden state (after its final norm)."""
+
+    def __init__(self, model: nn.Module, scope: str | None, layers):
+        self.model = model
+        self.scope = scope
+        self.blocks = resolve_alias(model, "layers", scope)
+        if not self.blocks:
+            raise ValueError(f"Found no transformer blocks in {type(model).__name__}" + (f"'s {scope}" if scope else ""))
+        self.picked = pick_indices(layers, len(self.blocks), "layers")
+        self.picked_names = [self.blocks[i] for i in self.picked]
+        self.final = self.picked[-1] == len(self.blocks) - 1
+        self.read = self.blocks[: self.picked[-1] + 1]
+        holder = self.blocks[0].rsplit(".", 1)[0]  # the module list; its parent is the stack
+        if "." not in holder:
+            raise ValueError(f"value_zeroing needs the blocks {holder} inside a stack module (a *ForCausalLM / *ForConditionalGeneration model)")
+        self.name = holder.rsplit(".", 1)[0]
+        # Where the clean representation of each picked layer is read from.
+        self.clean_names = [self.name if self.final and i == len(self.blocks) - 1 else self.blocks[i] for i in self.picked]
+        if self.final:
+            self.read = self.read + [self.name]
+        self.zeroers: dict[str, list] = {}
+
+    def zero(self, side: str, alias: str):
+        names = resolve_alias(self.model, alias, self.scope)
+        self.zeroers[side] = []
+        for index in self.picked:
+            inside = [n for n in names if n.startswith(self.blocks[index] + ".")]
+            if len(inside) != 1:
+                kind = "cross-" if alias == "cross_attention" else "self-"
+                raise ValueError(f"Expected one {kind}attention module in {self.blocks[index]}, found {inside}")
+            registered = getattr(model_config(self.model), "value_vector", None)
+            self.zeroers[side].append(value_projection(self.model.get_submodule(inside[0]), inside[0], registered))
+
 
 # -- LIME ------------------------------------------------------------------------------------------
 
 
-def token_samples(seed: int, side: int, length: int, n_samples: int) -> torch.Tensor:
-    """`[n_samples, length]` booleans, sample k keeping token j, each Bernoulli(0.5) as Captum's
-    default LIME sampling. Token j's column comes from a generator seeded by `(seed, side, j)` (side 0:
-    source, 1: target), so it does not depend on the sequence's length: a step's samples are its
-    example's samples restricted to its prefix, whether steps are attributed together or one by one."""
+def token_samples(seed: int, side: int, length: int, n_samples: int, keep_prob: float = 0.5) -> torch.Tensor:
+    """`[n_samples, length]` booleans, sample k keeping token j with probability `keep_prob` (0.5:
+    Captum's default LIME sampling; Inseq's LIME replaces a token with probability 0.3). Token j's
+    column comes from a generator seeded by `(seed, side, j)` (side 0: source, 1: target), so it does
+    not depend on the sequence's length: a step's samples are its example's samples restricted to its
+    prefix, whether steps are attributed together or one by one."""
     columns = []
     for j in range(length):
         generator = torch.Generator().manual_seed(hash((int(seed), int(side), j)) & 0x7FFFFFFF)
-        columns.append(torch.rand(n_samples, generator=generator) < 0.5)
+        columns.append(torch.rand(n_samples, generator=generator) < keep_prob)
     return torch.stack(columns, dim=1) if columns else torch.zeros(n_samples, 0, dtype=torch.bool)
 
 
@@ -442,26 +540,64 @@ def weighted_least_squares(features: torch.Tensor, targets: torch.Tensor, weight
     return solution[:-1, 0]
 
 
+def token_ridge(kept: torch.Tensor, directions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                alpha: float) -> torch.Tensor:
+    """Ridge regression (`alpha`, intercept, sample `weights`: scikit-learn's `Ridge`) of `targets [n]`
+    on features that are, for sample a and token j, `c + kept[a, j] * directions[j]` (the token's
+    embedding where kept, the constant c where replaced; `directions[j] = embedding_j - c`), in
+    float64 through the `n x n` dual system, so that the `[tokens, hidden]` features are never built.
+    Returns the `[tokens, hidden]` coefficients: `gamma_j * directions[j]`."""
+    z, y, w = kept.double(), targets.double(), weights.double().clamp_min(0)
+    directions = directions.double()
+    total = w.sum()
+    centered = z - (w[:, None] * z).sum(0) / total  # weighted centering, as with an intercept
+    root = w.sqrt()[:, None] * centered  # [n, T]
+    gram = (root * (directions * directions).sum(-1)[None]) @ root.T  # A A^T, A = sqrt(W) X_centered
+    t = w.sqrt() * (y - (w * y).sum() / total)
+    dual = torch.linalg.solve(gram + alpha * torch.eye(len(y), dtype=torch.float64), t)
+    return (root.T @ dual)[:, None] * directions
+
+
 @register("lime")
 class Lime(AttributionMethod):
-    """LIME (Ribeiro et al. 2016) with tokens as interpretable features, as Captum's `Lime` with a
-    token feature mask: `n_samples` random subsets of the attributed tokens (each kept with
-    probability 0.5, seeded by `seed`; the others set to `baselines`, default "zeros" as Captum),
-    weighted by Captum's default similarity `exp(-d ** 2 / (2 * kernel_width ** 2))`, `d` the cosine
-    distance between the flattened original and perturbed embeddings (of the step's own prefix and
-    the source), and a linear surrogate with intercept fitted per step by weighted least squares
-    (torch, float64; Captum's default surrogate is a Lasso, which needs scikit-learn). A token's
-    coefficient is its attribution, repeated over the embedding dimension as Captum returns it.
+    """LIME (Ribeiro et al. 2016) with tokens as interpretable features, as Inseq (default) or Captum.
 
-    Batched: sample k of an example is one perturbed copy of its full row (the same token subsets for
-    every example), read at every step; each step fits on its own tokens' bits.
+    `variant="inseq"`, Inseq 0.7.1's LIME: `n_samples` (50) perturbed inputs, each token replaced
+    with probability `mask_prob` (0.3), as Inseq does on embeddings: a replaced token's embedding
+    holds the *id* of `mask_token` ("unk" or "pad") in every element (not that token's embedding);
+    each sample weighted by its number of embedding elements left equal to the original's; and a
+    scikit-learn style `Ridge(alpha)` with intercept fitted on the perturbed embeddings themselves,
+    one coefficient per embedding element: `[positions, steps, hidden]`, as Inseq returns it. Inseq
+    refuses `attribute_target=True` on encoder-decoders; here both sides are features then.
+
+    `variant="captum"`, Captum's `Lime` with a token feature mask: each token kept with probability
+    0.5 (the others set to `baselines`, default "zeros"), weighted by Captum's default similarity
+    `exp(-d ** 2 / (2 * kernel_width ** 2))`, `d` the cosine (`distance_mode`) distance between the
+    flattened original and perturbed embeddings, and a linear surrogate with intercept fitted by
+    weighted least squares (Captum's default surrogate is a Lasso, which needs scikit-learn); a
+    token's coefficient is its attribution, repeated over the embedding as Captum returns it.
+
+    Sampling is seeded by `seed`, per token (see `token_samples`), not by torch's global random state
+    as in Inseq. Batched: sample k of an example is one perturbed copy of its full row (the same
+    token subsets for every example), read at every step; each step fits on its own tokens.
     """
 
-    params = {"n_samples": 25, "perturbations_per_eval": 32, "baselines": "zeros", "include_eos_baseline": False,
-              "kernel_width": 1.0, "distance_mode": "cosine", "seed": 42}
+    params = {"variant": "inseq", "n_samples": 50, "perturbations_per_eval": 32, "mask_prob": 0.3, "mask_token": "unk",
+              "alpha": 1.0, "baselines": "zeros", "include_eos_baseline": False, "kernel_width": 1.0,
+              "distance_mode": "cosine", "seed": 42}
+    VARIANT_OPTIONS = {"inseq": ("mask_prob", "mask_token", "alpha"), "captum": ("baselines", "kernel_width", "distance_mode")}
 
-    def attribute(self, request: Request, n_samples=25, perturbations_per_eval=32, baselines="zeros",
-                  include_eos_baseline=False, kernel_width=1.0, distance_mode="cosine", seed=42) -> RowAttribution:
+    def attribute(self, request: Request, variant="inseq", n_samples=50, perturbations_per_eval=32, mask_prob=0.3,
+                  mask_token="unk", alpha=1.0, baselines="zeros", include_eos_baseline=False, kernel_width=1.0,
+                  distance_mode="cosine", seed=42) -> RowAttribution:
+        if variant not in self.VARIANT_OPTIONS:
+            raise ValueError(f"variant must be 'inseq' or 'captum', got {variant!r}")
+        given = dict(mask_prob=mask_prob, mask_token=mask_token, alpha=alpha, baselines=baselines,
+                     kernel_width=kernel_width, distance_mode=distance_mode)
+        other = "captum" if variant == "inseq" else "inseq"
+        for name in self.VARIANT_OPTIONS[other]:
+            if not _same(given[name], self.params[name]):
+                raise ValueError(f"{name} is an option of variant={other!r}, not of variant={variant!r}")
         for name, value in (("n_samples", n_samples), ("perturbations_per_eval", perturbations_per_eval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -469,16 +605,34 @@ class Lime(AttributionMethod):
             raise ValueError(f"distance_mode must be 'cosine' or 'euclidean', got {distance_mode!r}")
         if not kernel_width > 0:
             raise ValueError(f"kernel_width must be positive, got {kernel_width!r}")
+        if not 0 <= mask_prob <= 1:
+            raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha!r}")
+        if mask_token not in ("unk", "pad"):
+            raise ValueError(f"mask_token must be 'unk' or 'pad', got {mask_token!r}")
         engine, rows = request.engine, request.rows
+        inseq = variant == "inseq"
+        fill = engine.unk_token_id if mask_token == "unk" else engine.pad_token_id
+        if inseq and fill is None:
+            raise ValueError("The tokenizer has no UNK token for mask_token='unk'; pass mask_token='pad'")
         fr = full_rows(rows)
         perturber = Perturber(request, fr)
         with torch.no_grad():
             inputs = dict(zip(("source", "target"), engine.embed(fr.full)))
-            bases = dict(zip(("source", "target"), engine.baseline(fr.full, baselines, include_eos_baseline)))
+            if inseq:
+                bases = {side: None if x is None else torch.full_like(x, float(fill)) for side, x in inputs.items()}
+            else:
+                bases = dict(zip(("source", "target"), engine.baseline(fr.full, baselines, include_eos_baseline)))
             sides = (["source"] if inputs["source"] is not None else []) + (["target"] if request.attribute_target else [])
-            keep = {side: token_samples(seed, int(side == "target"), inputs[side].shape[1], n_samples) for side in sides}
+            keep_prob = 1 - mask_prob if inseq else 0.5
+            keep = {side: token_samples(seed, int(side == "target"), inputs[side].shape[1], n_samples, keep_prob) for side in sides}
+            lengths = {side: _side_lengths(rows, side).tolist() for side in sides}
+            visible = {side: (torch.arange(inputs[side].shape[1])[None] < torch.tensor(lengths[side])[:, None]).double()
+                       for side in sides}  # [R, L]
             logits, _ = perturber.original()
             outputs = torch.full((len(rows), n_samples), float("nan"), dtype=torch.float64)
+            equal = torch.zeros(len(rows), n_samples, dtype=torch.float64)  # Inseq's similarity: equal elements
             jobs = [(f, k) for f in range(len(fr.full)) for k in range(n_samples)]
             for start in range(0, len(jobs), perturbations_per_eval):
                 chunk = jobs[start : start + perturbations_per_eval]
@@ -490,17 +644,28 @@ class Lime(AttributionMethod):
                     kept = keep[side][samples].to(x.device)[:, :, None]
                     embeds[side] = torch.where(kept, x[owners.to(x.device)], base[owners.to(x.device)])
                 n_index, r_index, scores = perturber.run(owners, embeds["source"], embeds["target"])
-                outputs[r_index.cpu(), samples[n_index.cpu()]] = scores.double().cpu()
-            similarity = self._similarity(rows, fr, sides, inputs, bases, keep, kernel_width, distance_mode)
+                n_index, r_index = n_index.cpu(), r_index.cpu()
+                outputs[r_index, samples[n_index]] = scores.double().cpu()
+                if inseq:
+                    for side in sides:
+                        same = (embeds[side] == inputs[side][owners.to(inputs[side].device)]).sum(-1).double().cpu()  # [N, L]
+                        equal[r_index, samples[n_index]] += (same[n_index] * visible[side][r_index]).sum(1)
             out = {side: torch.zeros(len(rows), *inputs[side].shape[1:]) for side in sides}
-            lengths = {side: _side_lengths(rows, side).tolist() for side in sides}
+            if not inseq:
+                similarity = self._similarity(rows, fr, sides, inputs, bases, keep, kernel_width, distance_mode)
+            owner = fr.owner.tolist()
             for r in range(len(rows)):
                 bits = torch.cat([keep[side][:, : lengths[side][r]] for side in sides], dim=1)
-                coef = weighted_least_squares(bits, outputs[r], similarity[r]).float()
+                if inseq:
+                    directions = torch.cat([inputs[side][owner[r], : lengths[side][r]].double().cpu() - float(fill)
+                                            for side in sides])
+                    coef = token_ridge(bits, directions, outputs[r], equal[r], alpha).float()  # [T, hidden]
+                else:
+                    coef = weighted_least_squares(bits, outputs[r], similarity[r]).float()[:, None]
                 offset = 0
                 for side in sides:
                     n = lengths[side][r]
-                    out[side][r, :n] = coef[offset : offset + n, None]
+                    out[side][r, :n] = coef[offset : offset + n]
                     offset += n
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
 
@@ -530,6 +695,22 @@ class Lime(AttributionMethod):
 
 
 # -- ReAGent ---------------------------------------------------------------------------------------
+
+
+# Built-in step functions that are not probabilities: ReAGent's update would be NaN with them.
+NOT_PROBABILITIES = {"logit", "entropy", "crossentropy", "perplexity", "contrast_logits", "contrast_logits_diff",
+                     "contrast_prob_diff", "pcxmi", "kl_divergence", "in_context_pvi", "top_p_size"}
+
+
+def _probabilities(request: Request, scores: torch.Tensor) -> torch.Tensor:
+    """`scores`, checked to be probabilities (a custom attributed function, or `logprob=True`, may not be)."""
+    bad = ~((scores >= 0) & (scores <= 1))
+    if bad.any():
+        raise ValueError(
+            f"reagent needs attributed_fn to be a probability in [0, 1], but attributed_fn="
+            f"{request.attributed_fn!r} gave {float(scores[bad][0]):.4g} (is logprob=True set?)"
+        )
+    return scores
 
 
 def probe_generator(seed: int, probe: int, rows, r: int) -> torch.Generator:
@@ -579,6 +760,8 @@ class Reagent(AttributionMethod):
     Replacement tokens: ReAGent draws them from a language model (Inseq: same-POS words); here they
     are drawn uniformly from the attributed model's vocabulary (special tokens pad / UNK / EOS
     excluded), which needs no second model. Randomness is seeded per (seed, probe, row tokens).
+    The attributed function must be a probability (its update is NaN otherwise): `attributed_fn`
+    such as "logit" or "entropy", or values outside [0, 1], raise a ValueError.
     Every active probe of every row of the batch goes through one forward per stage.
     """
 
@@ -599,6 +782,11 @@ class Reagent(AttributionMethod):
         if internal_batch_size is not None and (
                 isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1):
             raise ValueError(f"internal_batch_size must be None or a positive integer, got {internal_batch_size!r}")
+        if request.attributed_fn in NOT_PROBABILITIES:
+            raise ValueError(
+                f"reagent needs attributed_fn to be a probability (its update takes logit(0.5 +- 0.5 * delta)); "
+                f"got attributed_fn={request.attributed_fn!r}: use 'probability' (the default) or 'contrast_prob'"
+            )
         engine, rows = request.engine, request.rows
         vocab = int(engine.target_embedding.weight.shape[0])
         special = {t for t in (engine.pad_token_id, engine.unk_token_id, engine.eos_token_id) if t is not None}
@@ -613,7 +801,7 @@ class Reagent(AttributionMethod):
             probes += [_Probe(r, ids, probe_generator(seed, k, rows, r), candidates) for k in range(num_probes)]
         with torch.no_grad():
             logits = engine.forward(rows)[0]
-            original = request.score(rows, logits, *engine.embed(rows)).double().cpu()
+            original = _probabilities(request, request.score(rows, logits, *engine.embed(rows)).double().cpu())
             for _ in range(max_probe_steps):
                 active = [probe for probe in probes if not probe.stopped]
                 if not active:
@@ -677,7 +865,7 @@ class Reagent(AttributionMethod):
                 fields[name] = values
             sub = replace(sub, **fields)
             logits = engine.forward(sub)[0]
-            scores.append(request.score(sub, logits, None, None).double().cpu())
+            scores.append(_probabilities(request, request.score(sub, logits, None, None).double().cpu()))
             if top_k is not None:
                 top = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
                 hits.append((top == sub.token[:, None]).any(-1).cpu())

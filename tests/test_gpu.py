@@ -23,7 +23,8 @@ METHODS = {
     "layer_integrated_gradients": {"n_steps": 4, "target_layers": "layers"},
     "attention": {},
     "occlusion": {},
-    "value_zeroing": {},
+    # raw distances: float32 rounding moves small ones across the 1e-5 threshold and through the normalization
+    "value_zeroing": {"normalize": False, "min_score_threshold": 0},
     "sequential_integrated_gradients": {"n_steps": 4},
     "discretized_integrated_gradients": {"n_steps": 4},
 }

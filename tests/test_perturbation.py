@@ -178,10 +178,15 @@ def test_occlusion_equals_captum(arch, attribute_target, options, windows, strid
         expected = CaptumOcclusion(c.prob_fn(p, attribute_target)).attribute(
             inputs, sliding_window_shapes=windows, strides=(strides,) * len(inputs) if isinstance(strides, int) else strides,
             baselines=baselines if unk else None)
+        granular = any(window[1] < c.model.config.hidden_size for window in windows)
         for side, ref in zip(sides, expected):
-            close(c.ours(seq, j, p, side), ref[0])
+            if not granular:  # every hidden unit of a token has the same score: one per token is stored
+                assert torch.equal(ref[0], ref[0][..., :1].expand_as(ref[0]))
+            close(c.ours(seq, j, p, side), ref[0] if granular else ref[0][..., 0])
         if "target" in sides:
             assert seq.target_attributions[p:, j].isnan().all()
+        attributions = seq.source_attributions if c.enc_dec else seq.target_attributions
+        assert attributions.dim() == (3 if granular else 2)
 
 
 def test_occlusion_one_forward_per_perturbation_chunk_for_all_steps():
@@ -278,7 +283,9 @@ def value_zeroing_by_hand(arch, seq, layers, metric="cosine"):
         for step, p in enumerate(range(seq.attr_pos_start, seq.attr_pos_end)):
             kwargs = {"decoder_input_ids": target[:p][None], "input_ids": source} if enc_dec else {"input_ids": target[:p][None]}
             for column, layer in enumerate(layers):
-                block = model.get_submodule(blocks[layer])
+                # the last block is read after the stack's final norm (the model's last hidden state), as Inseq
+                last = layer % len(blocks) == len(blocks) - 1
+                block = model.get_submodule(blocks[layer].rsplit(".", 2)[0] if last else blocks[layer])
                 attention = model.get_submodule(next(n for n in names if n.startswith(blocks[layer] + ".")))
                 captured = []
                 handle = block.register_forward_hook(lambda m, a, o: captured.append(o if isinstance(o, torch.Tensor) else o[0]))
@@ -303,20 +310,24 @@ def value_zeroing_by_hand(arch, seq, layers, metric="cosine"):
 
 
 @pytest.mark.parametrize("arch, options", [
-    ("gpt2", {}), ("gpt_neox", {"layers": [-1]}), ("llama", {"similarity_metric": "euclidean"}),
-    ("t5", {}), ("bart", {"normalize": True}),
+    ("gpt2", {}), ("gpt_neox", {"layers": [-1], "normalize": False}), ("llama", {"similarity_metric": "euclidean"}),
+    ("t5", {"normalize": False, "min_score_threshold": 0}), ("bart", {"layers": [0], "min_score_threshold": 1e-6}),
+    ("opt", {"layers": [-1]}),
 ])
 def test_value_zeroing_equals_direct_computation(arch, options):
     model, tokenizer = double_model(arch, attn_implementation="sdpa")  # the method does not need eager
     wrapped = instrument.load_model(model, "value_zeroing", tokenizer=tokenizer)
     inputs, targets = texts(wrapped)
     out = wrapped.attribute(inputs[:2], targets[:2], show_progress=False, attribute_target=wrapped.is_encoder_decoder, **options)
-    layers = [1] if options.get("layers") else [0, 1]
+    layers = [l % 2 for l in options["layers"]] if options.get("layers") else [0, 1]
+    threshold = options.get("min_score_threshold", 1e-5)
     for seq in out:
         expected = value_zeroing_by_hand(arch, seq, layers, options.get("similarity_metric", "cosine"))
         for side, grid in expected.items():
-            if options.get("normalize"):
-                grid = grid / grid.nansum(0, keepdim=True)
+            grid = torch.where(grid < threshold, torch.zeros_like(grid), grid)
+            if options.get("normalize", True):
+                total = grid.nansum(0, keepdim=True)
+                grid = grid / torch.where(total == 0, torch.ones_like(total), total)
             ours = getattr(seq, f"{side}_attributions")
             assert torch.equal(ours.isnan(), grid.isnan())
             torch.testing.assert_close(ours.nan_to_num().double(), grid.nan_to_num(), rtol=1e-5, atol=1e-7 * float(grid.nan_to_num().abs().max()))
@@ -380,7 +391,7 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
 
     n_samples, seed = 40, 3
     c = Case(arch)
-    seq = c.attribute("lime", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options)
+    seq = c.attribute("lime", variant="captum", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options)
     sides = c.sides(attribute_target)
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id if "baselines" in options else None)
@@ -402,7 +413,9 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
         expected = lime.attribute(inputs, baselines=baselines if baselines is not None else tuple(0.0 for _ in inputs),
                                   feature_mask=tuple(masks), n_samples=n_samples, perturbations_per_eval=8)
         for side, ref in zip(sides, expected):
-            close(c.ours(seq, j, p, side), ref[0], rtol=1e-5)
+            ours = c.ours(seq, j, p, side)
+            assert torch.equal(ours, ours[..., :1].expand_as(ours))  # one coefficient per token, repeated
+            close(ours, ref[0], rtol=1e-5)
         assert float(expected[0].abs().max()) > 0
 
 
@@ -428,19 +441,26 @@ def test_lime_recovers_a_token_effect_statistically():
     token moves the first generated token's probability most of all in this model, and LIME ranks
     it first, as occlusion of that token alone does."""
     c = Case("gpt2")
-    lime = c.attribute("lime", n_samples=400, seed=0)
+    lime = c.attribute("lime", variant="captum", n_samples=400, seed=0)
     occlusion = c.attribute("occlusion", baselines="zeros")  # the baseline LIME uses
     p = c.steps[0]
     lime_scores = lime.target_attributions[:p, 0, 0]
-    occlusion_scores = occlusion.target_attributions[:p, 0].mean(-1)
+    occlusion_scores = occlusion.target_attributions[:p, 0]
     assert int(lime_scores.abs().argmax()) == int(occlusion_scores.abs().argmax())
     assert torch.sign(lime_scores[occlusion_scores.abs().argmax()]) == torch.sign(occlusion_scores[occlusion_scores.abs().argmax()])
 
 
 @pytest.mark.parametrize("options, match", [
     ({"n_samples": 0}, "n_samples"),
-    ({"distance_mode": "manhattan"}, "distance_mode"),
-    ({"kernel_width": 0}, "kernel_width"),
+    ({"variant": "captum", "distance_mode": "manhattan"}, "distance_mode"),
+    ({"variant": "captum", "kernel_width": 0}, "kernel_width"),
+    ({"variant": "sklearn"}, "variant must be"),
+    ({"kernel_width": 2.0}, "kernel_width is an option of variant='captum'"),
+    ({"baselines": None}, "baselines is an option of variant='captum'"),
+    ({"variant": "captum", "mask_prob": 0.5}, "mask_prob is an option of variant='inseq'"),
+    ({"mask_prob": 1.5}, "mask_prob"),
+    ({"alpha": 0}, "alpha"),
+    ({"mask_token": "mask"}, "mask_token"),
 ])
 def test_lime_bad_options(options, match):
     model, tokenizer = tiny_model("gpt2")
@@ -539,3 +559,95 @@ def test_reagent_bad_options(options, match):
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=match):
         wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, **options)
+
+
+@pytest.mark.parametrize("attributed_fn, kwargs, match", [
+    ("logit", {}, "attributed_fn='logit'"),
+    ("entropy", {}, "attributed_fn='entropy'"),
+    ("probability", {"logprob": True}, "probability in \\[0, 1\\].*attributed_fn='probability'"),
+    (lambda args: args.logits[:, 0] * 0 + 2.0, {}, "probability in \\[0, 1\\].*attributed_fn='<lambda>'"),
+])
+def test_reagent_refuses_attributed_functions_that_are_not_probabilities(attributed_fn, kwargs, match):
+    """ReAGent's update takes logit(0.5 +- 0.5 * delta): NaN unless the function is a probability."""
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match):
+        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False,
+                          attributed_fn=attributed_fn, **REAGENT, **kwargs)
+
+
+def test_reagent_accepts_probabilities_of_contrast_targets():
+    model, tokenizer = tiny_model("gpt2")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    seq = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, attributed_fn="contrast_prob",
+                            contrast_targets="Hello world, that", **REAGENT)[0]
+    scores = seq.target_attributions[..., 0]
+    assert torch.isfinite(scores.nan_to_num()).all()
+    torch.testing.assert_close(scores.nansum(0), torch.ones(scores.shape[1]))  # importance sums to 1 per step
+
+
+def ridge_by_hand(features, targets, weights, alpha):
+    """scikit-learn's `Ridge(alpha).fit(X, y, sample_weight=w).coef_` in its primal form: weighted
+    centering (the intercept), then `(Xc^T W Xc + alpha I)^-1 Xc^T W yc`, float64."""
+    x, y, w = features.double(), targets.double(), weights.double()
+    xc = x - (w[:, None] * x).sum(0) / w.sum()
+    yc = y - (w * y).sum() / w.sum()
+    lhs = xc.T @ (w[:, None] * xc) + alpha * torch.eye(x.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(lhs, xc.T @ (w * yc))
+
+
+@pytest.mark.parametrize("arch, mask_token, alpha", [("gpt2", "unk", 1.0), ("llama", "pad", 1e-3), ("t5", "unk", 1.0)])
+def test_lime_inseq_variant_written_out(arch, mask_token, alpha):
+    """Inseq's LIME, step by step: the library's token subsets (a token replaced with probability 0.3),
+    replaced embeddings holding the mask token's id in every element, similarity = number of
+    embedding elements left equal, and a ridge regression on the flattened perturbed embeddings."""
+    from methods.perturbation import token_samples
+
+    n_samples, seed = 30, 4
+    c = Case(arch)
+    seq = c.attribute("lime", n_samples=n_samples, seed=seed, mask_token=mask_token, alpha=alpha)
+    fill = float(c.tok.unk_token_id if mask_token == "unk" else c.tok.pad_token_id)
+    side = "source" if c.enc_dec else "target"
+    for j, p in enumerate(c.steps):
+        (x,), _ = c.embeds(p, attribute_target=False)
+        keep = token_samples(seed, int(side == "target"), x.shape[1], n_samples, keep_prob=0.7)
+        perturbed = torch.where(keep[:, :, None], x, torch.full_like(x, fill))  # [n, L, H]
+        with torch.no_grad():
+            targets = c.prob_fn(p)(perturbed).double()
+        weights = (perturbed == x).sum((1, 2)).double()
+        expected = ridge_by_hand(perturbed.flatten(1), targets, weights, alpha).view(x.shape[1:])
+        close(c.ours(seq, j, p, side), expected, rtol=1e-5)
+        assert float(expected.abs().max()) > 0
+    assert getattr(seq, f"{side}_attributions").shape[-1] == x.shape[-1]  # one coefficient per embedding element
+
+
+def test_lime_inseq_variant_replaces_three_tokens_in_ten():
+    from methods.perturbation import token_samples
+
+    keep = token_samples(0, 0, 200, 500, keep_prob=0.7)
+    assert abs(1 - keep.double().mean() - 0.3) < 0.005  # 100000 draws: sd 0.0014
+
+
+def test_occlusion_per_token_scores_work_with_aggregation_views_and_files(tmp_path):
+    """One score per token, `[positions, steps]`: aggregators, views and files take it as they take
+    attention's 2-D scores; the default aggregation keeps the sign and divides each step's scores by
+    the sum of their absolute values."""
+    model, tokenizer = tiny_model("bart")
+    wrapped = instrument.load_model(model, tokenizer=tokenizer)
+    out = wrapped.attribute(SOURCES[:2], TRANSLATIONS[:2], method="occlusion", attribute_target=True, show_progress=False)
+    seq = out[0]
+    assert seq.source_attributions.shape == (len(seq.source), len(seq.generated))
+    assert seq.target_attributions.shape == (len(seq.target), len(seq.generated))
+    scores = seq.aggregate()
+    both = torch.cat([scores.source_attributions, scores.target_attributions]).nan_to_num()
+    torch.testing.assert_close(both.abs().sum(0), torch.ones(both.shape[1]))
+    raw = torch.cat([seq.source_attributions, seq.target_attributions]).nan_to_num()
+    torch.testing.assert_close(both, raw / raw.abs().sum(0))
+    assert (raw < 0).any() and (raw > 0).any()  # signed
+    assert seq.aggregate("subwords").source_attributions.dim() == 2
+    assert seq[0:2].source_attributions.shape == (2, len(seq.generated))
+    html = out.show(return_html=True, display=False)
+    assert isinstance(html, str) and html.count("<tr") > len(seq.source)
+    path = tmp_path / "occlusion.safetensors"
+    out.save(path)
+    assert instrument.FeatureAttributionOutput.load(path).equals(out)

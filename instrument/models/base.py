@@ -199,7 +199,7 @@ class AttributionModel:
             fn = step if step_kwargs.get("contrast_force_inputs") else inseq_options.on_original_inputs(step, rows_)
             return engine.score(fn, rows_, logits, step_kwargs, source, target, is_attributed_fn=True)
 
-        request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers))
+        request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers), attributed_fn=step.identifier)
         result = attributor.attribute(request, **attributor.defaults)
         if attributor.attributes_inputs and not attribute_target:
             result.target = None
@@ -216,6 +216,9 @@ class AttributionModel:
             n_steps = sub[i].end - sub[i].start
             for name, values in scores.items():
                 parts.setdefault("steps", {})[name] = values[picked].float().cpu()
+            for name, values in result.sequence_scores.items():  # [R, source, source, ...], one example's per row
+                n = len(sub[i].source_ids)
+                parts.setdefault("sequence", {})[name] = values[picked[0], :n, :n].float().cpu()
             _merge(target, parts, steps, n_steps)
 
     def _examples(self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=True) -> list[Example]:
@@ -289,6 +292,7 @@ class AttributionModel:
             source_attributions=parts.get("source"),
             target_attributions=parts.get("target"),
             step_scores=step_scores,
+            sequence_scores=dict(parts.get("sequence", {})),
             attr_pos_start=example.start,
             attr_pos_end=example.end,
         )
@@ -302,6 +306,7 @@ def _merge(into: dict, parts: dict, steps: torch.Tensor, n_steps: int) -> None:
                 into[key] = parts[key]
             else:
                 _fill(into[key], parts[key], steps, step_dim=0 if key == "delta" else 1)
+    into.setdefault("sequence", {}).update(parts.get("sequence", {}))
     for name, values in parts.get("steps", {}).items():
         row = into.setdefault("steps", {}).setdefault(name, torch.full((n_steps,), float("nan")))
         row[steps] = values
