@@ -11,7 +11,7 @@ import torch
 
 import instrument
 from instrument.models.inseq_options import fill_alignment
-from tiny_models import tiny_model
+from tiny_models import inseq_comparable, tiny_model
 
 TEXTS = {  # input, target, contrast target of another length
     "gpt2": ("Hello world", "Hello world, this is a test.", "Hello world, this is"),
@@ -30,12 +30,7 @@ def _inseq():
 def pair(request):
     """(instrument model, Inseq model, arch) on one tiny model."""
     inseq = _inseq()
-    model, tokenizer = tiny_model(request.param)
-    if request.param == "marian":
-        # transformers 5 Marian scales inputs_embeds inside the decoder, and Inseq scales them before: with
-        # a scale of 1 both libraries run the same model
-        model.config.scale_embedding = False
-        model.model.encoder.embed_scale = model.model.decoder.embed_scale = 1.0
+    model, tokenizer = inseq_comparable(request.param)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer))

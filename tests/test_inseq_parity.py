@@ -25,31 +25,33 @@ with warnings.catch_warnings():
 
 import instrument  # noqa: E402
 import methods.gradient  # noqa: E402
-from tiny_models import DECODER_ONLY, tiny_model  # noqa: E402
+from tiny_models import DECODER_ONLY, inseq_comparable, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-# Marian is left out: under transformers 5 Inseq scales its decoder embeddings twice (see below).
-ARCHS = DECODER_ONLY + ("t5", "bart")
-ENC_DEC = ("t5", "bart")
+# Marian with embedding scale 1: under transformers 5 Inseq scales its decoder embeddings twice (see
+# `inseq_comparable` and test_marian_inseq_forward_differs).
+ARCHS = DECODER_ONLY + ("marian", "t5", "bart")
+ENC_DEC = ("marian", "t5", "bart")
 TEXTS = {"decoder": ("Hello world", "Hello world, this is"), "encoder_decoder": ("Hello world", "Le chat")}
 RTOL = 1e-4
 N_STEPS = 8
 # A module in the first block of each architecture, for the layer methods (Inseq takes one; it cannot
 # stack the outputs of OPT's feed-forward, which flattens rows and positions: its whole block there).
 LAYERS = {"gpt2": "transformer.h.0.mlp", "gpt_neox": "gpt_neox.layers.0.mlp", "llama": "model.layers.0.mlp",
-          "qwen2": "model.layers.0.mlp", "opt": "model.decoder.layers.0", "t5": "encoder.block.0.layer.1",
+          "qwen2": "model.layers.0.mlp", "opt": "model.decoder.layers.0", "marian": "model.encoder.layers.0.fc2",
+          "t5": "encoder.block.0.layer.1",
           "bart": "model.encoder.layers.0.fc2"}
 
 
 @functools.lru_cache(maxsize=None)
 def fixture(arch):
-    model, tokenizer = tiny_model(arch)
+    model, tokenizer = inseq_comparable(arch)
     return model, tokenizer, instrument.load_model(model, tokenizer=tokenizer)
 
 
 def texts(arch):
-    return TEXTS["encoder_decoder" if arch in ENC_DEC or arch == "marian" else "decoder"]
+    return TEXTS["encoder_decoder" if arch in ENC_DEC else "decoder"]
 
 
 def with_target(archs):
@@ -173,12 +175,17 @@ def test_discretized_integrated_gradients(arch, attribute_target, tmp_path):
 
 
 def test_marian_inseq_forward_differs():
-    """Why Marian is left out: Inseq feeds `embedding(ids) * embed_scale` as `inputs_embeds`, and
-    under transformers 5 Marian's decoder scales `inputs_embeds` again, so Inseq's probabilities are
-    not the model's. Ours are. (When this fails, Inseq matches the model: add marian to ARCHS.)"""
-    model, tokenizer, ours = fixture("marian")
+    """Why Marian is compared with embedding scale 1: Inseq feeds `embedding(ids) * embed_scale` as
+    `inputs_embeds`, and under transformers 5 Marian's decoder scales `inputs_embeds` again, so Inseq's
+    probabilities are not the model's. Ours are. (When this fails, Inseq matches the scaled model.)"""
+    model, tokenizer = tiny_model("marian")
+    ours = instrument.load_model(model, tokenizer=tokenizer)
     source, target = texts("marian")
-    theirs = inseq_run("marian", "saliency", False, step_scores=["probability"]).step_scores["probability"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer), device="cpu")
+        theirs = wrapped.attribute(source, target, show_progress=False, step_scores=["probability"])[0]
+    theirs = theirs.step_scores["probability"]
     mine = ours.attribute(source, target, method="saliency", step_scores=["probability"],
                           show_progress=False)[0].step_scores["probability"]
     src = tokenizer(source, return_tensors="pt").input_ids

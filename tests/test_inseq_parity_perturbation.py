@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import instrument
-from tiny_models import ALL_ARCHS, ENCODER_DECODER, tiny_model
+from tiny_models import ALL_ARCHS, ENCODER_DECODER, inseq_comparable
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -53,10 +53,8 @@ def one_thread():
 def fixture(arch):
     """A float64 tiny model (perturbation scores are differences of ~1e-6: float32 would drown
     them), its tokenizer, and one (source, target) pair."""
-    model, tokenizer = tiny_model(arch)
+    model, tokenizer = inseq_comparable(arch)
     model = model.double()
-    if arch == "marian":  # see the module docstring
-        model.model.encoder.embed_scale = model.model.decoder.embed_scale = 1.0
     if model.config.is_encoder_decoder:
         return model, tokenizer, ("Hello world", "Das Haus")
     return model, tokenizer, ("Hello world", "Hello world, this")
@@ -92,17 +90,6 @@ def assert_parity(ours, theirs, rtol=1e-4):
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol * scale)
 
 
-def check_start_token(ours, theirs):
-    """Row 0 of target attributions on encoder-decoders: the decoder start token. Inseq keeps it in
-    its target baseline (occluding it changes nothing: 0); ours replaced it by UNK unless it is EOS
-    (BART's), until issue 12 item 1 (`Engine.baseline`, another change) keeps it too. Marked as an
-    expected failure, with its reason, only while that is the one difference."""
-    if torch.allclose(ours.nan_to_num().double(), theirs.nan_to_num().double(), rtol=1e-4, atol=1e-12):
-        return
-    assert float(theirs.nan_to_num().abs().max()) == 0
-    pytest.xfail("decoder start token replaced in the target baseline (issue 12 item 1, Engine.baseline)")
-
-
 # -- occlusion -----------------------------------------------------------------------------------
 
 
@@ -114,8 +101,7 @@ def test_occlusion_equals_inseq(arch, attribute_target):
                   theirs.source_attributions if theirs.source_attributions is not None else theirs.target_attributions)
     if attribute_target:
         ours_target, their_target = ours.target_attributions.abs(), theirs.target_attributions
-        assert_parity(ours_target[1:], their_target[1:])
-        check_start_token(ours_target[:1], their_target[:1])
+        assert_parity(ours_target, their_target)  # the decoder start token's row included: 0 in both
     assert float(ours.target_attributions.nan_to_num().abs().max() if ours.source_attributions is None
                  else ours.source_attributions.abs().max()) > 0
 

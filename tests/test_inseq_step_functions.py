@@ -11,12 +11,11 @@ import warnings
 
 import pytest
 import torch
-import transformers
 
 import instrument
 from instrument.step_args import StepFunctionArgs, StepInputs
 from instrument.steps import _REGISTRY, call_step_function, get_step_function
-from tiny_models import tiny_model
+from tiny_models import inseq_comparable, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +72,6 @@ def registered(inseq):
         _REGISTRY.pop(name, None)
 
 
-def marian():
-    """Tiny Marian without embedding scaling: Inseq 0.7 multiplies the decoder's inputs_embeds by the
-    scale that transformers 5's Marian decoder applies again, so with scaling Inseq's own forward is off."""
-    model, tokenizer = tiny_model("marian")
-    config = copy.deepcopy(model.config)
-    config.scale_embedding = False
-    unscaled = transformers.MarianMTModel(config)
-    unscaled.load_state_dict(model.state_dict())
-    return unscaled.eval(), tokenizer
-
-
 def close(ours, theirs):
     """float32 relative error 1e-5 of the largest value (NaN where neither attributes)."""
     ours, theirs = ours.float(), theirs.float()
@@ -100,7 +88,7 @@ def both(inseq, model, tokenizer, *args, **kwargs):
 
 
 def test_documented_contrastive_function_on_marian(inseq, registered):
-    model, tokenizer = marian()
+    model, tokenizer = inseq_comparable("marian")
     source, target, contrast_text = "Hello world", "Le chat est", "Le chien est"
     im = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer))
     contrast = im.encode(contrast_text, as_targets=True)
@@ -128,7 +116,7 @@ def test_step_functions_reading_prefix_fields_on_gpt2(inseq, registered):
 
 
 def test_step_scores_on_marian_batch(inseq, registered):
-    model, tokenizer = marian()
+    model, tokenizer = inseq_comparable("marian")
     inputs, targets = ["Hello world", "The capital of France"], ["Le chat est", "Das Haus ist wunderbar"]
     ours, theirs = both(inseq, model, tokenizer, inputs, targets, attributed_fn="t_step_logit", step_scores=["t_step_logit"])
     for o, t in zip(ours, theirs):

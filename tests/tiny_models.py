@@ -210,3 +210,15 @@ def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "eager"):
     torch.manual_seed(seed)
     model = getattr(transformers, MODEL_CLASSES[arch])(config)
     return model.to(dtype=torch.float32).eval(), tokenizer
+
+
+def inseq_comparable(arch: str, seed: int = 0):
+    """`tiny_model(arch, seed)`, but a Marian's embedding scale is 1, so that Inseq 0.7.1 runs the same model.
+
+    Inseq feeds `embedding(ids) * embed_scale` as `inputs_embeds`, and under transformers 5 Marian's decoder
+    scales `inputs_embeds` once more (its encoder does not): with a scale, Inseq's decoder is not the model's.
+    """
+    model, tokenizer = tiny_model(arch, seed)
+    if arch == "marian":
+        model.model.encoder.embed_scale = model.model.decoder.embed_scale = 1.0
+    return model, tokenizer
