@@ -5,14 +5,15 @@
     ...     model(**batch).logits[0, -1].max().backward()
     >>> out = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute("Hello world")
 """
-import importlib as _importlib
 import inspect as _inspect
+from pathlib import Path as _Path
 
-_methods = _importlib.import_module("methods")
-if not getattr(_methods, "SEQ_INSTRUMENT_METHODS", False):
+import methods as _methods
+
+if _Path(getattr(_methods, "__file__", None) or "").resolve().parent.parent != _Path(__file__).resolve().parent.parent:
     raise ImportError(
-        f"'import methods' found {getattr(_methods, '__file__', _methods)!r}, not seq-instrument's methods package; "
-        "rename your own module called 'methods' or move it off sys.path"
+        f"'import methods' found {getattr(_methods, '__file__', _methods)!r}, not seq-instrument's methods package "
+        "(installed beside instrument); rename your own module called 'methods' or move it off sys.path"
     )
 
 from instrument import demo, kernels  # noqa: E402

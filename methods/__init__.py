@@ -3,8 +3,6 @@
     >>> import methods
     >>> methods.list_methods()
 """
-SEQ_INSTRUMENT_METHODS = True  # set first: instrument checks it while the imports below run
-
 from methods import gradient, layer  # noqa: E402,F401  (registers the methods)
 from methods import attention  # noqa: E402,F401
 from methods import perturbation  # noqa: E402,F401
