@@ -14,20 +14,13 @@ import torch
 import instrument
 from instrument.aggregators import list_aggregators
 from instrument.merging import merge_attributions
+from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
 from instrument.reductions import get_aggregation_function, list_aggregation_functions, register_aggregation_function
 from instrument.spans import _column_groups, spans_to_groups, split_spans, word_spans
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
+
 from tiny_models import tiny_model
 
 NAN = float("nan")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tokens(*names):

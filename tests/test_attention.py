@@ -8,17 +8,9 @@ import pytest
 import torch
 
 import instrument
-from test_engine import SOURCES, TRANSLATIONS, DECODER_TARGETS, assert_same
+
+from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
 from tiny_models import ALL_ARCHS, tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 OPTIONS = [
     {},

@@ -11,9 +11,10 @@ import warnings
 import pytest
 import torch
 import transformers
-from tiny_models import ALL_ARCHS, tiny_model, tiny_tokenizer
 
 import instrument
+
+from tiny_models import ALL_ARCHS, tiny_model, tiny_tokenizer
 
 TEXTS = {
     "gpt2": ("Hello world", "Hello world, this is a test.", "Hello world, this is a cat."),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import instrument
+
 from tiny_models import tiny_model
 
 TEMPLATE = (

@@ -7,6 +7,7 @@ import torch
 
 import instrument
 from instrument.cli import main
+
 from tiny_models import tiny_model
 
 

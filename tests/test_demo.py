@@ -18,15 +18,6 @@ from instrument.demo import DEMO_MODELS, alignment_examples, fact_examples, mode
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    """These models are tiny: one thread is as fast, and on a busy machine far faster, than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mt():
     return instrument.load_model(model_path("demo-mt"), "integrated_gradients", n_steps=20)
@@ -103,7 +94,7 @@ def test_load_model_works_offline():
 # -- the models know their tasks --------------------------------------------------------------------------
 
 
-def test_demo_mt_translates_held_out_sentences(mt, one_thread):
+def test_demo_mt_translates_held_out_sentences(mt):
     examples = alignment_examples(50, seed=7)
     tokenizer, model = mt.tokenizer, mt.model
     batch = tokenizer([s for s, _, _ in examples], return_tensors="pt", padding=True)
@@ -112,7 +103,7 @@ def test_demo_mt_translates_held_out_sentences(mt, one_thread):
     assert sum(o == t for o, (_, t, _) in zip(outputs, examples)) >= 48
 
 
-def test_demo_lm_recalls_the_capitals(lm, one_thread):
+def test_demo_lm_recalls_the_capitals(lm):
     prompts = [tasks.fact_prompt(f) for f in tasks.facts()]
     tokenizer, model = lm.tokenizer, lm.model
     hits = 0
@@ -127,7 +118,7 @@ def test_demo_lm_recalls_the_capitals(lm, one_thread):
 
 
 @pytest.mark.slow  # ~15-20 s on 2 busy cores: 200 examples x ~7 steps x 20 IG points
-def test_integrated_gradients_finds_the_aligned_source_word(mt, one_thread):
+def test_integrated_gradients_finds_the_aligned_source_word(mt):
     examples = alignment_examples(200, seed=2024)
     # The given targets are attributed (forced), not generations of the model.
     out = mt.attribute([s for s, _, _ in examples], [t for _, t, _ in examples], batch_size=50, show_progress=False)
@@ -148,7 +139,7 @@ def test_integrated_gradients_finds_the_aligned_source_word(mt, one_thread):
     assert accuracy >= 0.8
 
 
-def test_saliency_puts_the_capital_on_the_subject(lm, one_thread):
+def test_saliency_puts_the_capital_on_the_subject(lm):
     """Saliency (|gradient| of the answer's probability w.r.t. the input embeddings), because it is the
     one of the three candidates that clearly works here. Measured on the shipped model over all 120
     facts: saliency 0.99, input x gradient 0.95, integrated gradients (UNK baseline, 20 steps) 0.56.

@@ -2,12 +2,10 @@ import pytest
 import torch
 
 import instrument
+
+from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
 from tiny_models import ALL_ARCHS, DECODER_ONLY, tiny_model
 
-# Three examples of different lengths, short enough for the step-by-step reference on 2 cores.
-SOURCES = ["Hello world", "The capital of France is", "Good morning!"]
-DECODER_TARGETS = ["Hello world, this", "The capital of France is Paris.", "Good morning! How"]
-TRANSLATIONS = ["Das Haus", "Le chat est", "Hello"]
 METHOD_OPTIONS = {
     "saliency": {},
     "input_x_gradient": {},
@@ -28,18 +26,6 @@ def attribution_model(request):
 
 def texts_for(model):
     return (SOURCES, TRANSLATIONS) if model.is_encoder_decoder else (SOURCES, DECODER_TARGETS)
-
-
-def assert_same(batched, reference, atol=1e-5, scale=None):
-    """Equal where defined, within `atol` relative to `scale` (default: the largest magnitude), NaN in the
-    same places."""
-    if reference is None:
-        assert batched is None
-        return
-    assert batched.shape == reference.shape
-    assert torch.equal(batched.isnan(), reference.isnan())
-    scale = reference.nan_to_num().abs().max().clamp_min(1e-30) if scale is None else scale
-    torch.testing.assert_close(batched.nan_to_num() / scale, reference.nan_to_num() / scale, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
@@ -227,8 +213,8 @@ def test_activation_slopes_keep_values_and_gradients():
 
 
 def test_cpu_chunks_default_to_a_cache_sized_number_of_tokens():
-    from methods.base import CPU_CHUNK_TOKENS, chunks
     from instrument.engine import Example, Rows
+    from methods.base import CPU_CHUNK_TOKENS, chunks
 
     rows = Rows.build([Example(torch.arange(30), 20, 30)], [(0, p) for p in range(20, 30)], pad_id=0)  # 10 rows, width 29
     per_chunk = CPU_CHUNK_TOKENS // (10 * 29)

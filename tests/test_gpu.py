@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import instrument
-from test_engine import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
+
+from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
 from tiny_models import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -11,6 +11,7 @@ import torch
 
 import instrument
 from instrument.models.inseq_options import fill_alignment
+
 from tiny_models import inseq_comparable, tiny_model
 
 TEXTS = {  # input, target, contrast target of another length

@@ -25,6 +25,7 @@ with warnings.catch_warnings():
 
 import instrument  # noqa: E402
 import methods.gradient  # noqa: E402
+
 from tiny_models import DECODER_ONLY, inseq_comparable, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import instrument
+
 from tiny_models import ALL_ARCHS, ENCODER_DECODER, inseq_comparable
 
 with warnings.catch_warnings():
@@ -40,14 +41,6 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CASES = [(arch, False) for arch in ALL_ARCHS] + [(arch, True) for arch in ENCODER_DECODER]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fixture(arch):
@@ -144,6 +137,7 @@ def test_lime_sampling_matches_inseq_statistically():
     """Inseq's own draws (torch's global random state) and ours (per token, seeded) replace each
     token with the same probability, independently: rates and pairwise co-replacement agree."""
     from inseq.attr.feat.ops.lime import Lime
+
     from methods.perturbation import token_samples
 
     model, tokenizer, _ = fixture("gpt2")

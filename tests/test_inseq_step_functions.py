@@ -15,6 +15,7 @@ import torch
 import instrument
 from instrument.step_args import StepFunctionArgs, StepInputs
 from instrument.steps import _REGISTRY, call_step_function, get_step_function
+
 from tiny_models import inseq_comparable, tiny_model
 
 

@@ -5,12 +5,12 @@ weighting, views, `explain`, Inseq's files in both directions, aggregation names
 """
 import copy
 import gzip
-from html import escape as html_escape
 import io
 import json
 import math
 import re
 import warnings
+from html import escape as html_escape
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from rich.console import Console
 
 import instrument
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+
 from tiny_models import tiny_model
 
 NAN = float("nan")
@@ -27,14 +28,6 @@ CASES = {  # name: (arch, input, target, attribute_target)
     "encoder_decoder_target": ("bart", "Hello world", "Le chat.", True),
     "encoder_decoder_source": ("bart", "Hello world", "Le chat.", False),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def import_inseq():

@@ -512,6 +512,7 @@ def test_integrated_gradients_streams_chunks_through_accumulate(monkeypatch):
     """Every chunk's gradients go through accumulate (at most internal_batch_size rows at a time), and the
     result does not depend on the chunking."""
     import instrument
+
     from tiny_models import tiny_model
 
     model, tokenizer = tiny_model("gpt2")

@@ -27,21 +27,12 @@ from torch import nn
 import instrument
 from instrument.engine import Example, Rows
 from methods.gradient import _row_samples
+
 from tiny_models import tiny_model
 
 # Captum warns that it sets requires_grad on inputs and hooks on nonlinearities: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
 ARCHS = ["gpt2", "llama", "bart", "t5", "marian"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads
-    oversubscribe the cores (100x slower); restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # (input text, generated text); for decoder-only models the generated text continues the input.

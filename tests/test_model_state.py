@@ -6,9 +6,10 @@ every module's own flag after, errors included.
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 import instrument
+
+from tiny_models import tiny_model
 
 TEXTS = {"gpt2": ("Hello world", "Hello world, this is a test."), "marian": ("Hello world", "The capital of France is Paris.")}
 

@@ -13,18 +13,9 @@ import torch
 import instrument
 from methods.approximation import approximation
 from methods.path import Vocabulary
-from test_engine import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
-from test_perturbation import Case
+
+from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, Case, assert_same, close
 from tiny_models import ALL_ARCHS, tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 METHOD_OPTIONS = {
     "sequential_integrated_gradients": {"n_steps": 3, "internal_batch_size": 50},
@@ -50,11 +41,6 @@ def test_batched_equals_step_by_step(wrapped, method):
         assert_same(got.target_attributions, expected.target_attributions)
         torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7)
         assert not got.target_attributions[got.attr_pos_start - 1:].isnan().all()
-
-
-def close(actual, expected, rtol=1e-6):
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=1e-6 * float(expected.abs().max()))
 
 
 def grad_at(c, p, attribute_target, points):

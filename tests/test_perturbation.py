@@ -5,7 +5,6 @@ attributed functions, and on these models a source token moves a probability of 
 so in float32 such differences carry ~1e-3 relative rounding noise and batched (padded, full-length)
 and step-by-step forwards would differ by that much. In float64 both paths agree to ~1e-12.
 """
-import contextlib
 import math
 
 import pytest
@@ -13,23 +12,11 @@ import torch
 from captum.attr import Occlusion as CaptumOcclusion
 
 import instrument
-from test_engine import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
+
+from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, Case, assert_same, close, double_model
 from tiny_models import ALL_ARCHS, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def double_model(arch, attn_implementation="eager"):
-    model, tokenizer = tiny_model(arch, attn_implementation=attn_implementation)
-    return model.double(), tokenizer
 
 
 def texts(wrapped):
@@ -49,92 +36,7 @@ def check_batched_equals_reference(wrapped, method, **options):
     return batched
 
 
-class Case:
-    """One float64 tiny model, one example, and the attributed function of each step for Captum:
-    `f(*embeds) = p(target[p] | prefix)` with the embedding modules' outputs replaced."""
-
-    TEXTS = {"gpt2": ("Hello world", "Hello world, this is"), "llama": ("Hello world", "Hello world, this is"),
-             "bart": ("Hello world", "Le chat"), "t5": ("Hello world", "Le chat")}
-
-    def __init__(self, arch, attn_implementation="eager"):
-        self.model, self.tok = double_model(arch, attn_implementation)
-        self.am = instrument.load_model(self.model, tokenizer=self.tok)
-        self.enc_dec = bool(self.model.config.is_encoder_decoder)
-        source, target = self.TEXTS[arch]
-        self.texts = (source, target)
-        if self.enc_dec:
-            self.source = torch.tensor(self.tok(source)["input_ids"])
-            self.target = torch.tensor([self.model.config.decoder_start_token_id, *self.tok(text_target=target)["input_ids"]])
-            self.steps = list(range(1, len(self.target)))
-            self.src_emb = self.model.get_encoder().get_input_embeddings()
-            self.tgt_emb = self.model.get_decoder().get_input_embeddings()
-        else:
-            self.source = None
-            self.target = torch.tensor(self.tok(target)["input_ids"])
-            self.steps = list(range(len(self.tok(source)["input_ids"]), len(self.target)))
-            self.src_emb, self.tgt_emb = None, self.model.get_input_embeddings()
-
-    def attribute(self, method, **kwargs):
-        return self.am.attribute(*self.texts, method=method, show_progress=False, **kwargs)[0]
-
-    def sides(self, attribute_target):
-        if not self.enc_dec:
-            return ["target"]
-        return ["source", "target"] if attribute_target else ["source"]
-
-    @torch.no_grad()
-    def embeds(self, p, attribute_target, baseline_id=None):
-        """Inputs (and baselines made of `baseline_id`, EOS kept) Captum attributes at step p."""
-        def base(ids):
-            return torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, baseline_id))
-
-        prefix = self.target[:p][None]
-        sides = [(self.tgt_emb, prefix)] if not self.enc_dec else [(self.src_emb, self.source[None])] + (
-            [(self.tgt_emb, prefix)] if attribute_target else [])
-        inputs = tuple(emb(ids) for emb, ids in sides)
-        if baseline_id is None:
-            return inputs, None
-        bases = [base(ids) for _, ids in sides]
-        if self.enc_dec and attribute_target:  # the decoder start token is kept (Inseq's rule)
-            bases[1][:, 0] = prefix[:, 0]
-        return inputs, tuple(emb(b) for (emb, _), b in zip(sides, bases))
-
-    def logits(self, n, p, src_embeds=None, tgt_embeds=None):
-        tgt_ids = self.target[:p].expand(n, -1)
-        with contextlib.ExitStack() as stack:
-            for module, value in ((self.src_emb, src_embeds), (self.tgt_emb, tgt_embeds)):
-                if value is not None:
-                    stack.callback(module.register_forward_hook(lambda m, a, o, value=value: value).remove)
-            if self.enc_dec:
-                src_ids = self.source.expand(n, -1)
-                return self.model(input_ids=src_ids, decoder_input_ids=tgt_ids).logits[:, -1]
-            return self.model(input_ids=tgt_ids).logits[:, -1]
-
-    def prob_fn(self, p, attribute_target=False):
-        token = int(self.target[p])
-
-        def f(*embeds):
-            n = embeds[0].shape[0]
-            if self.enc_dec:
-                logits = self.logits(n, p, src_embeds=embeds[0], tgt_embeds=embeds[1] if attribute_target else None)
-            else:
-                logits = self.logits(n, p, tgt_embeds=embeds[0])
-            return logits.float().softmax(-1)[:, token]  # float32 softmax, as the library's step function
-
-        return f
-
-    def ours(self, seq, j, p, side):
-        return seq.source_attributions[:, j] if side == "source" else seq.target_attributions[:p, j]
-
-
-def close(actual, expected, rtol=1e-6):
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    atol = 1e-6 * float(expected.abs().max())
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
-
-
 # -- occlusion -----------------------------------------------------------------------------------
-
 
 OCCLUSION_OPTIONS = [
     {},
@@ -387,6 +289,7 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
     feature mask handling) fed the token subsets the library drew, with a least-squares surrogate."""
     from captum.attr import Lime as CaptumLime
     from captum.attr._core.lime import get_exp_kernel_similarity_function
+
     from methods.perturbation import token_samples
 
     n_samples, seed = 40, 3

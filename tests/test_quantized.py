@@ -14,6 +14,7 @@ import torch
 
 import instrument
 from instrument import batching
+
 from tiny_models import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)

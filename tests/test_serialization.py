@@ -14,17 +14,10 @@ from safetensors.torch import save_file
 import instrument
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 from instrument.serialization import METADATA_KEY, jsonable
+
 from tiny_models import tiny_model
 
 FORMATS = ["safetensors", "json"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

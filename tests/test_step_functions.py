@@ -9,6 +9,7 @@ import torch
 
 import instrument
 from instrument.steps import _REGISTRY
+
 from tiny_models import tiny_model
 
 BUILTIN = [
@@ -27,15 +28,6 @@ TEXTS = {
     "bart": ("Hello world", "Le chat.", "Le chien",
              "Le chat", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 5), (7, 6)]),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they oversubscribe the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 PROBABILITIES = {"probability", "contrast_prob", "contrast_prob_diff", "mc_dropout_prob_avg"}

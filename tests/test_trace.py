@@ -7,6 +7,7 @@ from torch import nn
 
 import instrument
 from instrument.selection import UnknownModuleError, select_modules
+
 from tiny_models import ALL_ARCHS, DECODER_ONLY, ENCODER_DECODER, tiny_model
 
 SELECTED = ["embeddings", "layers", "attention", "mlp", "lm_head"]

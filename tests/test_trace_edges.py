@@ -12,6 +12,7 @@ from torch import nn
 import instrument
 from instrument.selection import MODEL_CONFIGS, UnknownModuleError, glob_match, select_modules
 from instrument.trace import StopForward
+
 from tiny_models import tiny_model
 
 

@@ -20,18 +20,11 @@ import instrument
 from instrument.merging import merge_attributions
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
 from instrument.visualization import format_score
+
 from tiny_models import tiny_model
 
 NAN = float("nan")
 MARKUP_TOKENS = ["[/", "[bold]x", "[/red]", "[link=http://x]y", "\\[", ":smile:", "<b>&amp;", '"q\'', "a\nb"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recorder(width):
