@@ -8,7 +8,7 @@ from torch import nn
 import instrument
 from instrument.selection import UnknownModuleError, select_modules
 
-from tiny_models import ALL_ARCHS, DECODER_ONLY, ENCODER_DECODER, tiny_model
+from tiny_models import ALL_ARCHS, tiny_model
 
 SELECTED = ["embeddings", "layers", "attention", "mlp", "lm_head"]
 
@@ -298,24 +298,3 @@ def test_inputs_device_and_dtype_options():
     assert torch.equal(t.inputs["gpt_neox.layers.1"], seen["in"].detach().half())
 
 
-@pytest.mark.parametrize("arch", ENCODER_DECODER)
-def test_encoder_decoder_aliases(arch):
-    model, _ = tiny_model(arch)
-    encoder_layers = select_modules(model, "encoder.layers")
-    decoder_layers = select_modules(model, "decoder.layers")
-    assert len(encoder_layers) == len(decoder_layers) == 2
-    assert sorted(select_modules(model, "layers")) == sorted(encoder_layers + decoder_layers)
-    assert len(select_modules(model, "decoder.cross_attention")) == 2
-    with pytest.raises(UnknownModuleError):
-        select_modules(model, "encoder.cross_attention")
-    assert len(select_modules(model, "embeddings")) == 2
-    assert len(select_modules(model, "mlp")) == 4
-
-
-@pytest.mark.parametrize("arch", DECODER_ONLY)
-def test_decoder_only_aliases(arch):
-    model, _ = tiny_model(arch)
-    for alias in ("layers", "attention", "mlp"):
-        assert len(select_modules(model, alias)) == 2, alias
-    assert select_modules(model, "lm_head") == [select_modules(model, model.get_output_embeddings())[0]]
-    assert select_modules(model, "embeddings") == select_modules(model, model.get_input_embeddings())
