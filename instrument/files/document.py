@@ -43,7 +43,8 @@ def stored_for_saving(key: str, value: Any, precision: str, stacklevel: int) -> 
         stored = stored.to(PRECISIONS[precision])
     stored = stored.contiguous().clone()
     if stored.is_floating_point() and bool((stored.isinf() & value.detach().cpu().isfinite()).any()):
-        warnings.warn(f"{key} has values beyond the {precision} range; they are saved as infinite", stacklevel=stacklevel)
+        warnings.warn(f"{key} has values beyond the {precision} range; they are saved as infinite",
+                      stacklevel=stacklevel)
     return stored
 
 
@@ -68,7 +69,8 @@ def to_document(out: FeatureAttributionOutput, put: Callable[[str, torch.Tensor]
             entry[name] = tensor(f"seq{i}.{name}", getattr(seq, name))
         for name in DICT_FIELDS:
             entry[name] = {}
-            for key, value in getattr(seq, name).items():  # a loop: a comprehension (a frame in 3.11) would shift the stacklevel
+            # a loop: a comprehension (a frame in Python 3.11) would shift the warning's stacklevel
+            for key, value in getattr(seq, name).items():
                 entry[name][str(key)] = tensor(f"seq{i}.{name}.{key}", value)
         sequences.append(entry)
     return {
@@ -81,7 +83,8 @@ def from_document(doc: Any, get: Callable[[dict, str], torch.Tensor]) -> Feature
     """The output `doc` describes; `get(entry, where)` returns a tensor entry's values. InvalidFile if anything is off."""
     expect(isinstance(doc, dict) and doc.get("format") == FORMAT,
            f"not a seq-instrument attribution file (expected format {FORMAT!r})")
-    expect(doc.get("version") == VERSION, f"unsupported version {doc.get('version')!r} (this library reads version {VERSION})")
+    expect(doc.get("version") == VERSION,
+           f"unsupported version {doc.get('version')!r} (this library reads version {VERSION})")
     expect(doc.get("scores_precision") in PRECISIONS, f"unknown scores_precision {doc.get('scores_precision')!r}")
     expect(isinstance(doc.get("info"), dict), "'info' must be an object")
     expect(isinstance(doc.get("sequences"), list), "'sequences' must be a list")
@@ -141,7 +144,8 @@ def _sequence(entry: Any, i: int, get) -> FeatureAttributionSequenceOutput:
     for k, v in fields["step_scores"].items():
         expect(list(v.shape) == [n_steps], f"{where}.step_scores.{k} has shape {list(v.shape)}, expected [{n_steps}]")
     default = entry.get("default_aggregator")
-    expect(default is None or isinstance(default, str) or (isinstance(default, list) and all(map(_is_aggregator_step, default))),
+    expect(default is None or isinstance(default, str)
+           or (isinstance(default, list) and all(map(_is_aggregator_step, default))),
            f"{where}.default_aggregator must be an aggregator name or a list of names or (aggregator, function) pairs")
     if isinstance(default, list):
         default = [x if isinstance(x, str) else tuple(x) for x in default]

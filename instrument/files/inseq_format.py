@@ -67,7 +67,8 @@ def to_inseq_document(out: FeatureAttributionOutput, precision: str) -> dict:
             attributes[name] = tensor(f"seq{i}.{name}", getattr(seq, name))
         for name in DICT_FIELDS:
             attributes[name] = {}
-            for key, value in getattr(seq, name).items():  # a loop: a comprehension (a frame in 3.11) would shift the stacklevel
+            # a loop: a comprehension (a frame in Python 3.11) would shift the warning's stacklevel
+            for key, value in getattr(seq, name).items():
                 attributes[name][str(key)] = tensor(f"seq{i}.{name}.{key}", value)
         sequences.append(_inseq_object(_inseq_class(seq), attributes))
     if out.step_attributions is not None:

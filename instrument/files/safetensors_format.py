@@ -36,7 +36,8 @@ def safetensors_writer(out: FeatureAttributionOutput, precision: str) -> Callabl
         return {**tensor_spec(value), "key": key}
 
     document = to_document(out, put, precision)
-    metadata = {"format": FORMAT, "version": str(VERSION), METADATA_KEY: json.dumps(document, ensure_ascii=False, allow_nan=False)}
+    metadata = {"format": FORMAT, "version": str(VERSION),
+                METADATA_KEY: json.dumps(document, ensure_ascii=False, allow_nan=False)}
 
     def write(path: str) -> None:
         save_file(tensors, path, metadata=metadata)

@@ -2,7 +2,7 @@
 
     >>> save(out, "attributions.safetensors")                      # refuses to overwrite unless overwrite=True
     >>> save(out, "attributions.json", scores_precision="float16")
-    >>> save(out, "attributions.json.gz", format="inseq")          # inseq.FeatureAttributionOutput.load(..., decompress=True)
+    >>> save(out, "attributions.json.gz", format="inseq")          # for Inseq's load(..., decompress=True)
     >>> load("attributions.safetensors").equals(out)
 
 `load` finds the format from the content: safetensors, our JSON or Inseq's JSON, each JSON gzipped or

@@ -24,7 +24,8 @@ def show_attributions(attributions, min_val: float | None = None, max_val: float
     sequences = flattened_sequences(attributions)
     scales = [bounds_scale(min_val, max_val)] * len(sequences)
     if return_html:
-        text = html_block([html_table(seq, f"Example {i}", scale=scale) for i, (seq, scale) in enumerate(zip(sequences, scales))])
+        tables = [html_table(seq, f"Example {i}", scale=scale) for i, (seq, scale) in enumerate(zip(sequences, scales))]
+        text = html_block(tables)
         if display:
             display_in_notebook(text)
         return text

@@ -80,7 +80,8 @@ def tokens_html(number: int, rows, wrap_after, step_score_highlight) -> str:
             style += f";background-color:rgb{background};color:{text_colour(background)}"
         return f'<span style="{style}" title="{escape(title)}">{escape(text)}</span>'
 
-    out = ['<div class="seq-instrument-tokens" style="font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;margin:0 0 16px 0">',
+    font = "font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;margin:0 0 16px 0"
+    out = [f'<div class="seq-instrument-tokens" style="{font}">',
            f"<p><b>Example {number}: {escape(_heading(step_score_highlight))}</b></p>"]
     for token, background, parts in rows:
         out.append(f"<details><summary>{span(token, background, token)}</summary>")
@@ -131,8 +132,8 @@ def show_tokens(obj, min_val: float | None = None, max_val: float | None = None,
     """
     sequences = sequences_of(obj)
     if do_aggregation:
-        sequences = [default_view(seq, **aggregate_kwargs) if aggregator is None else seq.aggregate(aggregator, **aggregate_kwargs)
-                     for seq in sequences]
+        sequences = [default_view(seq, **aggregate_kwargs) if aggregator is None
+                     else seq.aggregate(aggregator, **aggregate_kwargs) for seq in sequences]
     scale = bounds_scale(min_val, max_val)
     if scale is None:
         scale = max([max(abs(seq.minimum), abs(seq.maximum)) for seq in sequences], default=0.0)
