@@ -27,7 +27,7 @@ from instrument.reductions import (  # noqa: E402
 from instrument.selection import register_model_config  # noqa: E402
 from instrument.steps import StepFunctionArgs, get_step_function, list_step_functions, register_step_function  # noqa: E402
 from instrument.trace import Trace, trace  # noqa: E402
-from instrument.visualization import (  # noqa: E402
+from instrument.views.inseq_functions import (  # noqa: E402
     show_attributions, show_granular_attributions, show_token_attributions,
 )
 

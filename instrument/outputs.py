@@ -184,22 +184,22 @@ class FeatureAttributionSequenceOutput:
             scores["step_scores"][key] = {name: v[column].item() for name, v in aggregated.step_scores.items()}
         return scores
 
-    # -- saving and equality (instrument.serialization) -----------------------------------------
+    # -- saving and equality (instrument.files, instrument.equality) ----------------------------
 
     def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
         """Same tokens, positions and tensors (NaN equals NaN; exact unless rtol/atol are given)."""
-        from instrument.serialization import sequences_equal
+        from instrument.equality import sequences_equal
 
         return sequences_equal(self, other, rtol, atol)
 
     def save(self, path, scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
              compress: bool | None = None):
         """Saves this sequence as a one-sequence FeatureAttributionOutput (see `FeatureAttributionOutput.save`)."""
-        from instrument.serialization import save
+        from instrument.files.saving import save
 
         return save(self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress)
 
-    # -- views (instrument.visualization) -------------------------------------------------------
+    # -- views (instrument.views) ---------------------------------------------------------------
 
     def show(self, return_html: bool = False, aggregate: Any = True, display: bool = True,
              step_score_highlight: str | None = None, console: Any = None, **kwargs) -> str | None:
@@ -207,7 +207,7 @@ class FeatureAttributionSequenceOutput:
 
             >>> seq.show(step_score_highlight="probability")
         """
-        from instrument.visualization import show
+        from instrument.views.heatmap import show
 
         return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
 
@@ -218,7 +218,7 @@ class FeatureAttributionSequenceOutput:
 
             >>> seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
         """
-        from instrument.visualization import show_granular
+        from instrument.views.granular import show_granular
 
         return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
 
@@ -230,19 +230,19 @@ class FeatureAttributionSequenceOutput:
 
             >>> seq.show_tokens(step_score_highlight="probability", wrap_after=10)
         """
-        from instrument.visualization import show_tokens
+        from instrument.views.tokens import show_tokens
 
         return show_tokens(self, min_val, max_val, display, return_html, replace_char, wrap_after, step_score_highlight,
                            aggregator, do_aggregation, console, **kwargs)
 
     def save_html(self, path, overwrite: bool = False, **kwargs):
         """Writes `show(return_html=True)` as a standalone HTML page."""
-        from instrument.visualization import save_html
+        from instrument.views.heatmap import save_html
 
         return save_html(self, path, overwrite=overwrite, **kwargs)
 
     def _repr_html_(self) -> str:
-        from instrument.visualization import repr_html
+        from instrument.views.heatmap import repr_html
 
         return repr_html(self)
 
@@ -331,19 +331,19 @@ class FeatureAttributionOutput:
                ignore_info: tuple[str, ...] = RUNTIME_INFO) -> bool:
         """Equal sequences (see `FeatureAttributionSequenceOutput.equals`) and `info` equal as saved, apart
         from the run-time fields in `ignore_info` (by default `exec_time`; pass `()` to compare them too)."""
-        from instrument.serialization import outputs_equal
+        from instrument.equality import outputs_equal
 
         return outputs_equal(self, other, rtol, atol, check_info, ignore_info)
 
     def save(self, path, scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
              compress: bool | None = None):
         """Saves to `.safetensors` (default) or `.json`, or in Inseq's JSON with `format="inseq"`; see
-        `instrument.serialization`.
+        `instrument.files`.
 
             >>> out.save("attributions.safetensors", scores_precision="float16")
             >>> out.save("attributions.json.gz", format="inseq")   # inseq.FeatureAttributionOutput.load(..., decompress=True)
         """
-        from instrument.serialization import save
+        from instrument.files.saving import save
 
         return save(self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress)
 
@@ -354,7 +354,7 @@ class FeatureAttributionOutput:
 
             >>> out = FeatureAttributionOutput.load("attributions.safetensors")
         """
-        from instrument.serialization import load
+        from instrument.files.saving import load
 
         return load(path)
 
@@ -362,9 +362,9 @@ class FeatureAttributionOutput:
              step_score_highlight: str | None = None, console: Any = None, **kwargs) -> str | None:
         """One heatmap per example in the console, or their HTML with `return_html=True`.
 
-            >>> out.show()                         # rich tables; see instrument.visualization
+            >>> out.show()                         # rich tables; see instrument.views
         """
-        from instrument.visualization import show
+        from instrument.views.heatmap import show
 
         return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
 
@@ -372,7 +372,7 @@ class FeatureAttributionOutput:
                       show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
                       return_html: bool = False, console: Any = None) -> str | None:
         """`show_granular` for every sequence (see `FeatureAttributionSequenceOutput.show_granular`)."""
-        from instrument.visualization import show_granular
+        from instrument.views.granular import show_granular
 
         return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
 
@@ -381,18 +381,18 @@ class FeatureAttributionOutput:
                     step_score_highlight: str | None = None, aggregator: Any = None, do_aggregation: bool = True,
                     console: Any = None, **kwargs) -> str | None:
         """`show_tokens` for every sequence (see `FeatureAttributionSequenceOutput.show_tokens`)."""
-        from instrument.visualization import show_tokens
+        from instrument.views.tokens import show_tokens
 
         return show_tokens(self, min_val, max_val, display, return_html, replace_char, wrap_after, step_score_highlight,
                            aggregator, do_aggregation, console, **kwargs)
 
     def save_html(self, path, overwrite: bool = False, **kwargs):
         """Writes `show(return_html=True)` as a standalone HTML page."""
-        from instrument.visualization import save_html
+        from instrument.views.heatmap import save_html
 
         return save_html(self, path, overwrite=overwrite, **kwargs)
 
     def _repr_html_(self) -> str:
-        from instrument.visualization import repr_html
+        from instrument.views.heatmap import repr_html
 
         return repr_html(self)

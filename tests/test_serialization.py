@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import instrument
+from instrument.files.json_values import jsonable
+from instrument.files.safetensors_format import METADATA_KEY
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
-from instrument.serialization import METADATA_KEY, jsonable
 
 from tiny_models import tiny_model
 

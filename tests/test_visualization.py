@@ -19,7 +19,7 @@ from rich.console import Console
 import instrument
 from instrument.merging import merge_attributions
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
-from instrument.visualization import format_score
+from instrument.views.labels import format_score
 
 from tiny_models import tiny_model
 
