@@ -4,7 +4,8 @@
     >>> path = kernels.interpolate(embeds, torch.zeros_like(embeds), torch.linspace(0, 1, 20))
     >>> kernels.accumulate(total, grads, weights)        # total += sum_k weights[k] * grads[k], in place
     >>> kernels.finalize(total, embeds, baselines, "sum")  # total * (embeds - baselines), summed over hidden
-    >>> kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")
+    >>> kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")   # the attention method's
+    >>> kernels.pick_indices([0, -1], 12, "heads", distinct=True)                    # [0, 11]
     >>> kernels.has_extension(), kernels.extension_error()
     (True, None)
 
@@ -32,8 +33,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["ExtensionNotice", "accumulate", "extension_error", "finalize", "has_extension", "interpolate",
-           "reduce_heads"]
+__all__ = ["ExtensionNotice", "IndexChoiceError", "accumulate", "extension_error", "finalize", "has_extension",
+           "interpolate", "pick_indices", "reduce_heads"]
 
 Alphas = Union[torch.Tensor, Sequence[float]]
 Indices = Union[None, int, Sequence[int], torch.Tensor]
@@ -286,8 +287,8 @@ def reduce_heads(attn: Union[torch.Tensor, Sequence[torch.Tensor]], layers: Indi
     if reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"reduce_heads: reduce must be 'mean' or 'max', got {reduce!r}")
     first = planes[0]
-    layer_index = _indices("reduce_heads", "layers", layers, len(planes))
-    head_index = _indices("reduce_heads", "heads", heads, first.shape[1])
+    layer_index = pick_indices(layers, len(planes), "layers", op="reduce_heads")
+    head_index = pick_indices(heads, first.shape[1], "heads", op="reduce_heads")
     selected = [planes[i].detach().contiguous() for i in layer_index]
     native = _native(first.device, use_extension)
     if native is not None:
@@ -406,22 +407,36 @@ def _attention_layers(attn) -> list:
     return list(attn)
 
 
-def _indices(op: str, name: str, value: Indices, count: int) -> list:
-    """`value` (None: all, an index, a sequence or 1-D integer tensor of indices) as indices in [0, count)."""
+class IndexChoiceError(TypeError, ValueError):
+    """An index selection of the wrong type: a TypeError, and a ValueError for the methods whose
+    options raise ValueError for any bad value."""
+
+
+def pick_indices(value: Indices, count: int, name: str, *, distinct: bool = False, op: str = "") -> list:
+    """`value` (None: all, an index, a sequence or 1-D integer tensor of indices, negative from the end)
+    as indices in [0, count): in the order given, repeats kept (`reduce_heads` counts them again), or
+    with `distinct=True` sorted without repeats (the `layers` / `heads` options of the attention and
+    value zeroing methods, whose kept dimensions follow model order).
+
+        >>> pick_indices([0, -1, 0], 4, "heads"), pick_indices([0, -1, 0], 4, "heads", distinct=True)
+        ([0, 3, 0], [0, 3])
+    """
+    prefix = f"{op}: " if op else ""
     if value is None:
         items = list(range(count))
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 1:
-            raise TypeError(f"{op}: {name} as a tensor must be 0-D or 1-D integers, got {value.dtype} {tuple(value.shape)}")
+            raise IndexChoiceError(f"{prefix}{name} as a tensor must be 0-D or 1-D integers, got {value.dtype} "
+                                   f"{tuple(value.shape)}")
         items = value.reshape(-1).tolist()
     elif hasattr(value, "__index__") and not isinstance(value, bool):
         items = [value]
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         items = list(value)
     else:
-        raise TypeError(f"{op}: {name} must be None, an index or a sequence of indices, got {value!r}")
+        raise IndexChoiceError(f"{prefix}{name} must be None, an index or a sequence of indices, got {value!r}")
     if not items:
-        raise ValueError(f"{op}: {name} selects nothing (there are {count})")
+        raise ValueError(f"{prefix}{name} selects nothing (there are {count}); pass None for all")
     picked = []
     for item in items:
         try:
@@ -429,8 +444,8 @@ def _indices(op: str, name: str, value: Indices, count: int) -> list:
                 raise TypeError
             item = operator.index(item)  # ints, numpy integers, 0-D integer tensors
         except TypeError:
-            raise TypeError(f"{op}: {name} must be integers, got {item!r}") from None
+            raise IndexChoiceError(f"{prefix}{name} must be integers, got {item!r}") from None
         if not -count <= item < count:
-            raise ValueError(f"{op}: {name} index {item} is out of range for {count} {name}")
+            raise ValueError(f"{prefix}{name} index {item} is out of range for {count} {name}")
         picked.append(item % count)
-    return picked
+    return sorted(set(picked)) if distinct else picked
