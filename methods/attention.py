@@ -29,7 +29,7 @@ from torch import nn
 from instrument import kernels
 from instrument.engine import RowAttribution, full_rows
 from instrument.hooks import HookHandles
-from instrument.kernels import pick_indices
+from instrument.indices import pick_indices
 from instrument.selection import resolve_alias
 from methods.base import AttributionMethod, Request
 from methods.registry import register

@@ -12,7 +12,7 @@ from torch import nn
 
 from instrument.engine import RowAttribution, full_rows
 from instrument.hooks import HookHandles
-from instrument.kernels import pick_indices
+from instrument.indices import pick_indices
 from instrument.selection import model_config, resolve_alias, select_modules
 from methods.base import AttributionMethod, Request
 from methods.perturber import Perturber
