@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from instrument import kernels
 from instrument.engine import RowAttribution, full_rows
 from instrument.hooks import HookHandles
 from instrument.indices import pick_indices
+from instrument.kernels import reduce_heads
 from instrument.selection import resolve_alias
 from methods.base import AttributionMethod, Request
 from methods.registry import register
@@ -117,7 +117,7 @@ class _Reducer:
         if self.aggregate_fn is None:  # [F, H, Q, K] -> [F, K_read, keys, H']
             self.kept.append(weights[rows, :, positions][:, :, heads].float().transpose(2, 3))
             return
-        value = kernels.reduce_heads([weights], heads=heads, reduce=self.aggregate_fn)[rows, positions].float()
+        value = reduce_heads([weights], heads=heads, reduce=self.aggregate_fn)[rows, positions].float()
         if self.total is None:
             self.total = value
         elif self.aggregate_fn == "mean":
