@@ -12,10 +12,10 @@ torch's default thread count:
                 eager: (base.float() + alphas[:, None, None, None] * (x.float() - base.float())).to(dtype)
   accumulate    fused: kernels.accumulate(acc, grads, weights)           grads [K*B, L, D]
                 eager: acc += torch.einsum("k,k...->...", weights, grads.float().unflatten(0, (K, -1)))
-  finalize      fused: kernels.finalize(acc, x, base, reduce)            reduce: none, sum, l2, absmax
-                eager: p = acc * (x - base).float(); then p / p.sum(-1) / vector_norm(p, dim=-1) /
-                       p.gather(-1, p.abs().argmax(-1, keepdim=True))
+  finalize      fused: kernels.finalize(acc, x, base)
+                eager: acc * (x - base).float()
   reduce_heads  fused: kernels.reduce_heads(attn, layers, heads, reduce)  attn [12, B, 12, L, L] (GPT-2 small)
+                (also one layer as the attention method reduces it, against its former indexing)
                 eager: attn[layers][:, :, heads].float().mean((0, 2)) (amax for max); without a selection
                        attn.float().mean((0, 2))
 
@@ -134,6 +134,13 @@ def cases(op: str, size: dict, dtype: torch.dtype, device: torch.device):
                lambda: kernels.reduce_heads(attn, pick_layers, pick_heads),
                lambda: attn.index_select(0, index_l).index_select(2, index_h).float().mean((0, 2)),
                len(pick_layers) * len(pick_heads) * plane * item + plane * 4)
+        # As the attention method reduces one layer's weights in its hook: heads, then the query rows read
+        # (every row here); eager: the rows first, then the heads (what the method did before).
+        one, rows = attn[0], torch.arange(batch, device=device)[:, None]
+        positions = torch.arange(length, device=device).expand(batch, length)
+        yield ("one layer, as in attention",
+               lambda: kernels.reduce_heads([one], heads=list(range(heads)))[rows, positions],
+               lambda: one[rows, :, positions].float().sum(2), heads * plane * item + plane * 4)
         return
 
     for hidden in size["hidden"]:
@@ -166,18 +173,8 @@ def cases(op: str, size: dict, dtype: torch.dtype, device: torch.device):
         elif op == "finalize":
             acc, x, base = randn(batch, length, hidden, dtype=torch.float32), randn(batch, length, hidden), \
                 randn(batch, length, hidden)
-            eager_reduce = {
-                "none": lambda p: p,
-                "sum": lambda p: p.sum(-1),
-                "l2": lambda p: torch.linalg.vector_norm(p, dim=-1),
-                "absmax": lambda p: p.gather(-1, p.abs().argmax(-1, keepdim=True)).squeeze(-1),
-            }
-            for reduce, tail in eager_reduce.items():
-                out_bytes = n * 4 if reduce == "none" else batch * length * 4
-                yield (f"{shape} {reduce}",
-                       lambda acc=acc, x=x, base=base, reduce=reduce: kernels.finalize(acc, x, base, reduce),
-                       lambda acc=acc, x=x, base=base, tail=tail: tail(acc * (x - base).float()),
-                       n * 4 + 2 * n * item + out_bytes)
+            yield (shape, lambda acc=acc, x=x, base=base: kernels.finalize(acc, x, base),
+                   lambda acc=acc, x=x, base=base: acc * (x - base).float(), 2 * n * 4 + 2 * n * item)
 
 
 def main(argv=None) -> None:

@@ -26,8 +26,7 @@ namespace instrument {
 void interpolate_cpu(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
                      const bool* mask, at::Tensor& out);
 void accumulate_cpu(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& weights);
-void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines, int reduce,
-                  at::Tensor& out);
+void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines, at::Tensor& out);
 void reduce_heads_cpu(const std::vector<at::Tensor>& layers, const std::vector<int64_t>& heads, bool max,
                       at::Tensor& out);
 
@@ -73,16 +72,6 @@ void advise_huge_pages(const at::Tensor& out) {
 #else
   (void)out;
 #endif
-}
-
-int reduce_code(const std::string& reduce) {
-  if (reduce == "none") return 0;
-  if (reduce == "sum") return 1;
-  if (reduce == "l2") return 2;
-  if (reduce == "mean") return 3;
-  if (reduce == "absmax") return 4;
-  TORCH_CHECK(false, "finalize: reduce must be none, sum, l2, mean or absmax, got ", reduce);
-  return -1;
 }
 
 }  // namespace
@@ -165,10 +154,8 @@ void accumulate(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& weig
   no_kernel("accumulate", acc);
 }
 
-// acc * (inputs - baselines) over [..., D], reduced over D unless reduce == "none"; float32.
-at::Tensor finalize(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines,
-                    const std::string& reduce) {
-  const int how = reduce_code(reduce);
+// acc * (inputs - baselines) over [..., D]; float32.
+at::Tensor finalize(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines) {
   TORCH_CHECK((acc.dim() == 3 || acc.dim() == 4) && acc.scalar_type() == at::kFloat,
               "finalize: acc must be a float32 [B, L, D] or [layers, B, L, D]");
   TORCH_CHECK(inputs.sizes() == acc.sizes() && baselines.sizes() == acc.sizes(), "finalize: inputs ", inputs.sizes(),
@@ -179,20 +166,17 @@ at::Tensor finalize(const at::Tensor& acc, const at::Tensor& inputs, const at::T
               "finalize: all tensors must be on one device");
   TORCH_CHECK(acc.is_contiguous() && inputs.is_contiguous() && baselines.is_contiguous(),
               "finalize: tensors must be contiguous");
-  TORCH_CHECK(how == 0 || acc.size(-1) > 0, "finalize: cannot reduce an empty hidden dimension");
-  at::Tensor out = how == 0 ? at::empty_like(acc) : at::empty(acc.sizes().slice(0, acc.dim() - 1), acc.options());
+  at::Tensor out = at::empty_like(acc);
   if (acc.is_cpu()) {
     advise_huge_pages(out);
-    finalize_cpu(acc, inputs, baselines, how, out);
+    finalize_cpu(acc, inputs, baselines, out);
     return out;
   }
 #ifdef WITH_CUDA
   if (acc.is_cuda()) {
     const c10::cuda::CUDAGuard guard(acc.device());
-    const int64_t hidden = acc.size(-1), rows = hidden == 0 ? 0 : acc.numel() / hidden;
     check_cuda(finalize_cuda(cuda_dtype(inputs.scalar_type()), acc.const_data_ptr<float>(), inputs.const_data_ptr(),
-                             baselines.const_data_ptr(), out.mutable_data_ptr<float>(), rows, hidden,
-                             static_cast<Reduce>(how), current_stream()),
+                             baselines.const_data_ptr(), out.mutable_data_ptr<float>(), acc.numel(), current_stream()),
                "finalize");
     return out;
   }
@@ -256,14 +240,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.attr("api") = 2;  // instrument.kernels.API: 2 since finalize lost its reductions
   m.def("interpolate", &instrument::interpolate, "Integrated-gradients interpolation; see instrument.kernels.",
         py::arg("inputs"), py::arg("baselines"), py::arg("alphas"), py::arg("mask") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("accumulate", &instrument::accumulate, "In-place weighted sum of gradients; see instrument.kernels.",
         py::arg("acc"), py::arg("grads"), py::arg("weights"), py::call_guard<py::gil_scoped_release>());
-  m.def("finalize", &instrument::finalize, "acc * (inputs - baselines), reduced; see instrument.kernels.",
-        py::arg("acc"), py::arg("inputs"), py::arg("baselines"), py::arg("reduce"),
-        py::call_guard<py::gil_scoped_release>());
+  m.def("finalize", &instrument::finalize, "acc * (inputs - baselines); see instrument.kernels.",
+        py::arg("acc"), py::arg("inputs"), py::arg("baselines"), py::call_guard<py::gil_scoped_release>());
   m.def("reduce_heads", &instrument::reduce_heads, "Attention mean or max over layers and heads; see instrument.kernels.",
         py::arg("layers"), py::arg("heads"), py::arg("reduce"), py::call_guard<py::gil_scoped_release>());
   m.def("cpu_simd", [] { return instrument::cpu::has_avx2(); },

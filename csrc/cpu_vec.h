@@ -69,7 +69,6 @@ struct Scalar {
   using Math = M;
   using V = M;
   using Mask = bool;
-  using Acc = double;  // accumulator of the hidden-dimension reductions
   static constexpr int W = 1;
 
   template <typename T>
@@ -87,25 +86,11 @@ struct Scalar {
   static inline V sub(V a, V b) { return a - b; }
   static inline V mul(V a, V b) { return a * b; }
   static inline V div(V a, V b) { return a / b; }
-  static inline V abs(V a) { return std::fabs(a); }
   // a where the sign bit of `sign` is set, else b.
   static inline V select_sign(V sign, V a, V b) { return std::signbit(sign) ? a : b; }
   // max(m, v) that propagates NaN, like torch.maximum: v when v > m or v is NaN, else m.
   static inline V max_nan(V m, V v) { return (v > m || v != v) ? v : m; }
-  // max(best, a) that skips a NaN a.
-  static inline V max_skip_nan(V best, V a) { return a > best ? a : best; }
   static inline Mask is_nan(V a) { return a != a; }
-  static inline Mask equal(V a, V b) { return a == b; }
-  static inline Mask mask_or(Mask a, Mask b) { return a || b; }
-  static inline int bits(Mask m) { return m ? 1 : 0; }
-  static inline M reduce_max(V a) { return a; }
-  static inline Acc acc_zero() { return 0.0; }
-  static inline Acc acc_add(Acc acc, V a) { return acc + static_cast<double>(a); }
-  static inline Acc acc_add_square(Acc acc, V a) {
-    const double d = static_cast<double>(a);
-    return acc + d * d;
-  }
-  static inline double acc_total(Acc acc) { return acc; }
 };
 
 // Elementwise difference a - b of two tensor elements in the math type, rounded to float: for float64 the
@@ -126,9 +111,6 @@ struct Avx2 {
   using Math = float;
   using V = __m256;
   using Mask = __m256;
-  struct Acc {
-    __m256d lo, hi;
-  };
   static constexpr int W = 8;
 
   static inline V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -170,38 +152,12 @@ struct Avx2 {
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
-  static inline V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static inline V select_sign(V sign, V a, V b) { return _mm256_blendv_ps(b, a, sign); }
   static inline V max_nan(V m, V v) {
     const V take = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), is_nan(v));
     return _mm256_blendv_ps(m, v, take);
   }
-  // maxps returns its second operand when either is NaN: a NaN `a` leaves `best`.
-  static inline V max_skip_nan(V best, V a) { return _mm256_max_ps(a, best); }
   static inline Mask is_nan(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
-  static inline Mask equal(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
-  static inline Mask mask_or(Mask a, Mask b) { return _mm256_or_ps(a, b); }
-  static inline int bits(Mask m) { return _mm256_movemask_ps(m); }
-  static inline float reduce_max(V a) {  // of values that are not NaN
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
-    return _mm_cvtss_f32(m);
-  }
-  static inline Acc acc_zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
-  static inline Acc acc_add(Acc acc, V a) {
-    return {_mm256_add_pd(acc.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a))),
-            _mm256_add_pd(acc.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)))};
-  }
-  static inline Acc acc_add_square(Acc acc, V a) {
-    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
-    return {_mm256_add_pd(acc.lo, _mm256_mul_pd(lo, lo)), _mm256_add_pd(acc.hi, _mm256_mul_pd(hi, hi))};
-  }
-  static inline double acc_total(Acc acc) {
-    alignas(32) double lanes[4];
-    _mm256_store_pd(lanes, _mm256_add_pd(acc.lo, acc.hi));
-    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  }
 };
 
 #pragma GCC pop_options

@@ -16,10 +16,9 @@ auto finalize_kernel() {
 
 }  // namespace
 
-// acc: [rows, hidden] float32; inputs, baselines: [rows, hidden]; out: [rows, hidden] (reduce 0) or [rows]
-// float32; all contiguous on the CPU. reduce: 0 none, 1 sum, 2 l2, 3 mean, 4 absmax (cpu_kernels.inc).
-void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines, int reduce,
-                  at::Tensor& out) {
+// acc: [rows, hidden] float32; inputs, baselines: [rows, hidden]; out: [rows, hidden] float32; all contiguous on
+// the CPU.
+void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines, at::Tensor& out) {
   const int64_t hidden = acc.size(-1), rows = hidden == 0 ? 0 : acc.numel() / hidden;
   if (rows == 0 || hidden == 0) return;
   const int64_t grain = std::max<int64_t>(1, kGrain / hidden);
@@ -30,7 +29,7 @@ void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Ten
     const scalar_t* base = baselines.const_data_ptr<scalar_t>();
     float* o = out.mutable_data_ptr<float>();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      run(a, x, base, o, hidden, reduce, begin, end);
+      run(a, x, base, o, hidden, begin, end);
     });
   });
 }

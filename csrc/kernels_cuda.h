@@ -13,9 +13,6 @@ namespace instrument {
 // Element type of a tensor argument. The math type is float, or double for Float64.
 enum class Dtype : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
-// Reduction over the hidden dimension in finalize_cuda (the values match csrc/cpu_kernels.inc).
-enum class Reduce : int { None = 0, Sum = 1, L2 = 2, Mean = 3, AbsMax = 4 };
-
 // out[k, b, i] = baselines[b, i] + alphas[k] * (inputs[b, i] - baselines[b, i]), in the math type, rounded once;
 // where mask (nullable, [batch, row / hidden]) is false at i's position, out[k, b, i] = inputs[b, i].
 // inputs, baselines: [batch, row]; alphas: [k] in the math type; out: [k, batch, row].
@@ -28,11 +25,10 @@ const char* interpolate_cuda(Dtype dtype, const void* inputs, const void* baseli
 const char* accumulate_cuda(Dtype dtype, float* acc, const void* grads, const float* weights, int64_t k, int64_t n,
                             void* stream);
 
-// p = acc * float(inputs - baselines) (difference in the math type); out = p ([rows, hidden]) for None, else one
-// float32 per row ([rows]): the sum, the L2 norm, the mean (double accumulation) or the first element of the
-// largest magnitude (AbsMax; the first NaN if any). acc: [rows, hidden] float32; inputs, baselines: [rows, hidden].
+// out[i] = acc[i] * float(inputs[i] - baselines[i]) (difference in the math type). acc, out: [n] float32; inputs,
+// baselines: [n].
 const char* finalize_cuda(Dtype dtype, const float* acc, const void* inputs, const void* baselines, float* out,
-                          int64_t rows, int64_t hidden, Reduce reduce, void* stream);
+                          int64_t n, void* stream);
 
 // out[b, i] = mean (sum in order, then divided by n_pairs) or NaN-propagating max over p of planes[p][b *
 // batch_stride + i], in the math type. planes: n_pairs (>= 1) device pointers, one per selected (layer, head),

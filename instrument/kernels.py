@@ -3,15 +3,14 @@
     >>> from instrument import kernels
     >>> path = kernels.interpolate(embeds, torch.zeros_like(embeds), torch.linspace(0, 1, 20))
     >>> kernels.accumulate(total, grads, weights)        # total += sum_k weights[k] * grads[k], in place
-    >>> kernels.finalize(total, embeds, baselines, "sum")  # total * (embeds - baselines), summed over hidden
-    >>> kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")
+    >>> kernels.finalize(total, embeds, baselines)       # total * (embeds - baselines)
+    >>> kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")   # the attention method's
     >>> kernels.has_extension(), kernels.extension_error()
     (True, None)
 
 Ops run on float32, float16, bfloat16 (and float64) inputs and accumulate in float32 (float64 for float64).
-The fallbacks do the same operations in the same order, so interpolate, accumulate, reduce_heads and
-finalize with reduce="none" or "absmax" give the same results bit for bit on either path; finalize's sum,
-mean and l2 accumulate in float64 and round once, so the two paths agree to float32 rounding.
+The fallbacks do the same operations in the same order, so every op gives the same results bit for bit on
+either path.
 
 Arguments are checked here, with clear errors, before any native code runs. Inputs that are only read may
 be non-contiguous views (they are copied); tensors written in place (accumulate's `acc`) must be
@@ -24,7 +23,6 @@ cannot be loaded, or INSTRUMENT_NO_EXT=1, every op runs its fallback and a singl
 from __future__ import annotations
 
 import importlib
-import operator
 import os
 import threading
 import warnings
@@ -32,15 +30,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from instrument.indices import Indices, pick_indices
+
 __all__ = ["ExtensionNotice", "accumulate", "extension_error", "finalize", "has_extension", "interpolate",
            "reduce_heads"]
 
 Alphas = Union[torch.Tensor, Sequence[float]]
-Indices = Union[None, int, Sequence[int], torch.Tensor]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-REDUCTIONS = ("none", "sum", "l2", "mean", "absmax")
 HEAD_REDUCTIONS = ("mean", "max")
 OPS = ("interpolate", "accumulate", "finalize", "reduce_heads")  # what instrument._C must provide
+API = 2  # instrument._C's `api`: 2 since finalize has no reductions (an older build takes a `reduce` argument)
 
 
 class ExtensionNotice(UserWarning):
@@ -69,6 +68,9 @@ def _extension():
                 missing = [op for op in OPS if module is not None and not hasattr(module, op)]
                 if missing:  # built from older sources
                     module, error = None, f"instrument._C is out of date (no {', '.join(missing)}); {REBUILD}"
+                elif module is not None and getattr(module, "api", 1) != API:
+                    module, error = None, f"instrument._C is out of date (kernel API {getattr(module, 'api', 1)}, " \
+                                          f"not {API}); {REBUILD}"
             _loaded.update(module=module, error=error)
             if error:
                 message = f"seq-instrument: native kernels unavailable ({error}); using PyTorch fallbacks"
@@ -218,19 +220,17 @@ def _accumulate_torch(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Ten
     return acc
 
 
-def finalize(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, reduce: str = "none", *,
+def finalize(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, *,
              use_extension: Optional[bool] = None) -> torch.Tensor:
-    """`acc * (inputs - baselines)`, reduced over the hidden (last) dimension in the same pass; float32.
+    """`acc * (inputs - baselines)` in float32: the last step of integrated gradients and DeepLIFT.
 
-        >>> scores = kernels.finalize(total, embeds, baselines, "sum")   # [B, L]
-        >>> per_layer = kernels.finalize(totals, outputs, outputs_at_baseline, "l2")  # [layers, B, L]
+        >>> scores = kernels.finalize(total, embeds, baselines)                  # [B, L, D]
+        >>> per_layer = kernels.finalize(totals, outputs, outputs_at_baseline)   # [layers, B, L, D]
 
     `acc` is a float32 [B, L, D] or [layers, B, L, D] tensor (an accumulator of `accumulate`), `inputs`
     and `baselines` have its shape and one supported dtype, all on one device. The difference is taken in
     the inputs' math type (float32; float64 for float64) and rounded to float32, then multiplied by `acc`.
-    `reduce`: "none" keeps [..., D]; "sum", "mean" and "l2" (Euclidean norm) accumulate in float64 and
-    round once; "absmax" is the element of the largest magnitude, sign kept (the first one on ties, the
-    first NaN if any). Reductions need D > 0. The result never requires grad.
+    The result never requires grad.
     """
     _check_tensor("finalize", "acc", acc)
     if acc.dtype != torch.float32:
@@ -240,30 +240,17 @@ def finalize(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, r
     _check_pair(inputs, baselines, op="finalize", shape=acc.shape, shape_name="acc")
     if inputs.device != acc.device:
         raise ValueError(f"finalize: inputs on {inputs.device} but acc on {acc.device}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"finalize: reduce must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduce!r}")
-    if reduce != "none" and acc.shape[-1] == 0:
-        raise ValueError(f"finalize: cannot reduce ({reduce!r}) an empty hidden dimension, acc {tuple(acc.shape)}")
     acc, inputs, baselines = (t.detach().contiguous() for t in (acc, inputs, baselines))
     native = _native(acc.device, use_extension)
     if native is not None:
-        return native.finalize(acc, inputs, baselines, reduce)
-    return _finalize_torch(acc, inputs, baselines, reduce)
+        return native.finalize(acc, inputs, baselines)
+    return _finalize_torch(acc, inputs, baselines)
 
 
 @torch.no_grad()
-def _finalize_torch(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, reduce: str) -> torch.Tensor:
+def _finalize_torch(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor) -> torch.Tensor:
     math = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    points = acc * (inputs.to(math) - baselines.to(math)).float()
-    if reduce == "none":
-        return points
-    if reduce == "absmax":  # argmax takes the first maximum (and a NaN first)
-        return points.gather(-1, points.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    wide = points.double()
-    if reduce == "l2":
-        return wide.square().sum(-1).sqrt().float()
-    total = wide.sum(-1)
-    return (total / points.shape[-1] if reduce == "mean" else total).float()
+    return acc * (inputs.to(math) - baselines.to(math)).float()
 
 
 def reduce_heads(attn: Union[torch.Tensor, Sequence[torch.Tensor]], layers: Indices = None, heads: Indices = None,
@@ -286,8 +273,8 @@ def reduce_heads(attn: Union[torch.Tensor, Sequence[torch.Tensor]], layers: Indi
     if reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"reduce_heads: reduce must be 'mean' or 'max', got {reduce!r}")
     first = planes[0]
-    layer_index = _indices("reduce_heads", "layers", layers, len(planes))
-    head_index = _indices("reduce_heads", "heads", heads, first.shape[1])
+    layer_index = pick_indices(layers, len(planes), "layers", op="reduce_heads")
+    head_index = pick_indices(heads, first.shape[1], "heads", op="reduce_heads")
     selected = [planes[i].detach().contiguous() for i in layer_index]
     native = _native(first.device, use_extension)
     if native is not None:
@@ -404,33 +391,3 @@ def _attention_layers(attn) -> list:
             raise ValueError(f"reduce_heads: attn[{i}] on {layer.device} but attn[0] on {attn[0].device}")
     _check_dtype("reduce_heads", "attn", attn[0])
     return list(attn)
-
-
-def _indices(op: str, name: str, value: Indices, count: int) -> list:
-    """`value` (None: all, an index, a sequence or 1-D integer tensor of indices) as indices in [0, count)."""
-    if value is None:
-        items = list(range(count))
-    elif isinstance(value, torch.Tensor):
-        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 1:
-            raise TypeError(f"{op}: {name} as a tensor must be 0-D or 1-D integers, got {value.dtype} {tuple(value.shape)}")
-        items = value.reshape(-1).tolist()
-    elif hasattr(value, "__index__") and not isinstance(value, bool):
-        items = [value]
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        items = list(value)
-    else:
-        raise TypeError(f"{op}: {name} must be None, an index or a sequence of indices, got {value!r}")
-    if not items:
-        raise ValueError(f"{op}: {name} selects nothing (there are {count})")
-    picked = []
-    for item in items:
-        try:
-            if isinstance(item, bool):
-                raise TypeError
-            item = operator.index(item)  # ints, numpy integers, 0-D integer tensors
-        except TypeError:
-            raise TypeError(f"{op}: {name} must be integers, got {item!r}") from None
-        if not -count <= item < count:
-            raise ValueError(f"{op}: {name} index {item} is out of range for {count} {name}")
-        picked.append(item % count)
-    return picked

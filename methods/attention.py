@@ -21,12 +21,15 @@ other implementations return no weights); its implementation is restored after, 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from instrument.engine import RowAttribution, full_rows
+from instrument.hooks import HookHandles
+from instrument.indices import pick_indices
+from instrument.kernels import reduce_heads
 from instrument.selection import resolve_alias
 from methods.base import AttributionMethod, Request
 from methods.registry import register
@@ -89,26 +92,9 @@ def attention_weights(output) -> torch.Tensor | None:
     return None
 
 
-def pick_indices(value, count: int, what: str) -> list[int]:
-    """`value` (None: all, an int, or a sequence of ints, negative from the end) as sorted, distinct
-    indices in range."""
-    if value is None:
-        return list(range(count))
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
-        raise ValueError(f"{what} must be None, an index or a non-empty list of indices, got {value!r}")
-    picked = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"{what} must be integers, got {item!r}")
-        if not -count <= item < count:
-            raise ValueError(f"{what} index {item} is out of range: the model has {count} {what}")
-        picked.append(item % count)
-    return sorted(set(picked))
-
-
 class _Reducer:
-    """Reduces each hooked module's weights to the query rows read, as the forward goes."""
+    """Reduces each hooked module's weights to the query rows read, as the forward goes: heads
+    selected, then mean / max over them (`kernels.reduce_heads`), then over layers; or kept."""
 
     def __init__(self, positions: torch.Tensor | None, heads: Any, aggregate_fn: str | None, n_layers: int):
         self.positions, self.heads, self.aggregate_fn, self.n_layers = positions, heads, aggregate_fn, n_layers
@@ -117,24 +103,21 @@ class _Reducer:
         self.key_mask: torch.Tensor | None = None  # for "encoder": which queries are real
 
     def add(self, weights: torch.Tensor) -> None:
-        n_heads = weights.shape[1]
-        heads = pick_indices(self.heads, n_heads, "heads")
+        heads = pick_indices(self.heads, weights.shape[1], "heads", distinct=True)
         weights = weights.detach()
         if self.positions is not None:
-            # [F, H, Q, K] -> [F, K_read, H', keys]: the query rows each full row is read at.
-            rows = torch.arange(weights.shape[0], device=weights.device)[:, None]
-            picked = weights[rows, :, self.positions.to(weights.device)][:, :, heads]
+            positions = self.positions.to(weights.device)  # [F, K_read]: the query rows each full row is read at
         else:
             # Encoder self-attention: attention received by each key, averaged over the real queries.
             mask = self.key_mask.to(weights.device, weights.dtype)  # [F, Q]
             received = torch.einsum("fhqk,fq->fhk", weights[:, heads].float(), mask) / mask.sum(1)[:, None, None]
-            picked = received[:, None]  # [F, 1, H', keys]
-        picked = picked.float()
-        if self.aggregate_fn is None:
-            self.kept.append(picked.transpose(2, 3))  # [F, K_read, keys, H']
+            weights, heads = received[:, :, None], list(range(len(heads)))  # [F, H', 1, keys]
+            positions = torch.zeros(len(weights), 1, dtype=torch.long, device=weights.device)
+        rows = torch.arange(weights.shape[0], device=weights.device)[:, None]
+        if self.aggregate_fn is None:  # [F, H, Q, K] -> [F, K_read, keys, H']
+            self.kept.append(weights[rows, :, positions][:, :, heads].float().transpose(2, 3))
             return
-        self.count = len(heads)
-        value = picked.sum(2) if self.aggregate_fn == "mean" else picked.amax(2)
+        value = reduce_heads([weights], heads=heads, reduce=self.aggregate_fn)[rows, positions].float()
         if self.total is None:
             self.total = value
         elif self.aggregate_fn == "mean":
@@ -146,7 +129,7 @@ class _Reducer:
         if self.aggregate_fn is None:
             return torch.stack(self.kept, dim=3)  # [F, K_read, keys, layers, heads]
         if self.aggregate_fn == "mean":
-            return self.total / (self.n_layers * self.count)
+            return self.total / self.n_layers  # a mean over layers of means over heads
         return self.total
 
 
@@ -160,8 +143,6 @@ class Attention(AttributionMethod):
     within each stack: the decoder's for self- and cross-attention, the encoder's for
     `source_attention="encoder"`.
     """
-
-    params = {"layers": None, "heads": None, "aggregate_fn": "mean", "source_attention": "cross"}
 
     def attribute(self, request: Request, layers=None, heads=None, aggregate_fn="mean",
                   source_attention="cross") -> RowAttribution:
@@ -182,15 +163,15 @@ class Attention(AttributionMethod):
             names = attention_modules(model, kind, engine.is_encoder_decoder)
             if not names:
                 raise ValueError(f"Found no {kind} attention modules in {type(model).__name__}")
-            picked = [names[i] for i in pick_indices(layers, len(names), "layers")]
+            picked = [names[i] for i in pick_indices(layers, len(names), "layers", distinct=True)]
             reducer = _Reducer(None if kind == "encoder" else fr.positions, heads, aggregate_fn, len(picked))
             if kind == "encoder":
                 reducer.key_mask = fr.full.source_mask
             reducers[side] = reducer
             hooks.extend((model.get_submodule(name), name, reducer) for name in picked)
-        with torch.no_grad(), eager_attention(model), contextlib.ExitStack() as stack:
+        with torch.no_grad(), eager_attention(model), HookHandles() as handles:
             for module, name, reducer in hooks:
-                stack.callback(module.register_forward_hook(_hook(name, reducer)).remove)
+                handles.forward(module, _hook(name, reducer))
             logits = engine.forward_steps(fr.full, fr.positions if request.needs_logits else None)[0]
         logits = fr.gather(logits) if logits is not None else None
         out = {}

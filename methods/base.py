@@ -5,16 +5,16 @@
 """
 from __future__ import annotations
 
-import contextlib
+import inspect
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
 
 from instrument import batching
 from instrument.engine import Engine, RowAttribution, Rows, full_rows
+from methods.slopes import activation_slopes
 
 Score = Callable[[Rows, torch.Tensor, Any, Any], torch.Tensor]
 
@@ -44,13 +44,23 @@ class Request:
 
 
 class AttributionMethod:
-    """A registered method: `params` are its options and their defaults."""
+    """A registered method: its options and their defaults are the keywords of its `attribute()`,
+    read once per class into `params`.
+
+        >>> Saliency.params                               # def attribute(self, request, abs=True)
+        {'abs': True}
+    """
 
     name = ""
     params: dict[str, Any] = {}
     # Input methods attribute the target prefix only on request; layer methods report whatever side
     # their layers are on.
     attributes_inputs = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "attribute" in cls.__dict__ and "params" not in cls.__dict__:
+            cls.params = signature_defaults(cls.attribute)
 
     def __init__(self, **defaults):
         unknown = set(defaults) - set(self.params)
@@ -62,6 +72,23 @@ class AttributionMethod:
 
     def attribute(self, request: Request, **options) -> RowAttribution:
         raise NotImplementedError
+
+
+def signature_defaults(attribute: Callable) -> dict[str, Any]:
+    """`{option: default}` of an `attribute(self, request, ...)` method; every option needs a default.
+
+        >>> signature_defaults(lambda self, request, n_steps=50: None)
+        {'n_steps': 50}
+    """
+    options = list(inspect.signature(attribute).parameters.values())[2:]
+    defaults = {}
+    for option in options:
+        if option.kind in (option.VAR_POSITIONAL, option.VAR_KEYWORD):
+            continue
+        if option.default is option.empty:
+            raise TypeError(f"{attribute.__qualname__}: option {option.name!r} needs a default value")
+        defaults[option.name] = option.default
+    return defaults
 
 
 # Options counting something: positive integers.
@@ -171,50 +198,6 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
 
     grads = [per_row(g, batched=True) for g in grads]
     return grads, logits.detach(), {name: per_row(activations[name].detach(), batched=False) for name in layers}
-
-
-class _Slope(torch.autograd.Function):
-    """`value` forward; `grad * slope` back to `x` (the gradient of an elementwise function)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, value, slope):
-        return value.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (slope,) = ctx.saved_tensors
-        return grad * slope, None, None
-
-
-@contextlib.contextmanager
-def activation_slopes(model: nn.Module):
-    """Inside the block, the elementwise activations of `transformers.activations` (Python compositions
-    of a dozen ops, such as GPT-2's tanh GELU) pass gradients back in one multiplication by their
-    slope, computed once in the forward, instead of replaying their ops on every slot of a batched
-    backward. Forward values are unchanged."""
-
-    def hook(module, args, output):
-        x = args[0]
-        if not torch.is_grad_enabled() or not x.requires_grad or not isinstance(output, torch.Tensor) or output.shape != x.shape:
-            return None
-        probe = x.detach().requires_grad_()
-        value = module.forward(probe)  # .forward: no hook recursion
-        slope = torch.autograd.grad(value, probe, torch.ones_like(value))[0]
-        return _Slope.apply(x, output.detach(), slope)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if type(m).__module__ == "transformers.activations" and not any(True for _ in m.parameters())]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -5,16 +5,14 @@ DeepLIFT and gradient SHAP.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
 
 from instrument import kernels
 from instrument.engine import RowAttribution
 from methods.approximation import approximation
 from methods.base import AttributionMethod, Request, chunks, gradients, leaf
 from methods.registry import register
+from methods.slopes import rescale_rule
 
 
 def _split(request: Request, grads: list, source, target):
@@ -27,8 +25,6 @@ def _split(request: Request, grads: list, source, target):
 @register("saliency")
 class Saliency(AttributionMethod):
     """Gradient of the attributed function w.r.t. the input embeddings (absolute value by default)."""
-
-    params = {"abs": True}
 
     def attribute(self, request: Request, abs: bool = True) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
@@ -83,16 +79,6 @@ class IntegratedGradients(PathMethod):
     `approximation_method`, when given, wins over `method`.
     """
 
-    params = {
-        "n_steps": 50,
-        "method": "gausslegendre", "approximation_method": None,
-        "internal_batch_size": None,
-        "baselines": None,
-        "include_eos_baseline": False,
-        "multiply_by_inputs": True,
-        "return_convergence_delta": False,
-    }
-
     def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
                   internal_batch_size=None, baselines=None, include_eos_baseline=False, multiply_by_inputs=True,
                   return_convergence_delta=False) -> RowAttribution:
@@ -131,9 +117,6 @@ class IntegratedGradients(PathMethod):
 class GradientShap(PathMethod):
     """Gradient SHAP (Lundberg and Lee 2017): expected gradients at random points between baseline
     and (optionally noised) input, times input - baseline. Seeded."""
-
-    params = {"n_samples": 5, "stdevs": 0.0, "baselines": None, "include_eos_baseline": False,
-              "multiply_by_inputs": True, "seed": 42, "internal_batch_size": None}
 
     def attribute(self, request: Request, n_samples=5, stdevs=0.0, baselines=None, include_eos_baseline=False,
                   multiply_by_inputs=True, seed=42, internal_batch_size=None) -> RowAttribution:
@@ -187,41 +170,9 @@ def _row_samples(rows, sides, n_samples: int, stdevs: float, seed: int):
     return alphas, noises
 
 
-# Elementwise nonlinearities whose gradient DeepLIFT's rescale rule replaces (Captum's set, minus pooling/softmax).
-RESCALED = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
-
-
-@contextlib.contextmanager
-def rescale_rule(model: nn.Module, eps: float = 1e-10):
-    """DeepLIFT's rescale rule on a batch `[inputs; baselines]`: every supported nonlinearity passes
-    gradients with slope `(f(x) - f(b)) / (x - b)` instead of `f'(x)` (its own slope where x == b)."""
-
-    def hook(module, args, output):
-        inputs = args[0]
-        half = inputs.shape[0] // 2
-        with torch.enable_grad():
-            probe = inputs.detach().requires_grad_()
-            local = torch.autograd.grad(module.forward(probe).sum(), probe)[0]  # .forward: no hook recursion
-        delta_in = inputs[:half] - inputs[half:]
-        delta_out = output[:half] - output[half:]
-        secant = (delta_out / torch.where(delta_in.abs() < eps, torch.ones_like(delta_in), delta_in)).detach()
-        small = (delta_in.abs() < eps).repeat(2, *([1] * (inputs.dim() - 1)))
-        slope = torch.where(small, local, secant.repeat(2, *([1] * (inputs.dim() - 1))))
-        return output.detach() + (inputs - inputs.detach()) * slope
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RESCALED)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @register("deeplift")
 class DeepLift(PathMethod):
     """DeepLIFT with the rescale rule (Shrikumar et al. 2017), inputs and baselines in one batch."""
-
-    params = {"baselines": None, "include_eos_baseline": False, "multiply_by_inputs": True}
 
     def attribute(self, request: Request, baselines=None, include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
         rows = request.rows

@@ -18,10 +18,8 @@ from instrument import kernels
 from instrument.engine import RowAttribution
 from methods.approximation import approximation
 from methods.base import AttributionMethod, Request, chunks, gradients, leaf
-from methods.gradient import rescale_rule
 from methods.registry import register
-
-LAYER_PARAMS = {"target_layer": None, "target_layers": None, "multiply_by_inputs": True}
+from methods.slopes import rescale_rule
 
 
 def resolve_layers(request: Request, target_layer: Any, target_layers: Any) -> tuple[list[str], bool]:
@@ -71,7 +69,6 @@ class LayerGradientXActivation(AttributionMethod):
     """Gradient times activation of each target layer, every layer captured in the same pass."""
 
     attributes_inputs = False
-    params = dict(LAYER_PARAMS)
 
     def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True) -> RowAttribution:
         names, stacked = resolve_layers(request, target_layer, target_layers)
@@ -90,9 +87,6 @@ class LayerIntegratedGradients(AttributionMethod):
     integration rule: `approximation_method` (or `method`), as for integrated gradients."""
 
     attributes_inputs = False
-
-    params = {**LAYER_PARAMS, "n_steps": 50, "method": "gausslegendre", "approximation_method": None,
-              "internal_batch_size": None, "baselines": None, "include_eos_baseline": False}
 
     def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True,
                   n_steps=50, method="gausslegendre", approximation_method=None, internal_batch_size=None,
@@ -139,8 +133,6 @@ class LayerDeepLift(AttributionMethod):
     layer captured in the same pass."""
 
     attributes_inputs = False
-
-    params = {**LAYER_PARAMS, "baselines": None, "include_eos_baseline": False}
 
     def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True,
                   baselines=None, include_eos_baseline=False) -> RowAttribution:

@@ -45,9 +45,6 @@ class SequentialIntegratedGradients(PathMethod):
     integrated gradients.
     """
 
-    params = {"n_steps": 50, "method": "gausslegendre", "approximation_method": None, "internal_batch_size": 512,
-              "baselines": None, "include_eos_baseline": False, "multiply_by_inputs": True}
-
     def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
                   internal_batch_size=512, baselines=None, include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
         _check_batch_size(internal_batch_size)
@@ -250,9 +247,6 @@ class DiscretizedIntegratedGradients(AttributionMethod):
     baseline to themselves (`[baseline, token, ..., token]`), and the defaults are Inseq's
     (`n_steps=50`, `n_neighbors=50`).
     """
-
-    params = {"n_steps": 50, "strategy": "greedy", "n_neighbors": 50, "factor": 0, "baselines": None,
-              "include_eos_baseline": False, "internal_batch_size": None, "return_convergence_delta": False}
 
     def attribute(self, request: Request, n_steps=50, strategy="greedy", n_neighbors=50, factor=0, baselines=None,
                   include_eos_baseline=False, internal_batch_size=None, return_convergence_delta=False) -> RowAttribution:

@@ -5,7 +5,7 @@
 - occlusion: Inseq's defaults (one-token windows over the whole embedding, UNK baselines); Inseq
   keeps |score| per token, ours the signed score, compared as `.abs()`.
 - lime: Inseq draws its masks from torch's global random state per step, ours per token from
-  `seed` (see `methods.perturbation.token_samples`): the draws cannot be made identical, so Inseq's
+  `seed` (see `methods.lime.token_samples`): the draws cannot be made identical, so Inseq's
   `torch.multinomial` is fed the library's masks and everything else (replacement, similarity,
   ridge, reshaping) is compared exactly; the sampling itself is compared statistically. Needs
   scikit-learn (Inseq's ridge surrogate). Inseq refuses `attribute_target=True` on encoder-decoders.
@@ -105,7 +105,7 @@ def test_occlusion_equals_inseq(arch, attribute_target):
 def replay_masks(monkeypatch, seed, n_samples, side):
     """Makes Inseq's per-sample `torch.multinomial([p, 1 - p], length)` draws (index 1: keep the
     token) return the library's masks for that sample, call after call (n_samples per step)."""
-    from methods.perturbation import token_samples
+    from methods.lime import token_samples
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_lime_sampling_matches_inseq_statistically():
     token with the same probability, independently: rates and pairwise co-replacement agree."""
     from inseq.attr.feat.ops.lime import Lime
 
-    from methods.perturbation import token_samples
+    from methods.lime import token_samples
 
     model, tokenizer, _ = fixture("gpt2")
     wrapped = inseq.load_model(model, "lime", tokenizer=copy.deepcopy(tokenizer))

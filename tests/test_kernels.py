@@ -295,75 +295,37 @@ def finalize_case(shape, dtype, seed=0):
     return acc, inputs, baselines
 
 
-def finalize_formula(acc, inputs, baselines, reduce):
-    """In float64 from the float32 products; absmax by a plain loop over each row."""
+def finalize_formula(acc, inputs, baselines):
+    """The float32 products of acc and the difference in the inputs' math type."""
     wide = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    points = acc * (inputs.to(wide) - baselines.to(wide)).float()
-    if reduce == "none":
-        return points
-    if reduce == "absmax":
-        rows = points.reshape(-1, points.shape[-1])
-        picked = []
-        for row in rows.tolist():
-            best = row[0]
-            for value in row[1:]:
-                if abs(value) > abs(best):
-                    best = value
-            picked.append(best)
-        return torch.tensor(picked).view(points.shape[:-1])
-    wide_points = points.double()
-    return {"sum": wide_points.sum(-1), "mean": wide_points.mean(-1),
-            "l2": wide_points.square().sum(-1).sqrt()}[reduce].float()
+    return acc * (inputs.to(wide) - baselines.to(wide)).float()
 
 
-@pytest.mark.parametrize("reduce", kernels.REDUCTIONS)
 @pytest.mark.parametrize("shape", REDUCE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-def test_finalize_fallback_matches_formula(dtype, shape, reduce):
+def test_finalize_fallback_matches_formula(dtype, shape):
     acc, inputs, baselines = finalize_case(shape, dtype)
-    out = kernels.finalize(acc, inputs, baselines, reduce, use_extension=False)
-    expected = finalize_formula(acc, inputs, baselines, reduce)
+    out = kernels.finalize(acc, inputs, baselines, use_extension=False)
+    expected = finalize_formula(acc, inputs, baselines)
     assert out.dtype == torch.float32 and out.shape == expected.shape
-    if reduce in ("none", "absmax"):
-        assert torch.equal(out, expected)
-    else:
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-30)
+    assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("reduce", kernels.REDUCTIONS)
 @pytest.mark.parametrize("shape", REDUCE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-def test_finalize_extension_matches_fallback(simd, dtype, shape, reduce):
+def test_finalize_extension_matches_fallback(simd, dtype, shape):
     acc, inputs, baselines = finalize_case(shape, dtype)
-    out = kernels.finalize(acc, inputs, baselines, reduce, use_extension=True)
-    fallback = kernels.finalize(acc, inputs, baselines, reduce, use_extension=False)
+    out = kernels.finalize(acc, inputs, baselines, use_extension=True)
+    fallback = kernels.finalize(acc, inputs, baselines, use_extension=False)
     assert out.dtype == torch.float32 and out.shape == fallback.shape
-    if reduce in ("none", "absmax"):
-        assert torch.equal(out, fallback)
-    else:  # both accumulate in float64 and round once: equal but for a double rounding now and then
-        torch.testing.assert_close(out, fallback, rtol=1e-6, atol=1e-30)
+    assert torch.equal(out, fallback)
 
 
 def test_finalize_many_layers_equals_each_layer(simd):
     acc, inputs, baselines = finalize_case((3, 2, 5, 40), torch.bfloat16)
-    for reduce in kernels.REDUCTIONS:
-        together = kernels.finalize(acc, inputs, baselines, reduce)
-        for layer in range(3):
-            assert torch.equal(together[layer], kernels.finalize(acc[layer], inputs[layer], baselines[layer], reduce))
-
-
-@pytest.mark.parametrize("use_extension", [None, False])
-def test_finalize_absmax_ties_sign_and_nan(use_extension):
-    acc = torch.tensor([[[3.0, -3.0, 1.0], [-3.0, 3.0, 2.0], [0.5, float("nan"), -9.0], [-0.0, 0.0, -0.0]]])
-    ones = torch.ones_like(acc)
-    out = kernels.finalize(acc, ones, torch.zeros_like(acc), "absmax", use_extension=use_extension)
-    assert out[0, :2].tolist() == [3.0, -3.0] and out[0, 2].isnan() and out[0, 3].item() == 0.0
-    assert out[0, 3].signbit()  # the first zero, -0.0
-    # Long rows: the first largest magnitude among vector lanes and the scalar tail.
-    row = torch.zeros(1, 1, 41)
-    row[0, 0, [5, 13, 40]] = torch.tensor([-7.0, 7.0, 7.0])
-    assert kernels.finalize(row, torch.ones_like(row), torch.zeros_like(row), "absmax",
-                            use_extension=use_extension).item() == -7.0
+    together = kernels.finalize(acc, inputs, baselines)
+    for layer in range(3):
+        assert torch.equal(together[layer], kernels.finalize(acc[layer], inputs[layer], baselines[layer]))
 
 
 def test_finalize_difference_in_float32_for_half_inputs(native):
@@ -378,32 +340,30 @@ def test_finalize_difference_in_float32_for_half_inputs(native):
 @pytest.mark.parametrize("use_extension", [None, False])
 def test_finalize_views_and_empty(use_extension):
     acc, inputs, baselines = finalize_case((2, 6, 5), torch.float16)
-    expected = kernels.finalize(acc, inputs, baselines, "l2", use_extension=False)
+    expected = kernels.finalize(acc, inputs, baselines, use_extension=False)
     got = kernels.finalize(acc.transpose(1, 2).contiguous().transpose(1, 2), inputs.transpose(1, 2).contiguous()
-                           .transpose(1, 2), baselines, "l2", use_extension=use_extension)
+                           .transpose(1, 2), baselines, use_extension=use_extension)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-    assert kernels.finalize(acc[:0], inputs[:0], baselines[:0], "sum", use_extension=use_extension).shape == (0, 6)
+    assert kernels.finalize(acc[:0], inputs[:0], baselines[:0], use_extension=use_extension).shape == (0, 6, 5)
     assert kernels.finalize(acc[..., :0], inputs[..., :0], baselines[..., :0], use_extension=use_extension).shape == \
         (2, 6, 0)
 
 
 @pytest.mark.parametrize(
-    "acc, inputs, reduce, error, match",
+    "acc, inputs, error, match",
     [
-        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), "max", ValueError, "reduce must be one of"),
-        (torch.zeros(2, 3, 0), torch.zeros(2, 3, 0), "mean", ValueError, "empty hidden dimension"),
-        (torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4), "sum", TypeError, "acc must be float32"),
-        (torch.zeros(3, 4), torch.zeros(3, 4), "sum", ValueError, r"\[layers, B, L, D\]"),
-        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), "sum", ValueError, r"inputs shape \(2, 3, 5\) != acc shape"),
-        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.int64), "sum", TypeError, "floating point"),
-        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, device="meta"), "sum", ValueError, "on meta"),
-        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4).numpy(), "sum", TypeError, "inputs must be a torch.Tensor"),
+        (torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4), TypeError, "acc must be float32"),
+        (torch.zeros(3, 4), torch.zeros(3, 4), ValueError, r"\[layers, B, L, D\]"),
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), ValueError, r"inputs shape \(2, 3, 5\) != acc shape"),
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.int64), TypeError, "floating point"),
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, device="meta"), ValueError, "on meta"),
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4).numpy(), TypeError, "inputs must be a torch.Tensor"),
     ],
 )
-def test_finalize_bad_inputs_raise_clear_errors(acc, inputs, reduce, error, match):
+def test_finalize_bad_inputs_raise_clear_errors(acc, inputs, error, match):
     baselines = torch.zeros_like(inputs) if isinstance(inputs, torch.Tensor) else torch.zeros(2, 3, 4)
     with pytest.raises(error, match=match):
-        kernels.finalize(acc, inputs, baselines, reduce)
+        kernels.finalize(acc, inputs, baselines)
 
 
 # ---- reduce_heads --------------------------------------------------------------------------------------------
@@ -494,10 +454,8 @@ def test_direct_calls_to_the_extension_fail_cleanly(native):
         _C.accumulate(torch.zeros(2, 4, 3).transpose(1, 2), torch.zeros(2, 3, 4), torch.ones(1))
     with pytest.raises(RuntimeError, match="grads"):
         _C.accumulate(torch.zeros(2, 3, 4), torch.zeros(5, 3, 4), torch.ones(2))
-    with pytest.raises(RuntimeError, match="reduce must be"):
-        _C.finalize(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), "max")
-    with pytest.raises(RuntimeError, match="empty hidden"):
-        _C.finalize(torch.zeros(2, 3, 0), torch.zeros(2, 3, 0), torch.zeros(2, 3, 0), "absmax")
+    with pytest.raises(RuntimeError, match="must have the shape of acc"):
+        _C.finalize(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(2, 3, 4))
     with pytest.raises(RuntimeError, match="head index 7 out of range"):
         _C.reduce_heads([torch.zeros(1, 3, 4, 4)], [7], "mean")
     with pytest.raises(RuntimeError, match="at least one layer"):
@@ -541,7 +499,7 @@ assert not kernels.has_extension() and kernels.extension_error() == "disabled by
 assert torch.equal(out, torch.cat([base + a * (x - base) for a in (0.0, 0.5, 1.0)]))
 acc = torch.zeros(2, 3, 5)
 kernels.accumulate(acc, out, [0.25, 0.5, 0.25])
-assert torch.equal(kernels.finalize(acc, x, base, "sum"), (acc * (x - base)).double().sum(-1).float())
+assert torch.equal(kernels.finalize(acc, x, base), acc * (x - base))
 assert kernels.reduce_heads(torch.rand(2, 2, 3, 4, 4), heads=[0], reduce="max").shape == (2, 4, 4)
 try:
     kernels.interpolate(x, base, [0.5], use_extension=True)
@@ -661,27 +619,16 @@ def test_cuda_accumulate_matches_cpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("reduce", kernels.REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-def test_cuda_finalize_matches_cpu(dtype, reduce):
+def test_cuda_finalize_matches_cpu(dtype):
     cuda_native()
     for shape in [(3, 7, 13), (2, 16, 64), (1, 1, 1), (2, 3, 5, 4096), (2, 4, 33)]:
         acc, inputs, baselines = finalize_case(shape, dtype)
-        expected = kernels.finalize(acc, inputs, baselines, reduce)
+        expected = kernels.finalize(acc, inputs, baselines)
         for prepare in (lambda t: t, misaligned):
-            out = kernels.finalize(*(prepare(t.cuda()) for t in (acc, inputs, baselines)), reduce, use_extension=True)
-            fallback = kernels.finalize(acc.cuda(), inputs.cuda(), baselines.cuda(), reduce, use_extension=False)
-            if reduce in ("none", "absmax"):
-                assert torch.equal(out.cpu(), expected) and torch.equal(fallback.cpu(), expected)
-            else:
-                torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-30)
-                torch.testing.assert_close(fallback.cpu(), expected, rtol=1e-6, atol=1e-30)
-    row = torch.zeros(1, 1, 300)
-    row[0, 0, [5, 130, 299]] = torch.tensor([-7.0, 7.0, float("nan")])
-    ones = torch.ones_like(row)
-    assert kernels.finalize(row.cuda(), ones.cuda(), (0 * ones).cuda(), "absmax").isnan().all()
-    row[0, 0, 299] = 7.0
-    assert kernels.finalize(row.cuda(), ones.cuda(), (0 * ones).cuda(), "absmax").item() == -7.0
+            out = kernels.finalize(*(prepare(t.cuda()) for t in (acc, inputs, baselines)), use_extension=True)
+            fallback = kernels.finalize(acc.cuda(), inputs.cuda(), baselines.cuda(), use_extension=False)
+            assert torch.equal(out.cpu(), expected) and torch.equal(fallback.cpu(), expected)
 
 
 @pytest.mark.gpu

@@ -290,7 +290,7 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
     from captum.attr import Lime as CaptumLime
     from captum.attr._core.lime import get_exp_kernel_similarity_function
 
-    from methods.perturbation import token_samples
+    from methods.lime import token_samples
 
     n_samples, seed = 40, 3
     c = Case(arch)
@@ -323,7 +323,7 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
 
 
 def test_lime_sampling_is_seeded_bernoulli_half_and_prefix_consistent():
-    from methods.perturbation import token_samples
+    from methods.lime import token_samples
 
     samples = token_samples(0, 1, 300, 400)
     assert abs(samples.double().mean() - 0.5) < 0.01  # 120000 fair coins: sd 0.0014
@@ -387,7 +387,7 @@ def reagent_by_hand(c, p, attribute_target, seed, num_probes, max_steps, top_k, 
     the random streams the library gives each probe (initial scores, then per iteration: update mask,
     update replacements, stopping-check replacements)."""
     from instrument.engine import Example, Rows
-    from methods.perturbation import probe_generator
+    from methods.reagent import probe_generator
 
     example = Example(target_ids=c.target, start=p, end=p + 1, source_ids=c.source)
     rows = Rows.build([example], [(0, p)], c.tok.pad_token_id)
@@ -504,7 +504,7 @@ def test_lime_inseq_variant_written_out(arch, mask_token, alpha):
     """Inseq's LIME, step by step: the library's token subsets (a token replaced with probability 0.3),
     replaced embeddings holding the mask token's id in every element, similarity = number of
     embedding elements left equal, and a ridge regression on the flattened perturbed embeddings."""
-    from methods.perturbation import token_samples
+    from methods.lime import token_samples
 
     n_samples, seed = 30, 4
     c = Case(arch)
@@ -525,7 +525,7 @@ def test_lime_inseq_variant_written_out(arch, mask_token, alpha):
 
 
 def test_lime_inseq_variant_replaces_three_tokens_in_ten():
-    from methods.perturbation import token_samples
+    from methods.lime import token_samples
 
     keep = token_samples(0, 0, 200, 500, keep_prob=0.7)
     assert abs(1 - keep.double().mean() - 0.3) < 0.005  # 100000 draws: sd 0.0014
