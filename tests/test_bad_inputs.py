@@ -14,6 +14,7 @@ import transformers
 from tiny_models import ALL_ARCHS, tiny_model, tiny_tokenizer
 
 import instrument
+from instrument.models.base import attribute_reference
 
 TEXTS = {
     "gpt2": ("Hello world", "Hello world, this is a test.", "Hello world, this is a cat."),
@@ -149,7 +150,7 @@ def test_bert_decoder_is_accepted_and_causal():
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     source, target, _ = TEXTS["gpt2"]
     batched = wrapped.attribute(source, target, show_progress=False)[0]
-    stepwise = wrapped.attribute(source, target, reference=True, show_progress=False)[0]  # one prefix forward per step
+    stepwise = attribute_reference(wrapped, source, target, show_progress=False)[0]  # one prefix forward per step
     torch.testing.assert_close(batched.target_attributions, stepwise.target_attributions, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
