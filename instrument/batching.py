@@ -16,9 +16,9 @@ raises `OutOfMemoryError` (a `torch.OutOfMemoryError` and a `MemoryError`) from 
 Who retries. `AttributionModel.attribute` runs its rows through `run_rows`, which calls
 `attribute(pairs, state)`, catches the error and attributes the same rows again: with a smaller path
 chunk when `internal_batch_size="auto"` chunks were in use, else (with `batch_size="auto"`) with half
-the rows. `state` (an `AutoState`) travels to the method in its `Request`, whose `chunks(...)` sizes
-path chunks with `state.path_chunks`; called directly (outside `attribute`) a method gets the sizing of
-a fresh state but no retry. On CPU a real shortage often ends in the kernel's OOM killer rather than in
+the rows. `state` (an `AutoState`) travels to the method as `Request.auto`, and
+`methods.base.chunks(..., auto=request.auto)` sizes path chunks with `state.path_chunks`; called
+directly (outside `attribute`) a method gets the sizing of a fresh state but no retry. On CPU a real shortage often ends in the kernel's OOM killer rather than in
 an error, so there the safety margin is what protects the run.
 """
 from __future__ import annotations
