@@ -1,222 +1,27 @@
-"""The batched attribution engine: rows, the embedding-patched forward, and scattering results back.
+"""The batched attribution engine: embeddings, baselines and the embedding-patched forward of rows.
 
-    >>> engine = Engine(model, pad_token_id=tokenizer.pad_token_id)
-    >>> rows = Rows.for_examples(examples)                 # one row per (example, attributed step)
+    >>> engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
+    >>> rows = Rows.build(examples, pairs, engine.pad_token_id)  # one row per (example, attributed step)
     >>> logits, acts = engine.forward(rows, target_embeds=engine.embed(rows)[1])
 
-A *row* is one example at one attributed step `p`: the decoder sees the target prefix `target[:p]`
-and predicts `target[p]`. Rows of one example whose inputs agree are prefixes of its longest row,
-and under causal attention that row's hidden state at position `p - 1` is the one row `p` would
-compute: so one forward of each example's longest row (`full_rows`, `Engine.forward_steps`,
-`Engine.forward_reads`) serves all its steps, and the gradient methods take every step's gradient
-from that one forward (`methods.base.gradients`). Rows whose inputs differ per step (gradient SHAP's
-random points, sequential IG, patched layers) run as rows of their own, right-padded (`forward`). The
-vocabulary projection only ever runs at the positions read.
+Rows (`instrument.rows`) of one example whose inputs agree are prefixes of its longest row, so one
+forward of each example's longest row (`full_rows`, `Engine.forward_steps`, `Engine.forward_reads`)
+serves all its steps, and the gradient methods take every step's gradient from that one forward
+(`methods.base.gradients`). Rows whose inputs differ per step (gradient SHAP's random points,
+sequential IG, patched layers) run as rows of their own, right-padded (`forward`). The vocabulary
+projection only ever runs at the positions read. Step functions score rows in `instrument.steps`.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from instrument.rows import Example, FullRows, RowAttribution, Rows, full_rows  # noqa: F401 (Example, RowAttribution: imported from here too)
 from instrument.selection import select_modules
-from instrument.steps import StepFunction, StepFunctionArgs, StepInputs, call_step_function
 from instrument.trace import trace
-
-
-@dataclass
-class Example:
-    """One prepared example: token ids and the attributed target positions `[start, end)`.
-
-    `contrast_ids` / `contrast_source_ids` feed contrastive step functions; `alignment` maps a
-    target position to the contrast position holding its counterpart.
-    """
-
-    target_ids: torch.Tensor
-    start: int
-    end: int
-    source_ids: torch.Tensor | None = None
-    contrast_ids: torch.Tensor | None = None
-    contrast_source_ids: torch.Tensor | None = None
-    alignment: dict[int, int] | None = None
-
-    @property
-    def positions(self) -> range:
-        return range(self.start, self.end)
-
-
-def _pad(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), length), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for index, seq in enumerate(sequences):
-        ids[index, : len(seq)] = seq
-        mask[index, : len(seq)] = 1
-    return ids, mask
-
-
-@dataclass
-class Rows:
-    """A padded batch of (example, step) rows. Row `i` predicts `token[i]` from `target_ids[i]`."""
-
-    example: torch.Tensor
-    position: torch.Tensor
-    token: torch.Tensor
-    target_ids: torch.Tensor
-    target_mask: torch.Tensor
-    source_ids: torch.Tensor | None = None
-    source_mask: torch.Tensor | None = None
-    contrast: "Rows | None" = None
-    contrast_uses_source_ids: bool = False
-    copy: torch.Tensor | None = None  # which block of `repeat` a row is in (None: one block)
-
-    @classmethod
-    def build(cls, examples: Sequence[Example], pairs: Sequence[tuple[int, int]], pad_id: int) -> "Rows":
-        """Rows for `pairs` of (example index, target position)."""
-        target_ids, target_mask = _pad([examples[b].target_ids[:p] for b, p in pairs], pad_id)
-        rows = cls(
-            example=torch.tensor([b for b, _ in pairs], dtype=torch.long),
-            position=torch.tensor([p for _, p in pairs], dtype=torch.long),
-            token=torch.stack([examples[b].target_ids[p] for b, p in pairs]),
-            target_ids=target_ids,
-            target_mask=target_mask,
-        )
-        if examples[0].source_ids is not None:
-            rows.source_ids, rows.source_mask = _pad([examples[b].source_ids for b, _ in pairs], pad_id)
-        if examples[0].contrast_ids is not None:
-            rows.contrast = _contrast_rows(examples, pairs, pad_id)
-        return rows
-
-    def __len__(self) -> int:
-        return len(self.example)
-
-    @property
-    def last(self) -> torch.Tensor:
-        """Index of each row's last real target position (where its prediction is read)."""
-        return self.target_mask.sum(1) - 1
-
-    def repeat(self, times: int) -> "Rows":
-        """The rows `times` times over, block after block (row `k * R + r` is row `r` of block `k`)."""
-        if times == 1:
-            return self
-        values = {}
-        for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask"):
-            value = getattr(self, name)
-            values[name] = None if value is None else value.repeat(times, *([1] * (value.dim() - 1)))
-        contrast = self.contrast.repeat(times) if self.contrast is not None else None
-        copy = self.example.new_zeros(len(self)) if self.copy is None else self.copy
-        blocks = torch.arange(times, device=copy.device).repeat_interleave(len(self))
-        return replace(self, **values, contrast=contrast, copy=blocks * (int(copy.max()) + 1) + copy.repeat(times))
-
-    def take(self, index: torch.Tensor) -> "Rows":
-        """The rows at `index` (a 1-D index tensor), in that order; the padded width is kept."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        values = {}
-        for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask", "copy"):
-            value = getattr(self, name)
-            values[name] = None if value is None else value[index.to(value.device)]
-        contrast = self.contrast.take(index) if self.contrast is not None else None
-        return replace(self, **values, contrast=contrast)
-
-    def to(self, device) -> "Rows":
-        values = {
-            name: getattr(self, name).to(device)
-            for name in ("example", "position", "token", "target_ids", "target_mask", "source_ids", "source_mask", "copy")
-            if getattr(self, name) is not None
-        }
-        return replace(self, **values, contrast=self.contrast.to(device) if self.contrast is not None else None)
-
-
-def _contrast_rows(examples: Sequence[Example], pairs: Sequence[tuple[int, int]], pad_id: int) -> Rows:
-    contrast_pairs = []
-    for b, p in pairs:
-        example = examples[b]
-        q = example.alignment.get(p, p) if example.alignment else p
-        if not 0 < q < len(example.contrast_ids):
-            raise ValueError(f"Contrast position {q} (aligned to target position {p}) is outside the contrast sequence")
-        contrast_pairs.append((b, q))
-    contrast_examples = [
-        Example(target_ids=e.contrast_ids, start=0, end=0, source_ids=e.contrast_source_ids if e.contrast_source_ids is not None else e.source_ids)
-        for e in examples
-    ]
-    rows = Rows.build(contrast_examples, contrast_pairs, pad_id)
-    rows.contrast_uses_source_ids = examples[0].contrast_source_ids is not None
-    return rows
-
-
-@dataclass
-class RowAttribution:
-    """What a method returns for R rows: granular scores over source / target positions.
-
-    `source`: `[R, source_len, ...]`, `target`: `[R, prefix_len, ...]`; `logits` are the logits at
-    the unperturbed input when the method computed them anyway; `delta` the convergence delta;
-    `sequence_scores` per-example scores, `[R, source_len, source_len, ...]` (each row holds its
-    example's), such as value zeroing's encoder self-attention scores.
-    """
-
-    source: torch.Tensor | None = None
-    target: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    delta: torch.Tensor | None = None
-    sequence_scores: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class FullRows:
-    """Each row of `rows` read off one full-length forward of its example (see `full_rows`).
-
-    `full` holds one row per example (per block of `Rows.repeat`): its longest prefix, at index
-    `longest[f]` of the rows. Every other row of the example is a prefix of it, so under causal
-    attention its hidden state at position `p - 1` is the one row `p` computes. `owner[r]` is row
-    r's full row, `positions[f]` the positions read from full row f (padded by repeating its last
-    one), `slot[r]` where row r's position sits in them.
-    """
-
-    full: Rows
-    longest: torch.Tensor
-    owner: torch.Tensor
-    slot: torch.Tensor
-    positions: torch.Tensor
-
-    def gather(self, per_full: torch.Tensor) -> torch.Tensor:
-        """`[F, K, ...]` values at `positions` -> `[R, ...]` values, one per row."""
-        return per_full[self.owner.to(per_full.device), self.slot.to(per_full.device)]
-
-
-def full_rows(rows: Rows) -> FullRows:
-    """The longest row of each example (and block of `Rows.repeat`) in `rows`, and where every row
-    reads from it.
-
-        >>> fr = full_rows(rows)
-        >>> logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])   # [R, V], as engine.forward(rows)[0]
-    """
-    groups = rows.example.tolist() if rows.copy is None else list(zip(rows.example.tolist(), rows.copy.tolist()))
-    positions = rows.position.tolist()
-    longest: dict[Any, int] = {}
-    for r, (g, p) in enumerate(zip(groups, positions)):
-        if g not in longest or p > positions[longest[g]]:
-            longest[g] = r
-    index = {g: f for f, g in enumerate(longest)}
-    read: list[dict[int, int]] = [{} for _ in longest]  # position -> slot, per full row
-    owner, slot = [], []
-    for g, p in zip(groups, positions):
-        f = index[g]
-        owner.append(f)
-        slot.append(read[f].setdefault(p - 1, len(read[f])))
-    width = max(len(q) for q in read)
-    padded = torch.tensor([list(q) + [list(q)[-1]] * (width - len(q)) for q in read], dtype=torch.long)
-    device = rows.target_ids.device
-    picked = torch.tensor(list(longest.values()), dtype=torch.long, device=device)
-    return FullRows(
-        full=rows.take(picked),
-        longest=picked,
-        owner=torch.tensor(owner, dtype=torch.long, device=device),
-        slot=torch.tensor(slot, dtype=torch.long, device=device),
-        positions=padded.to(device),
-    )
 
 
 class _HeadReached(Exception):
@@ -479,39 +284,6 @@ class Engine:
         encoder = select_modules(self.model, self.model.get_encoder())[0]
         return "source" if name == encoder or name.startswith(encoder + ".") else "target"
 
-    # -- scoring --------------------------------------------------------------------------------
-
-    def score(
-        self,
-        step: StepFunction,
-        rows: Rows,
-        logits: torch.Tensor,
-        kwargs: dict[str, Any],
-        source_embeds: torch.Tensor | None = None,
-        target_embeds: torch.Tensor | None = None,
-        is_attributed_fn: bool = False,
-    ) -> torch.Tensor:
-        """The step function's value for each row, differentiable where the logits are (and, for
-        Inseq-style functions, the embeddings given)."""
-        cache: dict[str, Any] = {}
-
-        def contrast():
-            if "value" not in cache:
-                cache["value"] = self.contrast_logits(rows, source_embeds)
-            return cache["value"]
-
-        def rerun(train: bool = True):
-            with train_mode(self.model) if train else contextlib.nullcontext():
-                return self.forward(rows, source_embeds, target_embeds)[0]
-
-        self.scored = step.identifier  # named by the gradient methods' errors (methods.base)
-        args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs,
-                                inputs=StepInputs(self, rows, source_embeds, target_embeds), is_attributed_fn=is_attributed_fn)
-        scores = call_step_function(step, args, kwargs)
-        if scores.shape != (len(rows),):
-            raise ValueError(f"Step function {step.identifier!r} returned shape {tuple(scores.shape)}, expected ({len(rows)},)")
-        return scores
-
     def contrast_logits(self, rows: Rows, source_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the contrastive rows. On encoder-decoders they share the (differentiable)
         source embeddings unless `contrast_sources` replaced the source."""
@@ -541,36 +313,3 @@ def _first_layer_dtype(model: nn.Module) -> torch.dtype | None:
         if parameter.is_floating_point() and not hasattr(parameter, "quant_state") and type(parameter).__name__ not in ("Int8Params", "Params4bit"):
             return parameter.dtype
     return None
-
-
-def scatter(examples: Sequence[Example], rows: Rows, result: RowAttribution) -> list[dict[str, Any]]:
-    """Splits row results into `[positions, steps, ...]` tensors per example; unseen positions are NaN."""
-    out = []
-    # On the CPU: they index results that may live on the CPU (perturbation methods) or on the model's device.
-    example_of_row, positions = rows.example.cpu(), rows.position.cpu()
-    for b, example in enumerate(examples):
-        picked = (example_of_row == b).nonzero().squeeze(1)
-        steps = positions[picked] - example.start
-        n_steps = example.end - example.start
-        pieces: dict[str, Any] = {}
-        if result.source is not None and example.source_ids is not None:
-            src = result.source[picked, : len(example.source_ids)]
-            pieces["source"] = _columns(src, steps, n_steps, len(example.source_ids), None)
-        if result.target is not None:
-            tgt = result.target[picked]
-            pieces["target"] = _columns(tgt, steps, n_steps, len(example.target_ids), positions[picked])
-        if result.delta is not None:
-            pieces["delta"] = torch.full((n_steps,), float("nan")).index_copy(0, steps, result.delta[picked].detach().float().cpu())
-        out.append(pieces)
-    return out
-
-
-def _columns(values: torch.Tensor, steps: torch.Tensor, n_steps: int, length: int, visible: torch.Tensor | None):
-    """`values [rows, positions, ...]` -> `[length, n_steps, ...]`, NaN past each row's prefix."""
-    values = values.detach().float().cpu()
-    extra = values.shape[2:]
-    grid = torch.full((length, n_steps, *extra), float("nan"))
-    for row, step in enumerate(steps.tolist()):
-        seen = values.shape[1] if visible is None else int(visible[row])
-        grid[: min(seen, length), step] = values[row, : min(seen, length)]
-    return grid

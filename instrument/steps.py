@@ -13,13 +13,16 @@ that reads them is called once per step, on the rows at that step (see `call_ste
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from instrument.step_args import PerStepRead, StepFunctionArgs, StepInputs  # noqa: F401 (StepInputs: instrument.engine imports it from here)
+from instrument.engine import Engine, train_mode
+from instrument.rows import Rows
+from instrument.step_args import PerStepRead, StepFunctionArgs, StepInputs
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,41 @@ def call_step_function(step: StepFunction, args: StepFunctionArgs, kwargs: dict[
     device = pieces[0].device
     scores = torch.cat([piece.to(device) for piece in pieces])
     return scores[torch.cat(order).to(device).argsort()]
+
+
+def score_rows(
+    engine: Engine,
+    step: StepFunction,
+    rows: Rows,
+    logits: torch.Tensor,
+    kwargs: dict[str, Any],
+    source_embeds: torch.Tensor | None = None,
+    target_embeds: torch.Tensor | None = None,
+    is_attributed_fn: bool = False,
+) -> torch.Tensor:
+    """The step function's value for each row, differentiable where the logits are (and, for
+    Inseq-style functions, the embeddings given).
+
+        >>> score_rows(engine, get_step_function("probability"), rows, engine.logits(rows), {})   # [R]
+    """
+    cache: dict[str, Any] = {}
+
+    def contrast():
+        if "value" not in cache:
+            cache["value"] = engine.contrast_logits(rows, source_embeds)
+        return cache["value"]
+
+    def rerun(train: bool = True):
+        with train_mode(engine.model) if train else contextlib.nullcontext():
+            return engine.forward(rows, source_embeds, target_embeds)[0]
+
+    engine.scored = step.identifier  # named by the gradient methods' errors (methods.base)
+    args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs,
+                            inputs=StepInputs(engine, rows, source_embeds, target_embeds), is_attributed_fn=is_attributed_fn)
+    scores = call_step_function(step, args, kwargs)
+    if scores.shape != (len(rows),):
+        raise ValueError(f"Step function {step.identifier!r} returned shape {tuple(scores.shape)}, expected ({len(rows)},)")
+    return scores
 
 
 def _one_per_row(scores: Any, rows: int) -> Any:

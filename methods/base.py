@@ -28,7 +28,9 @@ class Request:
     otherwise it stays at its real embedding whatever the method does to the source.
     `needs_logits`: the caller reads the result's logits (for step scores); a method that has no
     use for them may skip the LM head. `attributed_fn`: the step function's identifier, for methods
-    that only make sense for some (ReAGent needs a probability).
+    that only make sense for some (ReAGent needs a probability). `auto`: the memory-aware batching
+    state of the run (`instrument.batching.run_rows`) that `chunks(..., "auto", auto=request.auto)` sizes
+    path chunks with (None: a fresh one per call).
     """
 
     engine: Engine
@@ -37,6 +39,7 @@ class Request:
     attribute_target: bool = True
     needs_logits: bool = True
     attributed_fn: str | None = None
+    auto: batching.AutoState | None = None
 
     @property
     def attribute_source(self) -> bool:
@@ -210,15 +213,20 @@ def leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
 CPU_CHUNK_TOKENS = 1200
 
 
-def chunks(total: int, rows: Rows, internal_batch_size: int | str | None, rows_per_point: int | None = None) -> Iterable[range]:
+def chunks(total: int, rows: Rows, internal_batch_size: int | str | None, rows_per_point: int | None = None,
+           auto: batching.AutoState | None = None) -> Iterable[range]:
     """Splits `total` path points, each running `rows_per_point` rows (default: all of `rows`), into
     chunks of at most `internal_batch_size` rows in all. None: one chunk on accelerators (as
     Captum), chunks of about `CPU_CHUNK_TOKENS` tokens on the CPU; "auto": chunks sized from the
-    measured free memory (`instrument.batching.auto_chunks`, an iterator)."""
+    measured free memory with the batching state `auto`, the request's (`instrument.batching.auto_chunks`,
+    an iterator; None: a fresh state).
+
+        >>> for chunk in chunks(n_steps, request.rows, internal_batch_size, auto=request.auto): ...
+    """
     batching.check_size("internal_batch_size", internal_batch_size)
     per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)
     if batching.is_auto(internal_batch_size):
-        return batching.auto_chunks(total, per_point)
+        return batching.auto_chunks(total, per_point, auto)
     if internal_batch_size:
         per_chunk = max(1, internal_batch_size // per_point)
     elif rows.target_ids.device.type == "cpu":

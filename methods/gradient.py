@@ -87,7 +87,7 @@ class IntegratedGradients(PathMethod):
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
         totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
-        for chunk in chunks(n_steps, rows, internal_batch_size):
+        for chunk in chunks(n_steps, rows, internal_batch_size, auto=request.auto):
             chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
             points = [leaf(kernels.interpolate(x, base, chunk_alphas)) for x, base in sides]
             grads, _, _ = gradients(request, rows.repeat(len(chunk)), points,
@@ -131,7 +131,7 @@ class GradientShap(PathMethod):
         # multiplied once at the end, like integrated gradients. With noise, each sample's own.
         scale_each = multiply_by_inputs and bool(stdevs)
         totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
-        for chunk in chunks(n_samples, rows, internal_batch_size):
+        for chunk in chunks(n_samples, rows, internal_batch_size, auto=request.auto):
             index = torch.tensor(list(chunk))
             points = []
             for (x, base), noisy in zip(sides, noised):

@@ -107,7 +107,7 @@ class LayerIntegratedGradients(AttributionMethod):
         for group in (g for g in groups if g):
             totals = {name: torch.zeros(at_input[name].shape, dtype=torch.float32, device=at_input[name].device)
                       for name in group}
-            for chunk in chunks(n_steps, rows, internal_batch_size):
+            for chunk in chunks(n_steps, rows, internal_batch_size, auto=request.auto):
                 chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
                 points = {
                     name: leaf(kernels.interpolate(rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows),

@@ -60,7 +60,7 @@ class SequentialIntegratedGradients(PathMethod):
         totals = {name: torch.zeros_like(sides[name][0], dtype=torch.float32) for name in moving}
         points = [(u, k) for u in range(len(units)) for k in range(n_steps)]
         device = rows.target_ids.device
-        for chunk in chunks(len(points), rows, internal_batch_size, rows_per_point=1):  # one row per path point
+        for chunk in chunks(len(points), rows, internal_batch_size, rows_per_point=1, auto=request.auto):  # one row per path point
             picked = [points[j] for j in chunk]
             row_index = torch.tensor([units[u][1] for u, _ in picked], dtype=torch.long, device=device)
             embeds = {}
@@ -284,7 +284,7 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         paths = {name: p if len(p) == n_points else p[:1].expand(n_points, *p.shape[1:]) for name, p in paths.items()}
         totals = {name: torch.zeros_like(paths[name][0], dtype=torch.float32) for name in moving}
         # The last point (the input) has step 0: the gradients at points 0 .. n_points - 2 are needed.
-        for chunk in chunks(n_points - 1, rows, internal_batch_size):
+        for chunk in chunks(n_points - 1, rows, internal_batch_size, auto=request.auto):
             index = torch.tensor(list(chunk), device=rows.target_ids.device)
             points = {name: p[index].flatten(0, 1) for name, p in paths.items()}
             points = {name: leaf(p) if name in moving else p for name, p in points.items()}

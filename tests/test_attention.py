@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import instrument
+from instrument.models.base import attribute_reference
 
 from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
 from tiny_models import ALL_ARCHS, tiny_model
@@ -41,7 +42,7 @@ def test_batched_equals_step_by_step(pair, options):
     common = dict(method="attention", show_progress=False, step_scores=["probability"],
                   attribute_target=wrapped.is_encoder_decoder, **options)
     batched = wrapped.attribute(*texts(wrapped), **common)
-    reference = wrapped.attribute(*texts(wrapped), reference=True, **common)
+    reference = attribute_reference(wrapped, *texts(wrapped), **common)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import instrument
+from instrument.models.base import attribute_reference
 
 from tiny_models import ALL_ARCHS, tiny_model, tiny_tokenizer
 
@@ -150,7 +151,7 @@ def test_bert_decoder_is_accepted_and_causal():
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     source, target, _ = TEXTS["gpt2"]
     batched = wrapped.attribute(source, target, show_progress=False)[0]
-    stepwise = wrapped.attribute(source, target, reference=True, show_progress=False)[0]  # one prefix forward per step
+    stepwise = attribute_reference(wrapped, source, target, show_progress=False)[0]  # one prefix forward per step
     torch.testing.assert_close(batched.target_attributions, stepwise.target_attributions, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 

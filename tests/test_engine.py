@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import instrument
+from instrument.models.base import attribute_reference
 
 from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, assert_same
 from tiny_models import ALL_ARCHS, DECODER_ONLY, tiny_model
@@ -34,7 +35,7 @@ def test_batched_engine_equals_step_by_step_reference(attribution_model, method)
     options = METHOD_OPTIONS[method]
     common = dict(method=method, show_progress=False, step_scores=["probability"], attribute_target=attribution_model.is_encoder_decoder)
     batched = attribution_model.attribute(inputs, targets, **common, **options)
-    reference = attribution_model.attribute(inputs, targets, reference=True, **common, **options)
+    reference = attribute_reference(attribution_model, inputs, targets, **common, **options)
     assert len(batched) == len(inputs)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)

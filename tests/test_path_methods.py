@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import instrument
+from instrument.models.base import attribute_reference
 from methods.approximation import approximation
 from methods.path import Vocabulary
 
@@ -35,7 +36,7 @@ def test_batched_equals_step_by_step(wrapped, method):
     common = dict(method=method, show_progress=False, step_scores=["probability"],
                   attribute_target=wrapped.is_encoder_decoder, **METHOD_OPTIONS[method])
     batched = wrapped.attribute(inputs, targets, **common)
-    reference = wrapped.attribute(inputs, targets, reference=True, **common)
+    reference = attribute_reference(wrapped, inputs, targets, **common)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)

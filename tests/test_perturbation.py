@@ -12,6 +12,7 @@ import torch
 from captum.attr import Occlusion as CaptumOcclusion
 
 import instrument
+from instrument.models.base import attribute_reference
 
 from helpers import DECODER_TARGETS, SOURCES, TRANSLATIONS, Case, assert_same, close, double_model
 from tiny_models import ALL_ARCHS, tiny_model
@@ -27,7 +28,7 @@ def check_batched_equals_reference(wrapped, method, **options):
     common = dict(method=method, show_progress=False, step_scores=["probability"],
                   attribute_target=wrapped.is_encoder_decoder, **options)
     batched = wrapped.attribute(*texts(wrapped), **common)
-    reference = wrapped.attribute(*texts(wrapped), reference=True, **common)
+    reference = attribute_reference(wrapped, *texts(wrapped), **common)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)

@@ -12,17 +12,15 @@ import weakref
 from typing import Any, Sequence
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from instrument import batching
-from instrument.engine import Engine, Example, Rows, scatter
-from instrument.models import validation
-from instrument.models import inseq_options
-from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+from instrument.engine import Engine
+from instrument.models import inseq_options, validation
+from instrument.models.run import AttributionRun
+from instrument.outputs import FeatureAttributionOutput, TokenWithId
+from instrument.rows import Example
 from instrument.step_args import output2logits
 from instrument.steps import get_step_function, step_functions_by_name
-from methods.base import Request
 from methods.registry import get_method
 
 CONTRAST_ARGS = ("contrast_targets", "contrast_sources", "contrast_ids", "contrast_attention_mask", "contrast_targets_alignments",
@@ -90,15 +88,13 @@ class AttributionModel:
         generate_from_target_prefix: bool = False,
         skip_special_tokens: bool = False,
         generation_args: dict | None = None,
-        reference: bool = False,
         **kwargs,
     ) -> FeatureAttributionOutput:
         """Attribute `generated_texts` (or the model's own generations) to `input_texts`.
 
             >>> out = model.attribute(["Hello world"], ["Hallo Welt"], step_scores=["probability"])
 
-        `reference=True` runs the step-by-step path (one prefix forward per step and example, as
-        Inseq does): slow, for tests. Method options (`n_steps`, `baselines`, `target_layers`...) and
+        Method options (`n_steps`, `baselines`, `target_layers`...) and
         step function options (`contrast_targets`, `logprob`, `top_k`...) go in `kwargs`. Inseq's
         `device`, `override_default_attribution`, `pretty_progress`, `output_step_attributions` and
         `clean_special_chars` are handled in `inseq_options.inseq_call_options`. A decoder-only prompt
@@ -113,6 +109,7 @@ class AttributionModel:
         `attr_pos_end` when it is inside the target). The model runs in eval mode; its mode is restored.
         """
         started = time.perf_counter()
+        reference = bool(kwargs.pop("_reference", False))  # see `attribute_reference`
         inputs = _as_list(input_texts, "input_texts")
         targets = None if generated_texts is None else _as_list(generated_texts, "generated_texts")
         if targets is not None and len(targets) != len(inputs):
@@ -144,28 +141,10 @@ class AttributionModel:
             target_ids = self.encode_targets(inputs, targets, add_special_tokens=not skip_special_tokens)
         examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=not skip_special_tokens)
 
-        per_example: list[dict[str, Any]] = [dict() for _ in examples]
         batch_size = batch_size or len(examples)
-        internal_auto = batching.is_auto(attributor.defaults.get("internal_batch_size"))
-        auto = not reference and (batching.is_auto(batch_size) or internal_auto)
-        units = [] if auto else [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [
-            [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
-            for start in range(0, len(examples), batch_size)
-        ]
-        with Progress(disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
-            task = progress.add_task(f"Attributing with {method_name}", total=sum(len(e.positions) for e in examples) if auto else len(units))
-            if auto:  # memory-aware chunks, halved and run again on out-of-memory errors (instrument/batching.py)
-                batching.run_rows(
-                    examples, lambda pairs: self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example),
-                    devices=batching.model_devices(self.model), batch_size=batch_size, internal_auto=internal_auto,
-                    progress=lambda n: progress.advance(task, n),
-                )
-            for pairs in units:
-                self._attribute_rows(examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example)
-                progress.advance(task)
-
-        sequences = [self._sequence_output(e, parts, attribute_target) for e, parts in zip(examples, per_example)]
-        sequences = [validation.cut_at_end(seq) for seq in sequences]  # as in Inseq, nothing past attr_pos_end
+        run = AttributionRun(self.engine, examples, attributor, step, scorers, step_kwargs, attribute_target)
+        run.attribute_all(batch_size, reference=reference, show_progress=show_progress, label=f"Attributing with {method_name}")
+        sequences = [validation.cut_at_end(seq) for seq in run.collected.sequences(self._tokens)]  # as in Inseq, nothing past attr_pos_end
         info = {
             "attribution_method": method_name,
             "attributed_fn": getattr(step, "identifier", str(attributed_fn)),
@@ -186,40 +165,6 @@ class AttributionModel:
             "exec_time": time.perf_counter() - started,
         }
         return FeatureAttributionOutput(sequences, info=info)
-
-    def _attribute_rows(self, examples, pairs, attributor, step, scorers, step_kwargs, attribute_target, per_example):
-        engine = self.engine
-        batch = sorted({b for b, _ in pairs})
-        local = {b: i for i, b in enumerate(batch)}
-        sub = [examples[b] for b in batch]
-        rows = Rows.build(sub, [(local[b], p) for b, p in pairs], engine.pad_token_id).to(engine.device)
-
-        def score(rows_, logits, source, target):
-            # Inseq scores a contrastive attributed function on the original inputs unless told otherwise
-            fn = step if step_kwargs.get("contrast_force_inputs") else inseq_options.on_original_inputs(step, rows_)
-            return engine.score(fn, rows_, logits, step_kwargs, source, target, is_attributed_fn=True)
-
-        request = Request(engine, rows, score, attribute_target, needs_logits=bool(scorers), attributed_fn=step.identifier)
-        result = attributor.attribute(request, **attributor.defaults)
-        if attributor.attributes_inputs and not attribute_target:
-            result.target = None
-        scores = {}
-        if scorers:
-            with torch.no_grad():
-                logits = result.logits if result.logits is not None else engine.logits(rows)
-                source = engine.embed(rows)[0]
-                scores = {name: engine.score(fn, rows, logits, step_kwargs, source) for name, fn in scorers.items()}
-        for i, parts in enumerate(scatter(sub, rows, result)):
-            target = per_example[batch[i]]
-            picked = (rows.example == i).nonzero().squeeze(1).cpu()
-            steps = rows.position[picked].cpu() - sub[i].start
-            n_steps = sub[i].end - sub[i].start
-            for name, values in scores.items():
-                parts.setdefault("steps", {})[name] = values[picked].float().cpu()
-            for name, values in result.sequence_scores.items():  # [R, source, source, ...], one example's per row
-                n = len(sub[i].source_ids)
-                parts.setdefault("sequence", {})[name] = values[picked[0], :n, :n].float().cpu()
-            _merge(target, parts, steps, n_steps)
 
     def _examples(self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=True) -> list[Example]:
         sources = self.encode_sources(inputs, add_special_tokens=add_special_tokens)
@@ -282,40 +227,14 @@ class AttributionModel:
         ids = ids.tolist()
         return [TokenWithId(token, i) for token, i in zip(self.tokenizer.convert_ids_to_tokens(ids), ids)]
 
-    def _sequence_output(self, example: Example, parts: dict, attribute_target: bool):
-        step_scores = dict(parts.get("steps", {}))
-        if "delta" in parts:
-            step_scores["deltas"] = parts["delta"]
-        return FeatureAttributionSequenceOutput(  # decoder-only: the source is the prompt (Inseq)
-            source=self._tokens(example.source_ids if example.source_ids is not None else example.target_ids[: example.start]),
-            target=self._tokens(example.target_ids),
-            source_attributions=parts.get("source"),
-            target_attributions=parts.get("target"),
-            step_scores=step_scores,
-            sequence_scores=dict(parts.get("sequence", {})),
-            attr_pos_start=example.start,
-            attr_pos_end=example.end,
-        )
 
+def attribute_reference(model: AttributionModel, *args, **kwargs) -> FeatureAttributionOutput:
+    """`model.attribute(*args, **kwargs)` one row at a time: one prefix forward per step and example,
+    as Inseq does. Slow; an oracle for tests of the batched engine.
 
-def _merge(into: dict, parts: dict, steps: torch.Tensor, n_steps: int) -> None:
-    """Adds one chunk's results (some steps of one example) to what that example has so far."""
-    for key in ("source", "target", "delta"):
-        if key in parts:
-            if key not in into:
-                into[key] = parts[key]
-            else:
-                _fill(into[key], parts[key], steps, step_dim=0 if key == "delta" else 1)
-    into.setdefault("sequence", {}).update(parts.get("sequence", {}))
-    for name, values in parts.get("steps", {}).items():
-        row = into.setdefault("steps", {}).setdefault(name, torch.full((n_steps,), float("nan")))
-        row[steps] = values
-
-
-def _fill(into: torch.Tensor, new: torch.Tensor, steps: torch.Tensor, step_dim: int) -> None:
-    index = [slice(None)] * into.dim()
-    index[step_dim] = steps
-    into[tuple(index)] = new[tuple(index)]
+        >>> expected = attribute_reference(model, "Hello", "Hello world", method="saliency")
+    """
+    return model.attribute(*args, _reference=True, **kwargs)
 
 
 def _as_list(texts, name: str) -> list[str]:
