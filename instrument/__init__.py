@@ -1,9 +1,9 @@
 """seq-instrument: one-pass, hook-based interpretability for sequence generation models.
 
-    >>> import instrument
-    >>> with instrument.trace(model, "layers", grads=True) as t:
-    ...     model(**batch).logits[0, -1].max().backward()
-    >>> out = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute("Hello world")
+    import instrument
+    with instrument.trace(model, "layers", grads=True) as t:
+        model(**batch).logits[0, -1].max().backward()
+    out = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute("Hello world")
 """
 import inspect as _inspect
 from pathlib import Path as _Path
@@ -22,13 +22,17 @@ from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId  # noqa: E402
 from instrument.reductions import (  # noqa: E402
-    get_aggregation_function, list_aggregation_functions, register_aggregation_function,
+    get_aggregation_function,
+    list_aggregation_functions,
+    register_aggregation_function,
 )
 from instrument.selection import register_model_config  # noqa: E402
 from instrument.steps import StepFunctionArgs, get_step_function, list_step_functions, register_step_function  # noqa: E402
 from instrument.trace import Trace, trace  # noqa: E402
 from instrument.views.inseq_functions import (  # noqa: E402
-    show_attributions, show_granular_attributions, show_token_attributions,
+    show_attributions,
+    show_granular_attributions,
+    show_token_attributions,
 )
 
 

@@ -1,8 +1,8 @@
 """Collects the results of batches of rows into one finished sequence output per example.
 
-    >>> collected = Accumulator(examples)
-    >>> collected.add([0, 2], rows, result, {"probability": scores})   # rows of examples 0 and 2
-    >>> sequences = collected.sequences(tokens)                        # FeatureAttributionSequenceOutput each
+    collected = Accumulator(examples)
+    collected.add([0, 2], rows, result, {"probability": scores})   # rows of examples 0 and 2
+    sequences = collected.sequences(tokens)                        # FeatureAttributionSequenceOutput each
 
 A batch holds some steps of some examples (`rows.example` indexes the batch's own list of examples);
 each example's attributions are `[positions, steps, ...]` grids, NaN where a step is not (yet) seen.

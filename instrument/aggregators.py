@@ -1,11 +1,11 @@
 """Aggregators: reduce, merge, slice and compare attributions, with Inseq's `aggregate` semantics.
 
-    >>> out.aggregate()                                         # "scores": L2 norm over hidden, normalized per step
-    >>> out.aggregate(["subwords", "scores"])                   # whole words, then one score per word
-    >>> seq.aggregate("spans", source_spans=[(0, 3)], aggregate_fn="sum")
-    >>> seq.aggregate("split", split_pattern=".")               # one span per sentence
-    >>> seq[2:5]                                                # "slices": keep source (or prompt) tokens 2..4
-    >>> seq_a - seq_b                                           # "pair": elementwise a - b
+    out.aggregate()                                         # "scores": L2 norm over hidden, normalized per step
+    out.aggregate(["subwords", "scores"])                   # whole words, then one score per word
+    seq.aggregate("spans", source_spans=[(0, 3)], aggregate_fn="sum")
+    seq.aggregate("split", split_pattern=".")               # one span per sentence
+    seq[2:5]                                                # "slices": keep source (or prompt) tokens 2..4
+    seq_a - seq_b                                           # "pair": elementwise a - b
 
 Every aggregator returns a new object; the input is never modified. Tensors are laid out as in
 `instrument.outputs`: rows are attributed tokens, columns generated steps, then optional
@@ -47,10 +47,24 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
-from instrument.reductions import AggregationFunction, get_aggregation_function, list_aggregation_functions, nan_max, nan_sum
-from instrument.spans import (
-    MARKER_CHARS, detect_marker, kept_positions, merge_groups, singletons, split_spans, spans_to_groups, word_spans,
+from instrument.reductions import (
+    AggregationFunction,
+    get_aggregation_function,
+    list_aggregation_functions,
+    nan_max,
+    nan_sum,
 )
+from instrument.spans import (
+    MARKER_CHARS,
+    detect_marker,
+    kept_positions,
+    merge_groups,
+    singletons,
+    spans_to_groups,
+    split_spans,
+    word_spans,
+)
+
 
 def _reduce_columns(src, tgt, how: str):
     """Per-column denominators over all rows of source and target: sum of |x| or max |x|, NaN ignored."""
@@ -255,7 +269,7 @@ def register_aggregator(fn: Callable[..., FeatureAttributionSequenceOutput], nam
                         overwrite: bool = False) -> None:
     """Make `fn(seq, aggregate_fn, **options) -> FeatureAttributionSequenceOutput` usable as `aggregator=name`.
 
-    >>> register_aggregator(lambda seq, aggregate_fn: seq, "identity")
+    register_aggregator(lambda seq, aggregate_fn: seq, "identity")
     """
     if name in _AGGREGATORS and not overwrite:
         raise ValueError(f"Aggregator {name!r} exists already; pass overwrite=True to replace it")

@@ -1,6 +1,6 @@
 """Memory-aware batching: `batch_size="auto"` and `internal_batch_size="auto"`.
 
-    >>> out = model.attribute(texts, method="integrated_gradients", batch_size="auto", internal_batch_size="auto")
+    out = model.attribute(texts, method="integrated_gradients", batch_size="auto", internal_batch_size="auto")
 
 How a size is chosen. The first chunk is a small probe; its peak memory gives a cost per unit of work
 (per token of the attributed rows for `batch_size`, per row and path point for `internal_batch_size`),
@@ -105,7 +105,7 @@ class AutoState:
     def path_chunks(self, total: int, rows: int) -> Iterator[range]:
         """Chunks of `total` path points for `rows` rows, as large as the free memory allows.
 
-            >>> for chunk in state.path_chunks(50, len(rows)): ...
+            for chunk in state.path_chunks(50, len(rows)): ...
 
         The first is a probe of `PROBE_POINTS` points (unless an earlier call with this state already
         measured the cost); each chunk is measured while the caller's loop body runs (until it asks
@@ -158,7 +158,7 @@ def run_rows(
 ) -> AutoState:
     """Attributes every (example, position) row of `examples` with `attribute(pairs, state)`, in chunks.
 
-        >>> run_rows(examples, run.attribute_rows, devices=model_devices(model), batch_size="auto")
+        run_rows(examples, run.attribute_rows, devices=model_devices(model), batch_size="auto")
 
     `batch_size`: "auto" (chunks of rows sized from measured memory, whole examples where they fit,
     halved on out-of-memory errors down to a single row), or a number of examples per chunk (None:

@@ -1,8 +1,8 @@
 """The batched attribution engine: embeddings, baselines and the embedding-patched forward of rows.
 
-    >>> engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
-    >>> rows = Rows.build(examples, pairs, engine.pad_token_id)  # one row per (example, attributed step)
-    >>> logits, acts = engine.forward(rows, target_embeds=engine.embed(rows)[1])
+    engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
+    rows = Rows.build(examples, pairs, engine.pad_token_id)  # one row per (example, attributed step)
+    logits, acts = engine.forward(rows, target_embeds=engine.embed(rows)[1])
 
 Rows (`instrument.rows`) of one example whose inputs agree are prefixes of its longest row, so one
 forward of each example's longest row (`full_rows`, `Engine.forward_steps`, `Engine.forward_reads`)
@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from instrument.rows import Example, FullRows, RowAttribution, Rows, full_rows  # noqa: F401 (Example, RowAttribution: imported from here too)
+from instrument.hooks import HookHandles
+from instrument.rows import FullRows, Rows, full_rows
 from instrument.selection import select_modules
 from instrument.trace import trace
 
@@ -44,11 +45,9 @@ def _head_at(head: nn.Module, rows: torch.Tensor | None, positions: torch.Tensor
             picked = fed[-1][1]
         return (picked,) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(pick)
-    try:
+    with HookHandles() as hooks:
+        hooks.forward_pre(head, pick)
         yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -118,8 +117,8 @@ class Engine:
     def baseline(self, rows: Rows, baselines: Any = None, include_eos_baseline: bool = False):
         """Baseline embeddings `(source, target)` for the rows (source None on decoder-only models).
 
-            >>> source_base, target_base = engine.baseline(rows)              # UNK, EOS kept
-            >>> engine.baseline(rows, ("zeros", "unk"))                       # per side (encoder-decoders)
+            source_base, target_base = engine.baseline(rows)              # UNK, EOS kept
+            engine.baseline(rows, ("zeros", "unk"))                       # per side (encoder-decoders)
 
         `baselines`: None or "unk" (the UNK token everywhere, EOS kept unless `include_eos_baseline`),
         "pad", "zeros" (also 0 or 0.0), a tensor of shape `(hidden,)` or `(length, hidden)` (`length`

@@ -1,8 +1,8 @@
 """Equality of attribution outputs: same tokens, positions and tensors, NaN equal to NaN, exact or within tolerances.
 
-    >>> outputs_equal(out, FeatureAttributionOutput.load("attr.safetensors"))   # what `out.equals(...)` runs
-    >>> sequences_equal(seq_a, seq_b, rtol=1e-5)
-    >>> tensors_equal(torch.tensor([float("nan")]), torch.tensor([float("nan")]))   # True
+    outputs_equal(out, FeatureAttributionOutput.load("attr.safetensors"))   # what `out.equals(...)` runs
+    sequences_equal(seq_a, seq_b, rtol=1e-5)
+    tensors_equal(torch.tensor([float("nan")]), torch.tensor([float("nan")]))   # True
 """
 from __future__ import annotations
 

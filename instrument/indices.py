@@ -1,7 +1,7 @@
 """The one rule for picking layers and heads by index: None (all), an index, or a sequence of them.
 
-    >>> pick_indices([0, -1, 0], 4, "heads")                  # [0, 3, 0]: kernels.reduce_heads counts repeats
-    >>> pick_indices([0, -1, 0], 4, "heads", distinct=True)   # [0, 3]: the attention / value zeroing options
+    pick_indices([0, -1, 0], 4, "heads")                  # [0, 3, 0]: kernels.reduce_heads counts repeats
+    pick_indices([0, -1, 0], 4, "heads", distinct=True)   # [0, 3]: the attention / value zeroing options
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def pick_indices(value: Indices, count: int, name: str, *, distinct: bool = Fals
     with `distinct=True` sorted without repeats (the `layers` / `heads` options of the attention and
     value zeroing methods, whose kept dimensions follow model order).
 
-        >>> pick_indices([0, -1, 0], 4, "heads"), pick_indices([0, -1, 0], 4, "heads", distinct=True)
+        pick_indices([0, -1, 0], 4, "heads"), pick_indices([0, -1, 0], 4, "heads", distinct=True)
         ([0, 3, 0], [0, 3])
     """
     prefix = f"{op}: " if op else ""

@@ -1,11 +1,11 @@
 """Native kernels of integrated gradients and of attribution reductions, each with a pure-PyTorch fallback.
 
-    >>> from instrument import kernels
-    >>> path = kernels.interpolate(embeds, torch.zeros_like(embeds), torch.linspace(0, 1, 20))
-    >>> kernels.accumulate(total, grads, weights)        # total += sum_k weights[k] * grads[k], in place
-    >>> kernels.finalize(total, embeds, baselines)       # total * (embeds - baselines)
-    >>> kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")   # the attention method's
-    >>> kernels.has_extension(), kernels.extension_error()
+    from instrument import kernels
+    path = kernels.interpolate(embeds, torch.zeros_like(embeds), torch.linspace(0, 1, 20))
+    kernels.accumulate(total, grads, weights)        # total += sum_k weights[k] * grads[k], in place
+    kernels.finalize(total, embeds, baselines)       # total * (embeds - baselines)
+    kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")   # the attention method's
+    kernels.has_extension(), kernels.extension_error()
     (True, None)
 
 Ops run on float32, float16, bfloat16 (and float64) inputs and accumulate in float32 (float64 for float64).
@@ -83,7 +83,7 @@ def _extension():
 def has_extension(device: Union[str, torch.device, None] = None) -> bool:
     """Whether `instrument._C` is loaded and, given a device, has kernels for it.
 
-        >>> kernels.has_extension(), kernels.has_extension("cuda")
+        kernels.has_extension(), kernels.has_extension("cuda")
         (True, False)
     """
     module = _extension()
@@ -96,7 +96,7 @@ def has_extension(device: Union[str, torch.device, None] = None) -> bool:
 def extension_error() -> Optional[str]:
     """Why `instrument._C` is not used, or None when it is.
 
-        >>> kernels.extension_error()
+        kernels.extension_error()
         'disabled by INSTRUMENT_NO_EXT=1'
     """
     _extension()
@@ -119,12 +119,12 @@ def interpolate(inputs: torch.Tensor, baselines: torch.Tensor, alphas: Alphas, m
                 use_extension: Optional[bool] = None) -> torch.Tensor:
     """Integrated-gradients path points of a batch, alpha-major, without autograd history.
 
-        >>> x = torch.randn(2, 5, 8)  # [B, L, D] embeddings
-        >>> path = kernels.interpolate(x, torch.zeros_like(x), [0.0, 0.5, 1.0])
-        >>> path.shape, torch.equal(path[2:4], 0.5 * x)  # row k * B + b
+        x = torch.randn(2, 5, 8)  # [B, L, D] embeddings
+        path = kernels.interpolate(x, torch.zeros_like(x), [0.0, 0.5, 1.0])
+        path.shape, torch.equal(path[2:4], 0.5 * x)  # row k * B + b
         (torch.Size([6, 5, 8]), True)
-        >>> span = torch.tensor([[False, True, True, False, False]] * 2)  # attribute positions 1 and 2 only
-        >>> torch.equal(kernels.interpolate(x, torch.zeros_like(x), [0.0], span)[:, 3:], x[:, 3:])
+        span = torch.tensor([[False, True, True, False, False]] * 2)  # attribute positions 1 and 2 only
+        torch.equal(kernels.interpolate(x, torch.zeros_like(x), [0.0], span)[:, 3:], x[:, 3:])
         True
 
     Row k * B + b is baselines[b] + alphas[k] * (inputs[b] - baselines[b]), computed in float32 (float64
@@ -164,10 +164,10 @@ def accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *,
                use_extension: Optional[bool] = None) -> torch.Tensor:
     """`acc += sum_k weights[k] * grads[k]` in place, in float32, reading the gradients once; returns `acc`.
 
-        >>> total = torch.zeros(2, 5, 8)                      # [B, L, D] float32 accumulator
-        >>> grads = torch.randn(3 * 2, 5, 8)                  # gradients at 3 path points, row k * B + b
-        >>> _ = kernels.accumulate(total, grads, [0.2, 0.5, 0.3])  # returns total
-        >>> torch.allclose(total, 0.2 * grads[0:2] + 0.5 * grads[2:4] + 0.3 * grads[4:6])
+        total = torch.zeros(2, 5, 8)                      # [B, L, D] float32 accumulator
+        grads = torch.randn(3 * 2, 5, 8)                  # gradients at 3 path points, row k * B + b
+        _ = kernels.accumulate(total, grads, [0.2, 0.5, 0.3])  # returns total
+        torch.allclose(total, 0.2 * grads[0:2] + 0.5 * grads[2:4] + 0.3 * grads[4:6])
         True
 
     `acc` is a contiguous float32 [B, L, D] tensor that does not require grad. `grads` is [K*B, L, D]
@@ -224,8 +224,8 @@ def finalize(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, *
              use_extension: Optional[bool] = None) -> torch.Tensor:
     """`acc * (inputs - baselines)` in float32: the last step of integrated gradients and DeepLIFT.
 
-        >>> scores = kernels.finalize(total, embeds, baselines)                  # [B, L, D]
-        >>> per_layer = kernels.finalize(totals, outputs, outputs_at_baseline)   # [layers, B, L, D]
+        scores = kernels.finalize(total, embeds, baselines)                  # [B, L, D]
+        per_layer = kernels.finalize(totals, outputs, outputs_at_baseline)   # [layers, B, L, D]
 
     `acc` is a float32 [B, L, D] or [layers, B, L, D] tensor (an accumulator of `accumulate`), `inputs`
     and `baselines` have its shape and one supported dtype, all on one device. The difference is taken in
@@ -257,10 +257,10 @@ def reduce_heads(attn: Union[torch.Tensor, Sequence[torch.Tensor]], layers: Indi
                  reduce: str = "mean", *, use_extension: Optional[bool] = None) -> torch.Tensor:
     """Attention weights aggregated over selected layers and heads in one pass: [B, T, S].
 
-        >>> out = model(**batch, output_attentions=True)
-        >>> kernels.reduce_heads(out.attentions).shape                 # tuple of [B, H, T, S] per layer
+        out = model(**batch, output_attentions=True)
+        kernels.reduce_heads(out.attentions).shape                 # tuple of [B, H, T, S] per layer
         torch.Size([B, T, S])
-        >>> kernels.reduce_heads(stacked, layers=[-2, -1], heads=[0, 5], reduce="max")  # [layers, B, H, T, S]
+        kernels.reduce_heads(stacked, layers=[-2, -1], heads=[0, 5], reduce="max")  # [layers, B, H, T, S]
 
     `attn` is a [layers, B, H, T, S] tensor or a sequence of [B, H, T, S] tensors (e.g. a Hugging Face
     model's `attentions`, without stacking them), of one supported dtype on one device. `layers` and

@@ -1,9 +1,9 @@
 """Memory on the model's devices: how much is free, and the peak a block of code adds.
 
-    >>> free = available_memory(model_devices(model))          # bytes, None where unknown (e.g. MPS)
-    >>> with measure([torch.device("cpu")]) as m:
-    ...     torch.ones(10**7).sum()
-    >>> m.peak > 0
+    free = available_memory(model_devices(model))          # bytes, None where unknown (e.g. MPS)
+    with measure([torch.device("cpu")]) as m:
+        torch.ones(10**7).sum()
+    m.peak > 0
 
 - CUDA: free memory is `torch.cuda.mem_get_info` plus what torch's own cache holds unused; the peak is
   the allocator's peak during the block (`torch.cuda.max_memory_allocated`, whose peak statistics are
@@ -208,9 +208,9 @@ class measure:
     """Peak memory a block adds on `devices`: `peak` (bytes, the largest over the devices) after the
     block, None when it could not be measured. Use as a context manager, or `start()` / `stop()`.
 
-        >>> with measure([torch.device("cpu")]) as m:
-        ...     torch.ones(10**7).sum()
-        >>> m.peak > 0
+        with measure([torch.device("cpu")]) as m:
+            torch.ones(10**7).sum()
+        m.peak > 0
     """
 
     def __init__(self, devices: Sequence[torch.device]):

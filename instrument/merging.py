@@ -1,7 +1,7 @@
 """Merging outputs: the sequences of several `FeatureAttributionOutput`s in one, with merged `info`.
 
-    >>> merged = merge_attributions([out1, out2])   # also written out1 + out2
-    >>> len(merged) == len(out1) + len(out2)
+    merged = merge_attributions([out1, out2])   # also written out1 + out2
+    len(merged) == len(out1) + len(out2)
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Attribution results, shaped as Inseq's: `[attributed tokens, generated tokens(, layers)(, hidden)]`.
 
-    >>> out = model.attribute("Hello world", "Hello world, how are you?")
-    >>> seq = out.sequence_attributions[0]
-    >>> seq.target_attributions.shape  # [len(target), len(target) - attr_pos_start, hidden]
+    out = model.attribute("Hello world", "Hello world, how are you?")
+    seq = out.sequence_attributions[0]
+    seq.target_attributions.shape  # [len(target), len(target) - attr_pos_start, hidden]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def copy_replace(obj: Any, **changes) -> Any:
 class TokenWithId:
     """A token string with its vocabulary id.
 
-    >>> TokenWithId("▁world", 1017)
+    TokenWithId("▁world", 1017)
     """
 
     token: str
@@ -67,7 +67,7 @@ class FeatureAttributionSequenceOutput:
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionSequenceOutput:
         """A new, aggregated copy; see `instrument.aggregators`.
 
-            >>> seq.aggregate(["subwords", "scores"])   # default: "scores" (vnorm over hidden, normalized)
+            seq.aggregate(["subwords", "scores"])   # default: "scores" (vnorm over hidden, normalized)
         """
         from instrument.aggregators import aggregate_sequence
 
@@ -139,7 +139,7 @@ class FeatureAttributionSequenceOutput:
         """In place, like Inseq: attributions aggregated (default pipeline), then each step's column times
         that step's `step_scores[step_score_id]`; `aggregate()` then does nothing more. Returns self.
 
-            >>> seq.weight_attributions("probability")
+            seq.weight_attributions("probability")
         """
         if step_score_id not in self.step_scores:
             raise ValueError(f"No step score {step_score_id!r} to weight by; available: {sorted(self.step_scores)}")
@@ -156,7 +156,7 @@ class FeatureAttributionSequenceOutput:
     def get_scores_dicts(self, aggregator: Any = None, do_aggregation: bool = True, **kwargs) -> dict[str, dict]:
         """Scores as nested dicts keyed by `(position, token)`, as Inseq's (e.g. for `pandas.DataFrame`).
 
-            >>> seq.get_scores_dicts()["source_attributions"][(6, ",")][(0, "H")]   # score of "H" for ","
+            seq.get_scores_dicts()["source_attributions"][(6, ",")][(0, "H")]   # score of "H" for ","
 
         Keys: "source_attributions" and "target_attributions" ({generated: {attributed: score}}; target
         rows up to `attr_pos_end`) and "step_scores" ({generated: {name: score}}).
@@ -205,7 +205,7 @@ class FeatureAttributionSequenceOutput:
              step_score_highlight: str | None = None, console: Any = None, **kwargs) -> str | None:
         """Heatmap of this example in the console, or its HTML with `return_html=True`.
 
-            >>> seq.show(step_score_highlight="probability")
+            seq.show(step_score_highlight="probability")
         """
         from instrument.views.heatmap import show
 
@@ -216,7 +216,7 @@ class FeatureAttributionSequenceOutput:
                       return_html: bool = False, console: Any = None) -> str | None:
         """Heatmaps of the unaggregated scores: one per index of the extra (hidden, layer) dimensions.
 
-            >>> seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
+            seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
         """
         from instrument.views.granular import show_granular
 
@@ -228,7 +228,7 @@ class FeatureAttributionSequenceOutput:
                     console: Any = None, **kwargs) -> str | None:
         """The text, each generated token followed by its attributed tokens coloured by score.
 
-            >>> seq.show_tokens(step_score_highlight="probability", wrap_after=10)
+            seq.show_tokens(step_score_highlight="probability", wrap_after=10)
         """
         from instrument.views.tokens import show_tokens
 
@@ -269,7 +269,7 @@ class FeatureAttributionStepOutput:
 class FeatureAttributionOutput:
     """One `FeatureAttributionSequenceOutput` per example, plus `info` on how they were made.
 
-    >>> out.info["attribution_method"], len(out.sequence_attributions)
+    out.info["attribution_method"], len(out.sequence_attributions)
     """
 
     sequence_attributions: list[FeatureAttributionSequenceOutput]
@@ -302,7 +302,7 @@ class FeatureAttributionOutput:
     def get_scores_dicts(self, aggregator: Any = None, do_aggregation: bool = True, **kwargs) -> list[dict]:
         """One `FeatureAttributionSequenceOutput.get_scores_dicts` per sequence.
 
-            >>> dfs = [pandas.DataFrame(d["source_attributions"]) for d in out.get_scores_dicts()]
+            dfs = [pandas.DataFrame(d["source_attributions"]) for d in out.get_scores_dicts()]
         """
         return [seq.get_scores_dicts(aggregator, do_aggregation, **kwargs) for seq in self.sequence_attributions]
 
@@ -315,7 +315,7 @@ class FeatureAttributionOutput:
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionOutput:
         """Every sequence aggregated (a new output; `info` copied); see `instrument.aggregators`.
 
-            >>> out.aggregate("subwords").aggregate()   # words, then one normalized score per word
+            out.aggregate("subwords").aggregate()   # words, then one normalized score per word
         """
         from instrument.aggregators import aggregate_output
 
@@ -340,8 +340,8 @@ class FeatureAttributionOutput:
         """Saves to `.safetensors` (default) or `.json`, or in Inseq's JSON with `format="inseq"`; see
         `instrument.files`.
 
-            >>> out.save("attributions.safetensors", scores_precision="float16")
-            >>> out.save("attributions.json.gz", format="inseq")   # inseq.FeatureAttributionOutput.load(..., decompress=True)
+            out.save("attributions.safetensors", scores_precision="float16")
+            out.save("attributions.json.gz", format="inseq")   # inseq.FeatureAttributionOutput.load(..., decompress=True)
         """
         from instrument.files.saving import save
 
@@ -352,7 +352,7 @@ class FeatureAttributionOutput:
         """Reads a file written by `save`, or by Inseq's `save` (gzipped or not); raises ValueError for a
         corrupted or foreign file.
 
-            >>> out = FeatureAttributionOutput.load("attributions.safetensors")
+            out = FeatureAttributionOutput.load("attributions.safetensors")
         """
         from instrument.files.saving import load
 
@@ -362,7 +362,7 @@ class FeatureAttributionOutput:
              step_score_highlight: str | None = None, console: Any = None, **kwargs) -> str | None:
         """One heatmap per example in the console, or their HTML with `return_html=True`.
 
-            >>> out.show()                         # rich tables; see instrument.views
+            out.show()                         # rich tables; see instrument.views
         """
         from instrument.views.heatmap import show
 

@@ -1,7 +1,7 @@
 """Reductions: NaN-aware aggregation functions `fn(tensor, dim)`, by name, as `aggregate_fn` takes them.
 
-    >>> get_aggregation_function("vnorm")(torch.tensor([3.0, float("nan"), 4.0]), 0)   # tensor(5.)
-    >>> register_aggregation_function(lambda x, dim: x.nan_to_num().abs().sum(dim), "abssum")
+    get_aggregation_function("vnorm")(torch.tensor([3.0, float("nan"), 4.0]), 0)   # tensor(5.)
+    register_aggregation_function(lambda x, dim: x.nan_to_num().abs().sum(dim), "abssum")
 
 Every function ignores NaN: a result is NaN only where every input is NaN, so positions a step cannot
 see stay NaN after merging.
@@ -77,7 +77,7 @@ def list_aggregation_functions() -> list[str]:
 def register_aggregation_function(fn: AggregationFunction, name: str, overwrite: bool = False) -> None:
     """Make `fn(tensor, dim) -> tensor` usable as `aggregate_fn=name`.
 
-    >>> register_aggregation_function(lambda x, dim: x.nan_to_num().abs().sum(dim), "abssum")
+    register_aggregation_function(lambda x, dim: x.nan_to_num().abs().sum(dim), "abssum")
     """
     if not callable(fn):
         raise TypeError(f"An aggregation function must be callable, got {type(fn).__name__}")

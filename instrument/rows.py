@@ -1,7 +1,7 @@
 """Rows: one example at one attributed step, batched and padded; what methods return for them.
 
-    >>> rows = Rows.build(examples, [(0, 3), (0, 4), (1, 2)], pad_id=tokenizer.pad_token_id)
-    >>> fr = full_rows(rows)        # each example's longest row, and where every row reads from it
+    rows = Rows.build(examples, [(0, 3), (0, 4), (1, 2)], pad_id=tokenizer.pad_token_id)
+    fr = full_rows(rows)        # each example's longest row, and where every row reads from it
 
 A *row* is one example at one attributed step `p`: the decoder sees the target prefix `target[:p]`
 and predicts `target[p]`. Rows of one example whose inputs agree are prefixes of its longest row,
@@ -174,8 +174,8 @@ def full_rows(rows: Rows) -> FullRows:
     """The longest row of each example (and block of `Rows.repeat`) in `rows`, and where every row
     reads from it.
 
-        >>> fr = full_rows(rows)
-        >>> logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])   # [R, V], as engine.forward(rows)[0]
+        fr = full_rows(rows)
+        logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])   # [R, V], as engine.forward(rows)[0]
     """
     groups = rows.example.tolist() if rows.copy is None else list(zip(rows.example.tolist(), rows.copy.tolist()))
     positions = rows.position.tolist()

@@ -1,10 +1,10 @@
 """Resolve module selectors (names, globs, types, modules, architecture aliases) to module names.
 
-    >>> select_modules(gpt2, ["transformer.h.*.mlp", "lm_head"])
+    select_modules(gpt2, ["transformer.h.*.mlp", "lm_head"])
     ['transformer.h.0.mlp', 'transformer.h.1.mlp', 'lm_head']
-    >>> select_modules(gpt2, "transformer.h.*")      # the blocks, not what is inside them
+    select_modules(gpt2, "transformer.h.*")      # the blocks, not what is inside them
     ['transformer.h.0', 'transformer.h.1']
-    >>> select_modules(bart, "decoder.layers")
+    select_modules(bart, "decoder.layers")
     ['model.decoder.layers.0', 'model.decoder.layers.1']
 
 Globs match dotted names component by component, as shell globs match paths: `*` (and `?`,
@@ -43,7 +43,7 @@ class UnknownModuleError(ValueError):
 class ModelConfig:
     """Where a family keeps what `"attention"`, `"cross_attention"` and value zeroing look for.
 
-        >>> ModelConfig(self_attention_module="mixer", value_vector="values", cross_attention_module=None)
+        ModelConfig(self_attention_module="mixer", value_vector="values", cross_attention_module=None)
 
     self_attention_module: name of the self-attention module relative to a block (dotted names allowed).
     cross_attention_module: name of the cross-attention module relative to a decoder block.
@@ -66,9 +66,9 @@ def register_model_config(
 ) -> None:
     """Tell the aliases where a family the built-in rules cannot read keeps its attention modules.
 
-        >>> register_model_config("my_lm", {"self_attention_module": "mixer", "value_vector": "values",
-        ...                                 "cross_attention_module": None})
-        >>> select_modules(my_model, "attention")  # ['layers.0.mixer', 'layers.1.mixer']
+        register_model_config("my_lm", {"self_attention_module": "mixer", "value_vector": "values",
+                                        "cross_attention_module": None})
+        select_modules(my_model, "attention")  # ['layers.0.mixer', 'layers.1.mixer']
 
     `model_type` is matched against the model's class name (Inseq's key, e.g. `"GPT2LMHeadModel"`)
     first, then against `model.config.model_type`. `config` holds the fields of `ModelConfig`, all of
@@ -110,7 +110,7 @@ def model_config(model: nn.Module) -> ModelConfig | None:
 def select_modules(model: nn.Module, selectors: Selector | Sequence[Selector] | None) -> list[str]:
     """Names of the modules picked by `selectors`, in the model's registration order, no duplicates.
 
-    >>> select_modules(model, [model.lm_head, "layers"])
+    select_modules(model, [model.lm_head, "layers"])
     """
     if selectors is None:
         return []
@@ -151,9 +151,9 @@ def _resolve(model: nn.Module, selector: Selector, names: dict, order: list[str]
 def glob_match(name: str, pattern: str) -> bool:
     """Whether the dotted module `name` matches `pattern`, one dotted component at a time.
 
-    >>> glob_match("transformer.h.0", "transformer.h.*"), glob_match("transformer.h.0.mlp", "transformer.h.*")
+    glob_match("transformer.h.0", "transformer.h.*"), glob_match("transformer.h.0.mlp", "transformer.h.*")
     (True, False)
-    >>> glob_match("transformer.h.0.mlp.c_fc", "**.mlp.*")
+    glob_match("transformer.h.0.mlp.c_fc", "**.mlp.*")
     True
     """
     return _match_parts(tuple(name.split(".")), tuple(pattern.split(".")))
@@ -174,7 +174,7 @@ def _match_parts(names: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
 def resolve_alias(model: nn.Module, alias: str, stack: str | None = None) -> list[str]:
     """Module names an architecture alias stands for, optionally only inside the encoder or decoder.
 
-    >>> resolve_alias(t5, "attention", "encoder")
+    resolve_alias(t5, "attention", "encoder")
     ['encoder.block.0.layer.0.SelfAttention', 'encoder.block.1.layer.0.SelfAttention']
     """
     names = {id(module): name for name, module in model.named_modules()}

@@ -1,8 +1,8 @@
 """The fields of `FeatureAttributionSequenceOutput` grouped by kind, read from the dataclass itself.
 
-    >>> from instrument.sequence_fields import TENSOR_FIELDS, DICT_FIELDS
-    >>> TENSOR_FIELDS, DICT_FIELDS   # ("source_attributions", "target_attributions"), ("step_scores", "sequence_scores")
-    >>> [getattr(seq, name) for name in TENSOR_FIELDS]
+    from instrument.sequence_fields import TENSOR_FIELDS, DICT_FIELDS
+    TENSOR_FIELDS, DICT_FIELDS   # ("source_attributions", "target_attributions"), ("step_scores", "sequence_scores")
+    [getattr(seq, name) for name in TENSOR_FIELDS]
 
 Saving, loading, equality and the views loop over these groups, so a field added to the dataclass
 is saved, compared and checked without a second list to update. Private fields (`_aggregator`) are

@@ -1,8 +1,8 @@
 """Spans: which tokens go together (given spans, words, sentences), and merging them in an output.
 
-    >>> spans_to_groups([(1, 3)], 5, "source")                  # [(0, 1), (1, 3), (3, 4), (4, 5)]
-    >>> word_spans(["▁H", "ello", "▁world"])                     # [(0, 2), (2, 3)]
-    >>> merge_groups(seq, word_spans(seq.source), word_spans(seq.target), absmax)
+    spans_to_groups([(1, 3)], 5, "source")                  # [(0, 1), (1, 3), (3, 4), (4, 5)]
+    word_spans(["▁H", "ello", "▁world"])                     # [(0, 2), (2, 3)]
+    merge_groups(seq, word_spans(seq.source), word_spans(seq.target), absmax)
 
 A group is a `(start, end)` pair (end excluded); a list of groups partitions the tokens. Merging a
 target group merges its rows and, for the generated tokens, its columns; the step scores of merged

@@ -1,7 +1,7 @@
 """What a step function sees: `StepFunctionArgs`, for R rows (one row = one example at one attributed step).
 
-    >>> def max_logit(args: StepFunctionArgs) -> torch.Tensor:
-    ...     return args.logits.max(-1).values          # [R, V] logits -> one score per row
+    def max_logit(args: StepFunctionArgs) -> torch.Tensor:
+        return args.logits.max(-1).values          # [R, V] logits -> one score per row
 
 Besides the logits at each row's predicting position, the target tokens and lazy access to a
 contrastive forward, `StepFunctionArgs` has Inseq's fields (`attribution_model`, `forward_output`,

@@ -1,7 +1,7 @@
 """Step functions: one score per attributed step, usable as `step_scores` and as `attributed_fn`.
 
-    >>> out = model.attribute(text, step_scores=["probability", "entropy"])
-    >>> register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
+    out = model.attribute(text, step_scores=["probability", "entropy"])
+    register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
 
 A step function takes a `StepFunctionArgs` (logits at the predicting position of each row, the
 target token of each row, and lazy access to a contrastive forward; see `instrument.step_args`) plus
@@ -45,7 +45,7 @@ def register_step_function(
 ) -> None:
     """Make `fn(args: StepFunctionArgs, **kwargs) -> Tensor[R]` available by `identifier`.
 
-    >>> register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
+    register_step_function(lambda args: args.logits.max(-1).values, "max_logit")
 
     Inseq's signature: functions written for `inseq.register_step_function` register unchanged.
     `aggregate_map`: how its scores combine when steps are merged, {aggregator name: aggregation function};
@@ -135,7 +135,7 @@ def score_rows(
     """The step function's value for each row, differentiable where the logits are (and, for
     Inseq-style functions, the embeddings given).
 
-        >>> score_rows(engine, get_step_function("probability"), rows, engine.logits(rows), {})   # [R]
+        score_rows(engine, get_step_function("probability"), rows, engine.logits(rows), {})   # [R]
     """
     cache: dict[str, Any] = {}
 

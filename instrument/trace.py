@@ -1,9 +1,9 @@
 """Capture, reduce and patch module outputs and their gradients in one ordinary forward/backward.
 
-    >>> with instrument.trace(model, ["transformer.h.*.mlp", "lm_head"], grads=True) as t:
-    ...     out = model(**batch)
-    ...     out.logits[0, -1].max().backward()
-    >>> t.activations["transformer.h.1.mlp"].shape, t.gradients["lm_head"].shape
+    with instrument.trace(model, ["transformer.h.*.mlp", "lm_head"], grads=True) as t:
+        out = model(**batch)
+        out.logits[0, -1].max().backward()
+    t.activations["transformer.h.1.mlp"].shape, t.gradients["lm_head"].shape
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ class StopForward(Exception):
 class Trace:
     """Hooks on the selected modules of `model`, active inside a `with` block, removed on exit.
 
-        >>> with Trace(model, "layers", reduce="grad_x_act_norm") as t:
-        ...     for batch in loader:
-        ...         model(**batch).loss.backward()
-        >>> t.stats  # {layer name: mean over calls of the per-token norm of grad x activation}
+        with Trace(model, "layers", reduce="grad_x_act_norm") as t:
+            for batch in loader:
+                model(**batch).loss.backward()
+        t.stats  # {layer name: mean over calls of the per-token norm of grad x activation}
 
     Arguments (all keyword-only but `model` and `modules`):
         modules: exact names, globs (`*` one dotted component, `**` any number), module types,
@@ -311,8 +311,8 @@ _OPTIONS = [name for name, p in inspect.signature(Trace.__init__).parameters.ite
 def trace(model: nn.Module, modules: Selector | Sequence[Selector] | None = None, **options) -> Trace:
     """Context manager capturing the selected modules' outputs (and gradients); see `Trace`.
 
-    >>> with trace(model, "layers", grads=True) as t:
-    ...     model(**batch).logits[0, -1].max().backward()
+    with trace(model, "layers", grads=True) as t:
+        model(**batch).logits[0, -1].max().backward()
     """
     for name in options:
         if name not in _OPTIONS:

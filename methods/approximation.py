@@ -1,6 +1,6 @@
 """Integration rules for path methods: points `alphas` in [0, 1] and their `weights`.
 
-    >>> alphas, weights = approximation("riemann_trapezoid", 5)
+    alphas, weights = approximation("riemann_trapezoid", 5)
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Attention weights as attributions: decoder self-attention, cross-attention, encoder self-attention.
 
-    >>> out = model.attribute(text, method="attention")                      # mean over layers and heads
-    >>> out = model.attribute(text, method="attention", layers=[-1], heads=[0, 2], aggregate_fn="max")
-    >>> out = model.attribute(text, method="attention", aggregate_fn=None)  # [..., layers, heads]
+    out = model.attribute(text, method="attention")                      # mean over layers and heads
+    out = model.attribute(text, method="attention", layers=[-1], heads=[0, 2], aggregate_fn="max")
+    out = model.attribute(text, method="attention", aggregate_fn=None)  # [..., layers, heads]
 
 Orientation as for every method: the column of step `p` holds the attention of the query at position
 `p - 1` (the position that predicts token `p`) over the keys: the target prefix for decoder
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from instrument.engine import RowAttribution, full_rows
 from instrument.hooks import HookHandles
 from instrument.indices import pick_indices
 from instrument.kernels import reduce_heads
+from instrument.rows import RowAttribution, full_rows
 from instrument.selection import resolve_alias
 from methods.base import AttributionMethod, Request
 from methods.registry import register

@@ -1,7 +1,7 @@
 """What every attribution method shares: its options, the request it serves, gradients at a point.
 
-    >>> method = get_method("saliency")(abs=True)
-    >>> result = method.attribute(request)        # RowAttribution for request.rows
+    method = get_method("saliency")(abs=True)
+    result = method.attribute(request)        # RowAttribution for request.rows
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from instrument import batching
-from instrument.engine import Engine, RowAttribution, Rows, full_rows
+from instrument.engine import Engine
+from instrument.rows import RowAttribution, Rows, full_rows
 from methods.slopes import activation_slopes
 
 Score = Callable[[Rows, torch.Tensor, Any, Any], torch.Tensor]
@@ -50,7 +51,7 @@ class AttributionMethod:
     """A registered method: its options and their defaults are the keywords of its `attribute()`,
     read once per class into `params`.
 
-        >>> Saliency.params                               # def attribute(self, request, abs=True)
+        Saliency.params                               # def attribute(self, request, abs=True)
         {'abs': True}
     """
 
@@ -80,7 +81,7 @@ class AttributionMethod:
 def signature_defaults(attribute: Callable) -> dict[str, Any]:
     """`{option: default}` of an `attribute(self, request, ...)` method; every option needs a default.
 
-        >>> signature_defaults(lambda self, request, n_steps=50: None)
+        signature_defaults(lambda self, request, n_steps=50: None)
         {'n_steps': 50}
     """
     options = list(inspect.signature(attribute).parameters.values())[2:]
@@ -101,7 +102,7 @@ COUNTS = ("n_steps", "n_samples", "n_neighbors", "perturbations_per_eval", "num_
 def check_option(method: str, name: str, value: Any, default: Any) -> None:
     """A method option of the type its default has (bool, int, real), else TypeError naming it.
 
-        >>> check_option("integrated_gradients", "n_steps", "20", 50)   # TypeError
+        check_option("integrated_gradients", "n_steps", "20", 50)   # TypeError
     """
     if name == "internal_batch_size":
         batching.check_size(name, value)
@@ -221,7 +222,7 @@ def chunks(total: int, rows: Rows, internal_batch_size: int | str | None, rows_p
     measured free memory with the batching state `auto`, the request's (`instrument.batching.auto_chunks`,
     an iterator; None: a fresh state).
 
-        >>> for chunk in chunks(n_steps, request.rows, internal_batch_size, auto=request.auto): ...
+        for chunk in chunks(n_steps, request.rows, internal_batch_size, auto=request.auto): ...
     """
     batching.check_size("internal_batch_size", internal_batch_size)
     per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)

@@ -1,14 +1,14 @@
 """Gradient methods on the input embeddings: saliency, input x gradient, integrated gradients,
 DeepLIFT and gradient SHAP.
 
-    >>> model = instrument.load_model(hf_model, "integrated_gradients", n_steps=50)
+    model = instrument.load_model(hf_model, "integrated_gradients", n_steps=50)
 """
 from __future__ import annotations
 
 import torch
 
 from instrument import kernels
-from instrument.engine import RowAttribution
+from instrument.rows import RowAttribution
 from methods.approximation import approximation
 from methods.base import AttributionMethod, Request, chunks, gradients, leaf
 from methods.registry import register

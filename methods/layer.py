@@ -1,7 +1,7 @@
 """Layer methods: attributions to the outputs of inner modules, many layers in one pass.
 
-    >>> out = model.attribute(text, method="layer_gradient_x_activation", target_layers="layers")
-    >>> out[0].target_attributions.shape   # [positions, steps, layers, hidden]
+    out = model.attribute(text, method="layer_gradient_x_activation", target_layers="layers")
+    out[0].target_attributions.shape   # [positions, steps, layers, hidden]
 
 `target_layer=` takes one module (name, alias, module); `target_layers=` takes a list, glob or
 alias and adds a layer dimension after the step dimension. Outputs of encoder modules land in
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from instrument import kernels
-from instrument.engine import RowAttribution
+from instrument.rows import RowAttribution
 from methods.approximation import approximation
 from methods.base import AttributionMethod, Request, chunks, gradients, leaf
 from methods.registry import register

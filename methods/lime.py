@@ -1,12 +1,12 @@
 """LIME (Ribeiro et al. 2016) with tokens as interpretable features, as Inseq (default) or Captum.
 
-    >>> out = model.attribute(text, method="lime", n_samples=100, seed=0)       # Inseq's; variant="captum"
+    out = model.attribute(text, method="lime", n_samples=100, seed=0)       # Inseq's; variant="captum"
 """
 from __future__ import annotations
 
 import torch
 
-from instrument.engine import FullRows, RowAttribution, Rows, full_rows
+from instrument.rows import FullRows, RowAttribution, Rows, full_rows
 from methods.base import AttributionMethod, Request
 from methods.perturber import Perturber, attributed_sides, side_lengths
 from methods.registry import register

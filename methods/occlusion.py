@@ -1,7 +1,7 @@
 """Occlusion on the input embeddings, as Captum computes it (run batched by `methods.perturber`).
 
-    >>> out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
-    >>> out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
+    out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
+    out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from instrument.engine import RowAttribution, full_rows
+from instrument.rows import RowAttribution, full_rows
 from methods.base import AttributionMethod, Request
 from methods.perturber import Perturber, attributed_sides, side_lengths
 from methods.registry import register

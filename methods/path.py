@@ -1,7 +1,7 @@
 """Path methods beyond straight-line IG: discretized (DIG) and sequential (SIG) integrated gradients.
 
-    >>> out = model.attribute(text, method="discretized_integrated_gradients", n_steps=30, strategy="greedy")
-    >>> out = model.attribute(text, method="sequential_integrated_gradients", n_steps=50)
+    out = model.attribute(text, method="discretized_integrated_gradients", n_steps=30, strategy="greedy")
+    out = model.attribute(text, method="sequential_integrated_gradients", n_steps=50)
 
 Both integrate gradients of the attributed function w.r.t. the outputs of the embedding modules, and
 both are batched like integrated gradients: the path points of every row (and, for SIG, of every
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from instrument import batching
-from instrument.engine import RowAttribution
+from instrument.rows import RowAttribution
 from methods.approximation import approximation
 from methods.base import AttributionMethod, Request, chunks, gradients, leaf
 from methods.gradient import PathMethod

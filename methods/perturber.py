@@ -1,8 +1,8 @@
 """What the perturbation methods share: perturbed copies of full rows, scored at every step.
 
-    >>> perturber = Perturber(request, full_rows(request.rows))
-    >>> logits, original = perturber.original()                  # [R, V], [R]
-    >>> n, r, scores = perturber.run(owners, None, perturbed)    # (perturbation, row, score) triples
+    perturber = Perturber(request, full_rows(request.rows))
+    logits, original = perturber.original()                  # [R, V], [R]
+    n, r, scores = perturber.run(owners, None, perturbed)    # (perturbation, row, score) triples
 
 Occlusion, LIME and value zeroing run under `torch.no_grad()` on perturbed copies of the *full* row
 of an example (its longest attributed prefix): under causal attention one forward of it gives the
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from instrument.engine import FullRows
+from instrument.rows import FullRows
 from methods.base import Request
 
 

@@ -1,6 +1,6 @@
 """ReAGent (Zhao et al. 2024) on the input tokens, with Inseq's parameters, every step and probe batched.
 
-    >>> out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
+    out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from instrument.engine import RowAttribution
+from instrument.rows import RowAttribution
 from methods.base import AttributionMethod, Request
 from methods.perturber import attributed_sides, side_lengths
 from methods.registry import register

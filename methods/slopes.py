@@ -1,9 +1,9 @@
 """Elementwise modules whose backward is one multiplication by a slope computed in the forward.
 
-    >>> with activation_slopes(model):           # GELU & co.: their own derivative, computed once
-    ...     grads = torch.autograd.grad(score, embeds, seeds, is_grads_batched=True)
-    >>> with rescale_rule(model):                # DeepLIFT on a batch [inputs; baselines]
-    ...     grads = torch.autograd.grad(score, both)
+    with activation_slopes(model):           # GELU & co.: their own derivative, computed once
+        grads = torch.autograd.grad(score, embeds, seeds, is_grads_batched=True)
+    with rescale_rule(model):                # DeepLIFT on a batch [inputs; baselines]
+        grads = torch.autograd.grad(score, both)
 
 Both are `replaced_slopes`: a forward hook on each module gives its output (unchanged) a backward
 of `grad * slope(inputs, output, derivative)`.

@@ -1,7 +1,7 @@
 """Value zeroing (Mohebbi et al. 2023) inside attention, per layer, as Inseq computes it.
 
-    >>> out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
-    >>> out[0].sequence_scores["encoder_self_scores"]                          # encoder-decoders
+    out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
+    out[0].sequence_scores["encoder_self_scores"]                          # encoder-decoders
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from instrument.engine import RowAttribution, full_rows
 from instrument.hooks import HookHandles
 from instrument.indices import pick_indices
+from instrument.rows import RowAttribution, full_rows
 from instrument.selection import model_config, resolve_alias, select_modules
 from methods.base import AttributionMethod, Request
 from methods.perturber import Perturber

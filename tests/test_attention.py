@@ -56,7 +56,6 @@ def reference_weights(wrapped, eager, seq, source_attention="cross"):
     steps = range(seq.attr_pos_start, seq.attr_pos_end)
     out = {}
     sides = {"target": "attentions"}
-    kwargs = {}
     if wrapped.is_encoder_decoder:
         source = torch.tensor([t.id for t in seq.source])[None]
         sides = {"target": "decoder_attentions",

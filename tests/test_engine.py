@@ -214,7 +214,7 @@ def test_activation_slopes_keep_values_and_gradients():
 
 
 def test_cpu_chunks_default_to_a_cache_sized_number_of_tokens():
-    from instrument.engine import Example, Rows
+    from instrument.rows import Example, Rows
     from methods.base import CPU_CHUNK_TOKENS, chunks
 
     rows = Rows.build([Example(torch.arange(30), 20, 30)], [(0, p) for p in range(20, 30)], pad_id=0)  # 10 rows, width 29

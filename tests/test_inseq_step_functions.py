@@ -128,7 +128,8 @@ def test_step_scores_on_marian_batch(inseq, registered):
 def test_per_step_fields_call_the_function_once_per_step_and_builtins_once():
     """Rows at steps 3, 5, 3: a function reading decoder_input_ids runs on [3, 3] and then [5]; the
     values come back in row order. A built-in never leaves the single call."""
-    from instrument.engine import Engine, Example, Rows
+    from instrument.engine import Engine
+    from instrument.rows import Example, Rows
 
     model, tokenizer = tiny_model("gpt2")
     engine = Engine(model, tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)

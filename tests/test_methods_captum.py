@@ -25,7 +25,7 @@ from captum.attr import (
 from torch import nn
 
 import instrument
-from instrument.engine import Example, Rows
+from instrument.rows import Example, Rows
 from methods.gradient import _row_samples
 
 from tiny_models import tiny_model

@@ -387,7 +387,7 @@ def reagent_by_hand(c, p, attribute_target, seed, num_probes, max_steps, top_k, 
     TopKStoppingConditionEvaluator and AggregateRationalizer, on one unpadded forward per probe, with
     the random streams the library gives each probe (initial scores, then per iteration: update mask,
     update replacements, stopping-check replacements)."""
-    from instrument.engine import Example, Rows
+    from instrument.rows import Example, Rows
     from methods.reagent import probe_generator
 
     example = Example(target_ids=c.target, start=p, end=p + 1, source_ids=c.source)

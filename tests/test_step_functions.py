@@ -220,7 +220,8 @@ def test_top_p_size(case, top_p):
 def test_mc_dropout_is_the_z_score_of_noisy_forwards_and_restores_training_flags():
     """Inseq's definition: (p - mean(p_dropout)) / std(p_dropout) over n_mcd_steps forwards with
     dropout on. The noisy forwards are redone by hand with the same seed and the same rows."""
-    from instrument.engine import Rows, train_mode
+    from instrument.engine import train_mode
+    from instrument.rows import Rows
 
     case = Case("gpt2")  # dropout rates 0.1
     case.model.lm_head.train()  # an uneven pattern of flags, which must survive
@@ -231,7 +232,7 @@ def test_mc_dropout_is_the_z_score_of_noisy_forwards_and_restores_training_flags
     assert [m.training for m in case.model.modules()] == flags
     close(scores["probability"], case.per_step(HAND["probability"]), atol=1e-8)
     engine = case.am.engine
-    example = instrument.engine.Example(target_ids=case.target, start=case.steps[0], end=case.steps[-1] + 1)
+    example = instrument.rows.Example(target_ids=case.target, start=case.steps[0], end=case.steps[-1] + 1)
     rows = Rows.build([example], [(0, p) for p in case.steps], engine.pad_token_id)
     torch.manual_seed(123)
     with torch.no_grad(), train_mode(case.model):

@@ -1,9 +1,9 @@
 """Two tiny trained models shipped with the package, on synthetic tasks whose ground truth is known.
 
-    >>> from instrument.demo import model_path, alignment_examples
-    >>> model = instrument.load_model(model_path("demo-mt"), "integrated_gradients")
-    >>> source, target, alignment = alignment_examples(1, seed=0)[0]
-    >>> out = model.attribute(source, target)   # alignment: (target word, source word) index pairs
+    from instrument.demo import model_path, alignment_examples
+    model = instrument.load_model(model_path("demo-mt"), "integrated_gradients")
+    source, target, alignment = alignment_examples(1, seed=0)[0]
+    out = model.attribute(source, target)   # alignment: (target word, source word) index pairs
 
 - `demo-mt`: a MarianMTModel (d_model 64, 2+2 layers) translating the invented SVO language Sral
   into the invented SOV language Oumi word by word, adjectives moved after their nouns,

@@ -1,7 +1,7 @@
 """Synthetic tasks with known ground truth, shared by the demo models' training script and the tests.
 
-    >>> source, target, alignment = translation_example(random_source(0))
-    >>> facts()[0]            # Fact(subject='...', capital='...', language='...')
+    source, target, alignment = translation_example(random_source(0))
+    facts()[0]            # Fact(subject='...', capital='...', language='...')
 
 Translation: word-by-word translation from an invented SVO language ("Sral", adjectives before nouns,
 prepositions) to an invented SOV language ("Oumi", adjectives after nouns, postpositions, the verb

@@ -1,8 +1,8 @@
 """The JSON document both of our formats hold, built from an output and checked back into one.
 
-    >>> document = to_document(out, put=lambda key, tensor: {**tensor_spec(tensor), "key": key}, precision="float32")
-    >>> document["sequences"][0]["source"]                  # [["▁Hello", 1017], ...]
-    >>> out = from_document(document, get=lambda spec, where: tensors[spec["key"]])
+    document = to_document(out, put=lambda key, tensor: {**tensor_spec(tensor), "key": key}, precision="float32")
+    document["sequences"][0]["source"]                  # [["▁Hello", 1017], ...]
+    out = from_document(document, get=lambda spec, where: tensors[spec["key"]])
 
 The document: `format`, `version`, `scores_precision`, `info`, `step_attributions` and one entry per
 sequence with its tokens (`[token, id]` pairs), `attr_pos_start`, `attr_pos_end`, an optional

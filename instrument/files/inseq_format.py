@@ -1,7 +1,7 @@
 """Inseq's JSON format, written for `inseq.FeatureAttributionOutput.load` and read from files Inseq saved.
 
-    >>> document = to_inseq_document(out, precision="float32")     # json.dumps it, gzip it for `.gz`
-    >>> out = from_inseq_document(json.loads(Path("inseq.json").read_text()))
+    document = to_inseq_document(out, precision="float32")     # json.dumps it, gzip it for `.gz`
+    out = from_inseq_document(json.loads(Path("inseq.json").read_text()))
 
 Inseq writes its objects as `{"__instance_type__": [module, class], "attributes": {...}}`; each tensor
 is the base64 text of a one-tensor safetensors file (key "attribution"), read back as float32. Older

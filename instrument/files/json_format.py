@@ -1,8 +1,8 @@
 """Our portable `.json` format: the document with each tensor's values inline, as standard JSON.
 
-    >>> document = json_document(out, precision="float16")
-    >>> document["sequences"][0]["step_scores"]["probability"]     # {"dtype": "float16", "shape": [5], "data": [...]}
-    >>> out = from_json_document(json.loads(text))
+    document = json_document(out, precision="float16")
+    document["sequences"][0]["step_scores"]["probability"]     # {"dtype": "float16", "shape": [5], "data": [...]}
+    out = from_json_document(json.loads(text))
 
 A tensor entry holds its values as nested lists in `"data"`; NaN is `null`, infinities are the
 strings `"Infinity"` / `"-Infinity"` (see `json_values`), so any JSON reader takes the file.

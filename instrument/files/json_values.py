@@ -1,8 +1,8 @@
 """Python values and tensor values as standard JSON (no NaN or infinity literals), and back.
 
-    >>> jsonable({"baselines": torch.zeros(2), "n": (1, 2)})   # {"baselines": "tensor([0.0, 0.0], ...)", "n": [1, 2]}
-    >>> encode_values(torch.tensor([1.0, float("nan"), float("inf")]))   # [1.0, None, "Infinity"]
-    >>> decode_values([1.0, None, "Infinity"], [3], torch.float32, "sequence 0.step_scores.p")
+    jsonable({"baselines": torch.zeros(2), "n": (1, 2)})   # {"baselines": "tensor([0.0, 0.0], ...)", "n": [1, 2]}
+    encode_values(torch.tensor([1.0, float("nan"), float("inf")]))   # [1.0, None, "Infinity"]
+    decode_values([1.0, None, "Infinity"], [3], torch.float32, "sequence 0.step_scores.p")
 
 `jsonable` is for `info` values: what JSON cannot hold becomes a short string (its repr; tensors as
 `tensor(shape=..., dtype=...)`, with their values when small); tuples become lists. Tensor values

@@ -1,8 +1,8 @@
 """Our `.safetensors` format: the tensors as safetensors tensors, the document in the file's metadata.
 
-    >>> write = safetensors_writer(out, precision="float32")
-    >>> write("attributions.safetensors")
-    >>> out = load_safetensors(Path("attributions.safetensors"))
+    write = safetensors_writer(out, precision="float32")
+    write("attributions.safetensors")
+    out = load_safetensors(Path("attributions.safetensors"))
 
 Tensors are stored under keys such as `seq0.source_attributions`, `seq0.step_scores.probability`; a
 tensor entry of the document names its key (`"key"`). The document is one JSON string in the

@@ -1,9 +1,9 @@
 """`save` and `load`: choosing the format of a file, and writing it whole or not at all.
 
-    >>> save(out, "attributions.safetensors")                      # refuses to overwrite unless overwrite=True
-    >>> save(out, "attributions.json", scores_precision="float16")
-    >>> save(out, "attributions.json.gz", format="inseq")          # for Inseq's load(..., decompress=True)
-    >>> load("attributions.safetensors").equals(out)
+    save(out, "attributions.safetensors")                      # refuses to overwrite unless overwrite=True
+    save(out, "attributions.json", scores_precision="float16")
+    save(out, "attributions.json.gz", format="inseq")          # for Inseq's load(..., decompress=True)
+    load("attributions.safetensors").equals(out)
 
 `load` finds the format from the content: safetensors, our JSON or Inseq's JSON, each JSON gzipped or
 not, and raises `ValueError` naming the file and the problem for truncated, tampered or foreign files.

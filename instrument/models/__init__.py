@@ -1,7 +1,7 @@
 """`load_model`: wrap a Hugging Face model (object, local directory or hub name) for attribution.
 
-    >>> model = instrument.load_model("path/to/model", "integrated_gradients", n_steps=20)
-    >>> out = model.attribute("Hello world")
+    model = instrument.load_model("path/to/model", "integrated_gradients", n_steps=20)
+    out = model.attribute("Hello world")
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def load_model(
 ) -> AttributionModel:
     """An `AttributionModel` for `model`, a loaded `PreTrainedModel`, a local directory or a hub name.
 
-    >>> load_model(hf_model, "saliency", tokenizer=tokenizer)
+    load_model(hf_model, "saliency", tokenizer=tokenizer)
 
     The model's train/eval mode is left as it is (`attribute` runs in eval mode and restores it). It
     is moved to `device` only when one is given and it was not loaded quantized or with a

@@ -1,7 +1,7 @@
 """`AttributionModel.attribute`: Inseq's entry point, on the batched engine.
 
-    >>> model = instrument.load_model(hf_model, "saliency", tokenizer=tokenizer)
-    >>> out = model.attribute("The capital of France is", step_scores=["probability"])
+    model = instrument.load_model(hf_model, "saliency", tokenizer=tokenizer)
+    out = model.attribute("The capital of France is", step_scores=["probability"])
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class AttributionModel:
     ) -> FeatureAttributionOutput:
         """Attribute `generated_texts` (or the model's own generations) to `input_texts`.
 
-            >>> out = model.attribute(["Hello world"], ["Hallo Welt"], step_scores=["probability"])
+            out = model.attribute(["Hello world"], ["Hallo Welt"], step_scores=["probability"])
 
         Method options (`n_steps`, `baselines`, `target_layers`...) and
         step function options (`contrast_targets`, `logprob`, `top_k`...) go in `kwargs`. Inseq's
@@ -232,7 +232,7 @@ def attribute_reference(model: AttributionModel, *args, **kwargs) -> FeatureAttr
     """`model.attribute(*args, **kwargs)` one row at a time: one prefix forward per step and example,
     as Inseq does. Slow; an oracle for tests of the batched engine.
 
-        >>> expected = attribute_reference(model, "Hello", "Hello world", method="saliency")
+        expected = attribute_reference(model, "Hello", "Hello world", method="saliency")
     """
     return model.attribute(*args, _reference=True, **kwargs)
 

@@ -1,7 +1,7 @@
 """Decoder-only (`*ForCausalLM`) models: the target text continues the input text.
 
-    >>> model = DecoderOnlyModel(gpt2, tokenizer, "saliency")
-    >>> model.attribute("The capital of France is", "The capital of France is Paris")
+    model = DecoderOnlyModel(gpt2, tokenizer, "saliency")
+    model.attribute("The capital of France is", "The capital of France is Paris")
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Encoder-decoder (`*ForConditionalGeneration`) models: source attributions, and target-prefix
 attributions with `attribute_target=True`.
 
-    >>> model = EncoderDecoderModel(marian, tokenizer, "integrated_gradients")
-    >>> model.attribute("Hello world", "Hallo Welt")
+    model = EncoderDecoderModel(marian, tokenizer, "integrated_gradients")
+    model.attribute("Hello world", "Hallo Welt")
 """
 from __future__ import annotations
 

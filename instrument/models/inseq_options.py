@@ -1,7 +1,7 @@
 """Inseq's call options around `AttributionModel.attribute`, and its rules for contrastive inputs.
 
-    >>> out = model.attribute(prompt, device="cuda", output_step_attributions=True, clean_special_chars=True)
-    >>> out.step_attributions[0].target_attributions.shape   # [examples, prefix length(, hidden)]
+    out = model.attribute(prompt, device="cuda", output_step_attributions=True, clean_special_chars=True)
+    out.step_attributions[0].target_attributions.shape   # [examples, prefix length(, hidden)]
 
 Also here: prompts given as token ids (`TokenIds`, e.g. from `tokenizer.apply_chat_template`), the
 completion of partial `contrast_targets_alignments` (`fill_alignment`) and the scoring of a contrastive
@@ -28,7 +28,7 @@ OPTIONS = ("device", "override_default_attribution", "pretty_progress", "output_
 class TokenIds(str):
     """A prompt or target given as token ids: the decoded text (for display) carrying the exact ids.
 
-    >>> TokenIds(tokenizer.decode(ids), ids).ids
+    TokenIds(tokenizer.decode(ids), ids).ids
     """
 
     ids: torch.Tensor
@@ -43,9 +43,9 @@ def inseq_call_options(attribute):
     """Adds Inseq's `device`, `override_default_attribution`, `pretty_progress`, `output_step_attributions`
     and `clean_special_chars` to `attribute`, and token-id prompts.
 
-        >>> class AttributionModel:
-        ...     @inseq_call_options
-        ...     def attribute(self, input_texts, ...): ...
+        class AttributionModel:
+            @inseq_call_options
+            def attribute(self, input_texts, ...): ...
 
     - `device`: the model is moved there for this call and moved back after it, errors included.
     - `override_default_attribution=True` with `method=...`: that method becomes the model's default
@@ -219,7 +219,7 @@ def _stack(values: list[torch.Tensor | None]) -> torch.Tensor:
 def fill_alignment(pairs, start: int, end: int, contrast_length: int) -> dict[int, int]:
     """Target position -> contrast position for every attributed position `start .. end - 1`.
 
-        >>> fill_alignment([(5, 6)], 4, 7, 9)   # {4: 6, 5: 6, 6: 8}
+        fill_alignment([(5, 6)], 4, 7, 9)   # {4: 6, 5: 6, 6: 8}
 
     Inseq's rules (`get_adjusted_alignments` with `fill_missing=True`): pairs are sorted and deduplicated;
     each position keeps its first pair whose contrast position lies in the contrast and is not taken yet

@@ -1,9 +1,9 @@
 """One `attribute()` call's work: the method, the attributed function, the step scorers and the
 examples, attributed batch of rows after batch of rows into an accumulator.
 
-    >>> run = AttributionRun(engine, examples, method, get_step_function("probability"), {}, {}, True)
-    >>> run.attribute_all(batch_size="auto")              # or run.attribute_rows([(0, 3), (1, 2)])
-    >>> sequences = run.collected.sequences(tokens)
+    run = AttributionRun(engine, examples, method, get_step_function("probability"), {}, {}, True)
+    run.attribute_all(batch_size="auto")              # or run.attribute_rows([(0, 3), (1, 2)])
+    sequences = run.collected.sequences(tokens)
 
 `AttributionModel.attribute` builds it and hands `attribute_rows` to `instrument.batching.run_rows`
 (memory-aware chunks, retried on out-of-memory errors), or calls it on fixed batches of rows.

@@ -1,7 +1,7 @@
 """Checks of what `AttributionModel.attribute` is given, and the model state it runs in.
 
-    >>> check_causal(bert_mlm, is_encoder_decoder=False)   # ValueError: bidirectional attention
-    >>> with eval_mode(model): ...                          # every module's own flag restored after
+    check_causal(bert_mlm, is_encoder_decoder=False)   # ValueError: bidirectional attention
+    with eval_mode(model): ...                          # every module's own flag restored after
 
 Everything here raises one `ValueError` or `TypeError` naming the argument at fault.
 """

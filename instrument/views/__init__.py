@@ -1,9 +1,9 @@
 """Heatmap views of attributions: rich tables in the console, or self-contained HTML.
 
-    >>> from instrument.views import show, save_html
-    >>> show(out)                                    # console: one heatmap table per example
-    >>> html = show(out, return_html=True)           # one <table> per example, inline styles only
-    >>> save_html(out, "attributions.html")
+    from instrument.views import show, save_html
+    show(out)                                    # console: one heatmap table per example
+    html = show(out, return_html=True)           # one <table> per example, inline styles only
+    save_html(out, "attributions.html")
 
 Columns are the generated tokens; rows the source tokens, then the target tokens (decoder-only
 models: target rows only), then one row per step score. By default the output is first aggregated

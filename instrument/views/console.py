@@ -1,7 +1,7 @@
 """The console view: rich heatmap tables, split into several tables when the steps do not fit the width.
 
-    >>> from rich.console import Console
-    >>> show_console(prepared(out, aggregate=True), Console(width=100), step_score_highlight="probability")
+    from rich.console import Console
+    show_console(prepared(out, aggregate=True), Console(width=100), step_score_highlight="probability")
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`show_granular` (Inseq's): the unaggregated scores, one heatmap per index of the extra dimensions.
 
-    >>> show_granular(out, slice_dims={2: (0, 4)})                 # hidden units 0..3: four heatmaps per example
-    >>> show_granular(out, show_dim=2, slice_dims={3: (0, 1)})     # only dimension 2, dimension 3 at index 0
+    show_granular(out, slice_dims={2: (0, 4)})                 # hidden units 0..3: four heatmaps per example
+    show_granular(out, show_dim=2, slice_dims={3: (0, 1)})     # only dimension 2, dimension 3 at index 0
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """What one example's heatmap holds: column labels, rows per section, step scores and the colour scale.
 
-    >>> grid = Grid(seq, step_score_highlight="probability")
-    >>> grid.columns, [title for title, _ in grid.sections]     # generated tokens, ["source", "target"]
-    >>> grid.chunks(width=80, max_columns=None)                 # [(0, 7), (7, 12)]: column ranges per table
+    grid = Grid(seq, step_score_highlight="probability")
+    grid.columns, [title for title, _ in grid.sections]     # generated tokens, ["source", "target"]
+    grid.chunks(width=80, max_columns=None)                 # [(0, 7), (7, 12)]: column ranges per table
 
 The console and HTML renderings both draw a `Grid`; it checks that the sequence is 2-D.
 """

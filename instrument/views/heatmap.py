@@ -1,8 +1,8 @@
 """`show`: the heatmap of every example, in the console or as HTML; `save_html` writes it as a page.
 
-    >>> show(out)                                          # rich tables, aggregated with "scores"
-    >>> html = show(out, return_html=True, aggregate="subwords", step_score_highlight="probability")
-    >>> save_html(out, "attributions.html", overwrite=True)
+    show(out)                                          # rich tables, aggregated with "scores"
+    html = show(out, return_html=True, aggregate="subwords", step_score_highlight="probability")
+    save_html(out, "attributions.html", overwrite=True)
 """
 from __future__ import annotations
 

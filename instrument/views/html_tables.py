@@ -1,8 +1,8 @@
 """The HTML view: one self-contained `<table>` per example (inline styles only, no script), and a page around them.
 
-    >>> html = to_html(prepared(out, aggregate=True), step_score_highlight="probability")
-    >>> Path("attributions.html").write_text(html_document(html))
-    >>> display_in_notebook(html)            # shown when IPython is running, else nothing happens
+    html = to_html(prepared(out, aggregate=True), step_score_highlight="probability")
+    Path("attributions.html").write_text(html_document(html))
+    display_in_notebook(html)            # shown when IPython is running, else nothing happens
 """
 from __future__ import annotations
 

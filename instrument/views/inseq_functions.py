@@ -1,8 +1,8 @@
 """Inseq's module-level view functions, on a sequence output, a list of them, or a whole output.
 
-    >>> instrument.show_attributions(out.aggregate())                       # already 2-D: no aggregation
-    >>> instrument.show_granular_attributions(seq, slice_dims={2: (0, 4)})
-    >>> instrument.show_token_attributions(out.aggregate(), wrap_after=10)
+    instrument.show_attributions(out.aggregate())                       # already 2-D: no aggregation
+    instrument.show_granular_attributions(seq, slice_dims={2: (0, 4)})
+    instrument.show_token_attributions(out.aggregate(), wrap_after=10)
 """
 from __future__ import annotations
 

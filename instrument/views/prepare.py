@@ -1,8 +1,8 @@
 """Which 2-D sequences a view shows: the sequences of what it was given, aggregated as asked.
 
-    >>> sequences_of(out)                         # [seq0, seq1, ...] (a single sequence: [seq])
-    >>> prepared(out, aggregate=True)             # each aggregated with its default pipeline, then "scores"
-    >>> prepared(out, aggregate="subwords")       # "subwords", then "scores" while more than 2-D
+    sequences_of(out)                         # [seq0, seq1, ...] (a single sequence: [seq])
+    prepared(out, aggregate=True)             # each aggregated with its default pipeline, then "scores"
+    prepared(out, aggregate="subwords")       # "subwords", then "scores" while more than 2-D
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`show_tokens` (Inseq's): the text, each generated token followed by its attributed tokens coloured by score.
 
-    >>> show_tokens(out, step_score_highlight="probability", wrap_after=10)        # console
-    >>> html = show_tokens(out, return_html=True, replace_char={"Ġ": " "})          # click a token to unfold it
+    show_tokens(out, step_score_highlight="probability", wrap_after=10)        # console
+    html = show_tokens(out, return_html=True, replace_char={"Ġ": " "})          # click a token to unfold it
 """
 from __future__ import annotations
 
