@@ -11,6 +11,7 @@ that crashes the first time it formats an error message, its copy of the C++ run
 with torch's. After the build, an extension that does not load libstdc++ dynamically while torch does
 is rebuilt with the system compiler, or else left out; either way with a one-line notice.
 """
+
 import glob
 import os
 import shlex
@@ -36,11 +37,11 @@ def needed_libraries(path: str):
         return None
     wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
     if wide:
-        shoff, = struct.unpack_from(order + "Q", data, 0x28)
+        (shoff,) = struct.unpack_from(order + "Q", data, 0x28)
         shentsize, shnum = struct.unpack_from(order + "HH", data, 0x3A)
         section, entry = order + "IIQQQQIIQQ", order + "qQ"
     else:
-        shoff, = struct.unpack_from(order + "I", data, 0x20)
+        (shoff,) = struct.unpack_from(order + "I", data, 0x20)
         shentsize, shnum = struct.unpack_from(order + "HH", data, 0x2E)
         section, entry = order + "IIIIIIIIII", order + "iI"
     sections = [struct.unpack_from(section, data, shoff + i * shentsize) for i in range(shnum)]
@@ -55,7 +56,7 @@ def needed_libraries(path: str):
                 break
             if tag == 1:  # DT_NEEDED
                 start = strings + value
-                names.append(data[start:data.index(b"\0", start)].decode())
+                names.append(data[start : data.index(b"\0", start)].decode())
         return names
     return None
 
@@ -102,8 +103,10 @@ def checked_build_ext(base, reference=torch_library):
             fallback = system_compiler(compiler)
             os.remove(path)
             if fallback is not None:
-                notice(f"{compiler} links libstdc++ statically, which makes {ext.name} crash on its first error "
-                       f"message; rebuilding it with {fallback}")
+                notice(
+                    f"{compiler} links libstdc++ statically, which makes {ext.name} crash on its first error "
+                    f"message; rebuilding it with {fallback}"
+                )
                 os.environ["CXX"] = fallback  # the compile step (torch's ninja build) reads CXX
                 self.compiler.set_executable("compiler_cxx", fallback)  # the link step uses compiler_cxx
                 self.force = True
@@ -111,8 +114,10 @@ def checked_build_ext(base, reference=torch_library):
                 if not static_libstdcxx(path, reference()):
                     return
                 os.remove(path)
-            notice(f"installing without the native extension {ext.name}: no C++ compiler here links libstdc++ "
-                   "dynamically (set CXX to one that does)")
+            notice(
+                f"installing without the native extension {ext.name}: no C++ compiler here links libstdc++ "
+                "dynamically (set CXX to one that does)"
+            )
             ext.optional = True  # setuptools then goes on without it
             raise CompileError(f"{ext.name} would link libstdc++ statically")
 

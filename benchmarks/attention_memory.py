@@ -20,6 +20,7 @@ allocator (tracemalloc would not see it). Exits with status 1 above `--budget-gb
 No network: the tokenizer is a byte-level BPE trained at startup on a short text (each of its words
 one token), and the text is those words repeated to exactly `--tokens` tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ import transformers
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
 
-WORDS = ("The quick brown fox jumps over the lazy dog while the farmer watches from his porch and "
-         "thinks about the long winter ahead").split()
+WORDS = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from his porch and "
+    "thinks about the long winter ahead"
+).split()
 
 
 def status_kb(key: str) -> int:
@@ -57,11 +60,19 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(WORDS)] * 50, vocab_size=600, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>", "<unk>"])
+    bpe.train_from_iterator(
+        [" ".join(WORDS)] * 50,
+        vocab_size=600,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<unk>"],
+    )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, unk_token="<unk>", bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=bpe._tokenizer,
+        unk_token="<unk>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
 
 
@@ -94,8 +105,14 @@ def main(argv=None) -> int:
     text = text_of(tokenizer, args.tokens)
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=max(4096, args.tokens),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        vocab_size=50257,
+        n_positions=max(4096, args.tokens),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         attn_implementation="sdpa",
     )
     model = transformers.GPT2LMHeadModel(config).eval()
@@ -105,8 +122,14 @@ def main(argv=None) -> int:
     exact = reset_peak()
     before = status_kb("VmRSS")
     started = time.perf_counter()
-    out = wrapped.attribute(WORDS[0], text, attr_pos_start=args.tokens - args.steps, show_progress=False,
-                            aggregate_fn=aggregate, step_scores=["probability"])
+    out = wrapped.attribute(
+        WORDS[0],
+        text,
+        attr_pos_start=args.tokens - args.steps,
+        show_progress=False,
+        aggregate_fn=aggregate,
+        step_scores=["probability"],
+    )
     seconds = time.perf_counter() - started
     peak = status_kb("VmHWM")
     growth_gb = (peak - before) * 1024 / 1e9
@@ -116,15 +139,22 @@ def main(argv=None) -> int:
     columns = seq.target_attributions
     sums = columns.nansum(0) if aggregate != "max" else None
     per_layer = 4 * config.n_head * args.tokens**2 / 1e9
-    print(f"attention over {args.tokens} tokens, {args.steps} steps, aggregate={args.aggregate}, "
-          f"torch threads={torch.get_num_threads()}")
+    print(
+        f"attention over {args.tokens} tokens, {args.steps} steps, aggregate={args.aggregate}, "
+        f"torch threads={torch.get_num_threads()}"
+    )
     print(f"  output target_attributions {tuple(columns.shape)}; time {seconds:.1f} s")
     if sums is not None and aggregate == "mean":
         print(f"  each column sums to 1: max |sum - 1| = {float((sums - 1).abs().max()):.2e}")
-    print(f"  one layer's weights: {per_layer:.2f} GB; all {config.n_layer} layers (output_attentions=True): "
-          f"{per_layer * config.n_layer:.1f} GB")
-    print(f"  peak RSS growth during attribute(): {growth_gb:.2f} GB"
-          f"{'' if exact else ' (peak not resettable here: upper bound from the process peak)'}; budget {args.budget_gb} GB")
+    print(
+        f"  one layer's weights: {per_layer:.2f} GB; all {config.n_layer} layers (output_attentions=True): "
+        f"{per_layer * config.n_layer:.1f} GB"
+    )
+    print(
+        f"  peak RSS growth during attribute(): {growth_gb:.2f} GB"
+        f"{'' if exact else ' (peak not resettable here: upper bound from the process peak)'}"
+        f"; budget {args.budget_gb} GB"
+    )
     return 0 if growth_gb <= args.budget_gb else 1
 
 

@@ -18,6 +18,7 @@ subject token, the other subject tokens and the rest of the prompt; the Pearson 
 (`instrument.batching.measure`). Needs bitsandbytes and accelerate. `--model random` is a random
 GPT-2 of the given shape on demo-lm's vocabulary (no knowledge to find; for memory and agreement).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,16 @@ def load(kind: str, quantize: bool, hidden: int, layers: int, folder: str):
         return instrument.load_model("demo-lm", device="cpu", model_kwargs=kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path("demo-lm"))
     if not quantize:
-        config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=max(1, hidden // 64), n_positions=64,
-                                         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = transformers.GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=max(1, hidden // 64),
+            n_positions=64,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         torch.manual_seed(0)
         transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return instrument.load_model(folder, tokenizer=tokenizer, device="cpu", model_kwargs=kwargs)
@@ -77,10 +85,20 @@ def trace_facts(wrapped, items, batch_size, logprob=False):
     # One answer step per fact; prompts differ in length when a subject is two words, so attribute by length.
     for length in sorted({len(p.split()) for p in prompts}):
         index = [i for i, p in enumerate(prompts) if len(p.split()) == length]
-        out = wrapped.attribute([prompts[i] for i in index], [targets[i] for i in index], method="layer_gradient_x_activation",
-                                target_layers="layers", attributed_fn="contrast_prob_diff", contrast_targets=[contrasts[i] for i in index],
-                                attr_pos_start=length, attr_pos_end=length + 1, step_scores=["contrast_prob_diff"],
-                                batch_size=batch_size, logprob=logprob, show_progress=False)
+        out = wrapped.attribute(
+            [prompts[i] for i in index],
+            [targets[i] for i in index],
+            method="layer_gradient_x_activation",
+            target_layers="layers",
+            attributed_fn="contrast_prob_diff",
+            contrast_targets=[contrasts[i] for i in index],
+            attr_pos_start=length,
+            attr_pos_end=length + 1,
+            step_scores=["contrast_prob_diff"],
+            batch_size=batch_size,
+            logprob=logprob,
+            show_progress=False,
+        )
         for i, seq in zip(index, out):
             scores = seq.target_attributions[:length, 0].sum(-1)  # [prompt tokens, layers]
             results.append((i, scores, float(seq.step_scores["contrast_prob_diff"][0])))
@@ -99,7 +117,9 @@ def summary(items, traced) -> torch.Tensor:
             last = scores.shape[0] - 1
             group = 0 if position == subject[-1] else 1 if position in subject else 2 if position == last else 3
             groups[group].append(scores[position])
-    return torch.stack([torch.stack(g).mean(0) if g else torch.full_like(traced[0][0][0], float("nan")) for g in groups])
+    return torch.stack(
+        [torch.stack(g).mean(0) if g else torch.full_like(traced[0][0][0], float("nan")) for g in groups]
+    )
 
 
 def main():
@@ -110,7 +130,9 @@ def main():
     parser.add_argument("--n", type=int, default=24, help="facts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", default="auto", help="examples per chunk, or 'auto'")
-    parser.add_argument("--logprob", action="store_true", help="log p(Y) - log p(Y') (does not saturate on confident facts)")
+    parser.add_argument(
+        "--logprob", action="store_true", help="log p(Y) - log p(Y') (does not saturate on confident facts)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,15 +148,26 @@ def main():
             started = time.perf_counter()
             with batching.measure(batching.model_devices(wrapped.model)) as peak:
                 traced = trace_facts(wrapped, items, batch_size, args.logprob)
-            runs[name] = dict(wrapped=wrapped, items=items, traced=traced, seconds=time.perf_counter() - started,
-                              peak=peak.peak, memory=wrapped.model.get_memory_footprint(),
-                              layers=wrapped.engine.layer_names("layers"))
+            runs[name] = dict(
+                wrapped=wrapped,
+                items=items,
+                traced=traced,
+                seconds=time.perf_counter() - started,
+                peak=peak.peak,
+                memory=wrapped.model.get_memory_footprint(),
+                layers=wrapped.engine.layer_names("layers"),
+            )
 
     full, q8 = runs["float32"], runs["8-bit"]
     layers = full["layers"]
-    print(f"{args.model}: {type(full['wrapped'].model).__name__}, {len(layers)} blocks, "
-          f"hidden {full['wrapped'].model.config.n_embd}, {len(full['items'])} facts, {torch.get_num_threads()} thread(s)")
-    print(f"layer gradient x activation over all blocks, attributed_fn=contrast_prob_diff{' (logprob=True)' if args.logprob else ''}, true vs false capital,")
+    print(
+        f"{args.model}: {type(full['wrapped'].model).__name__}, {len(layers)} blocks, "
+        f"hidden {full['wrapped'].model.config.n_embd}, {len(full['items'])} facts, {torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"layer gradient x activation over all blocks, attributed_fn=contrast_prob_diff"
+        f"{' (logprob=True)' if args.logprob else ''}, true vs false capital,"
+    )
     print("score = sum over hidden of grad x act at the block's output, mean over facts\n")
     header = f"{'layer':<22}" + "".join(f"{col:>12}" for col in GROUPS)
     for name, run in runs.items():
@@ -155,14 +188,23 @@ def main():
         per_layer.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
     diffs = torch.tensor([[d for _, d in full["traced"]], [d for _, d in q8["traced"]]], dtype=torch.float64)
     print("8-bit vs float32")
-    print(f"  Pearson r of the [token, layer] scores per fact: min {min(per_fact):.4f}, mean {sum(per_fact) / len(per_fact):.4f}")
+    print(
+        f"  Pearson r of the [token, layer] scores per fact: min {min(per_fact):.4f}, "
+        f"mean {sum(per_fact) / len(per_fact):.4f}"
+    )
     print("  Pearson r per layer (over facts and tokens): " + ", ".join(f"{r:.4f}" for r in per_layer))
     print(f"  Pearson r of the attributed function over facts: {float(torch.corrcoef(diffs)[0, 1]):.4f}")
     print(f"\n{'':24}{'float32':>12}{'8-bit':>12}{'ratio':>8}")
     mib = 2**20
-    print(f"{'weights (MiB)':24}{full['memory'] / mib:12.3f}{q8['memory'] / mib:12.3f}{q8['memory'] / full['memory']:8.3f}")
+    print(
+        f"{'weights (MiB)':24}{full['memory'] / mib:12.3f}{q8['memory'] / mib:12.3f}"
+        f"{q8['memory'] / full['memory']:8.3f}"
+    )
     if full["peak"] is not None and q8["peak"] is not None:
-        print(f"{'peak during tracing (MiB)':24}{full['peak'] / mib:12.3f}{q8['peak'] / mib:12.3f}{q8['peak'] / max(full['peak'], 1):8.3f}")
+        print(
+            f"{'peak during tracing (MiB)':24}{full['peak'] / mib:12.3f}{q8['peak'] / mib:12.3f}"
+            f"{q8['peak'] / max(full['peak'], 1):8.3f}"
+        )
     print(f"{'tracing time (s)':24}{full['seconds']:12.3f}{q8['seconds']:12.3f}{q8['seconds'] / full['seconds']:8.3f}")
 
 

@@ -31,6 +31,7 @@ for outputs of 64 MiB or more (see csrc/bindings.cpp), eager PyTorch does so onl
 THP_MEM_ALLOC_ENABLE=1 in the environment. Cases whose inputs and eager temporaries would take more than
 60% of the available memory are skipped with a note (the full sizes need about 9 GB at most).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,30 +125,46 @@ def cases(op: str, size: dict, dtype: torch.dtype, device: torch.device):
             return
         attn = torch.rand(layers, batch, heads, length, length, generator=gen).to(device, dtype)
         plane = batch * length * length
-        yield (f"all {layers}x{heads}, mean", lambda: kernels.reduce_heads(attn),
-               lambda: attn.float().mean((0, 2)), layers * heads * plane * item + plane * 4)
-        yield (f"all {layers}x{heads}, max", lambda: kernels.reduce_heads(attn, reduce="max"),
-               lambda: attn.float().amax((0, 2)), layers * heads * plane * item + plane * 4)
+        yield (
+            f"all {layers}x{heads}, mean",
+            lambda: kernels.reduce_heads(attn),
+            lambda: attn.float().mean((0, 2)),
+            layers * heads * plane * item + plane * 4,
+        )
+        yield (
+            f"all {layers}x{heads}, max",
+            lambda: kernels.reduce_heads(attn, reduce="max"),
+            lambda: attn.float().amax((0, 2)),
+            layers * heads * plane * item + plane * 4,
+        )
         pick_layers, pick_heads = list(range(layers - 4, layers)), list(range(0, heads, 2))
         index_l, index_h = torch.tensor(pick_layers, device=device), torch.tensor(pick_heads, device=device)
-        yield (f"{len(pick_layers)}x{len(pick_heads)} picked, mean",
-               lambda: kernels.reduce_heads(attn, pick_layers, pick_heads),
-               lambda: attn.index_select(0, index_l).index_select(2, index_h).float().mean((0, 2)),
-               len(pick_layers) * len(pick_heads) * plane * item + plane * 4)
+        yield (
+            f"{len(pick_layers)}x{len(pick_heads)} picked, mean",
+            lambda: kernels.reduce_heads(attn, pick_layers, pick_heads),
+            lambda: attn.index_select(0, index_l).index_select(2, index_h).float().mean((0, 2)),
+            len(pick_layers) * len(pick_heads) * plane * item + plane * 4,
+        )
         # As the attention method reduces one layer's weights in its hook: heads, then the query rows read
         # (every row here); eager: the rows first, then the heads (what the method did before).
         one, rows = attn[0], torch.arange(batch, device=device)[:, None]
         positions = torch.arange(length, device=device).expand(batch, length)
-        yield ("one layer, as in attention",
-               lambda: kernels.reduce_heads([one], heads=list(range(heads)))[rows, positions],
-               lambda: one[rows, :, positions].float().sum(2), heads * plane * item + plane * 4)
+        yield (
+            "one layer, as in attention",
+            lambda: kernels.reduce_heads([one], heads=list(range(heads)))[rows, positions],
+            lambda: one[rows, :, positions].float().sum(2),
+            heads * plane * item + plane * 4,
+        )
         return
 
     for hidden in size["hidden"]:
         n = batch * length * hidden
         shape = f"D={hidden}"
-        need = {"interpolate": 2 * n * item + k * n * (8 + item), "accumulate": k * n * (item + 4) + 3 * n * 4,
-                "finalize": 8 * n * 4}[op]
+        need = {
+            "interpolate": 2 * n * item + k * n * (8 + item),
+            "accumulate": k * n * (item + 4) + 3 * n * 4,
+            "finalize": 8 * n * 4,
+        }[op]
         skip = too_big(f"{shape} K={k}", need)
         if skip:
             yield skip
@@ -159,8 +176,12 @@ def cases(op: str, size: dict, dtype: torch.dtype, device: torch.device):
                 low = base.float()
                 return (low + alphas.view(-1, 1, 1, 1) * (x.float() - low)).to(dtype).flatten(0, 1)
 
-            yield (f"{shape} K={k}", lambda x=x, base=base, alphas=alphas: kernels.interpolate(x, base, alphas), eager,
-                   2 * n * item + k * n * item)
+            yield (
+                f"{shape} K={k}",
+                lambda x=x, base=base, alphas=alphas: kernels.interpolate(x, base, alphas),
+                eager,
+                2 * n * item + k * n * item,
+            )
         elif op == "accumulate":
             grads, weights = randn(k * batch, length, hidden), torch.rand(k, device=device)
             acc = torch.zeros(batch, length, hidden, device=device)
@@ -168,13 +189,24 @@ def cases(op: str, size: dict, dtype: torch.dtype, device: torch.device):
             def eager(acc=acc, grads=grads, weights=weights):
                 acc += torch.einsum("k,k...->...", weights, grads.float().unflatten(0, (k, -1)))
 
-            yield (f"{shape} K={k}", lambda acc=acc, grads=grads, weights=weights: kernels.accumulate(acc, grads, weights),
-                   eager, k * n * item + 2 * n * 4)
+            yield (
+                f"{shape} K={k}",
+                lambda acc=acc, grads=grads, weights=weights: kernels.accumulate(acc, grads, weights),
+                eager,
+                k * n * item + 2 * n * 4,
+            )
         elif op == "finalize":
-            acc, x, base = randn(batch, length, hidden, dtype=torch.float32), randn(batch, length, hidden), \
-                randn(batch, length, hidden)
-            yield (shape, lambda acc=acc, x=x, base=base: kernels.finalize(acc, x, base),
-                   lambda acc=acc, x=x, base=base: acc * (x - base).float(), 2 * n * 4 + 2 * n * item)
+            acc, x, base = (
+                randn(batch, length, hidden, dtype=torch.float32),
+                randn(batch, length, hidden),
+                randn(batch, length, hidden),
+            )
+            yield (
+                shape,
+                lambda acc=acc, x=x, base=base: kernels.finalize(acc, x, base),
+                lambda acc=acc, x=x, base=base: acc * (x - base).float(),
+                2 * n * 4 + 2 * n * item,
+            )
 
 
 def main(argv=None) -> None:
@@ -191,30 +223,41 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     ops = [op for op in args.ops.split(",") if op]
     dtypes = [DTYPES[name] for name in args.dtypes.split(",") if name]
-    devices = [torch.device(name) for name in args.devices.split(",")
-               if name and (name != "cuda" or torch.cuda.is_available())]
+    devices = [
+        torch.device(name) for name in args.devices.split(",") if name and (name != "cuda" or torch.cuda.is_available())
+    ]
     # glibc raises its mmap threshold (up to 32 MiB) each time it frees an mmap-ed block: until then, every output
     # of a few MiB is a fresh mmap whose pages fault on first write, and which blocks are served that way depends
     # on what ran before. Freeing one 32 MiB tensor first puts both columns in the steady state of a long run.
-    torch.empty(8 * 2 ** 20).fill_(0)  # 32 MiB, freed at once
+    torch.empty(8 * 2**20).fill_(0)  # 32 MiB, freed at once
     size = dict(SIZES[args.sizes])
     if args.hidden:
         size["hidden"] = tuple(int(d) for d in args.hidden.split(","))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; extension: "
-          f"{'yes' if kernels.has_extension() else kernels.extension_error()}", end="")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; extension: "
+        f"{'yes' if kernels.has_extension() else kernels.extension_error()}",
+        end="",
+    )
     if kernels.has_extension():
         from instrument import _C
+
         print(f" (CPU kernels: {'AVX2' if _C.cpu_simd() else 'scalar'}, CUDA kernels: {_C.with_cuda})", end="")
-    print(f"\nsizes {args.sizes}: B={size['batch']}, L={size['length']}, D={'/'.join(map(str, size['hidden']))}, "
-          f"K={size['k']}; attention [{size['layers']}, B, {size['heads']}, L, L]")
+    print(
+        f"\nsizes {args.sizes}: B={size['batch']}, L={size['length']}, D={'/'.join(map(str, size['hidden']))}, "
+        f"K={size['k']}; attention [{size['layers']}, B, {size['heads']}, L, L]"
+    )
     for device in devices:
         copy, read = bandwidths(device, args.repeats)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"\n{device.type} ({name}): copy bandwidth {copy / 1e9:.1f} GB/s (512 MiB float32 tensor.copy_, read + "
-              f"write); read bandwidth {read / 1e9:.1f} GB/s (its .sum())")
-        header = f"{'op':<13}{'dtype':<10}{'case':<24}{'fused ms':>10}{'eager ms':>10}{'speedup':>9}" \
-                 f"{'fused GB/s':>12}{'eager GB/s':>12}{'fused/copy':>12}"
+        print(
+            f"\n{device.type} ({name}): copy bandwidth {copy / 1e9:.1f} GB/s (512 MiB float32 tensor.copy_, read + "
+            f"write); read bandwidth {read / 1e9:.1f} GB/s (its .sum())"
+        )
+        header = (
+            f"{'op':<13}{'dtype':<10}{'case':<24}{'fused ms':>10}{'eager ms':>10}{'speedup':>9}"
+            f"{'fused GB/s':>12}{'eager GB/s':>12}{'fused/copy':>12}"
+        )
         print(header)
         print("-" * len(header))
         run = timer(device, args.repeats)
@@ -225,9 +268,12 @@ def main(argv=None) -> None:
                         print(f"{op:<13}{str(dtype)[6:]:<10}{label:<24}{nbytes}", flush=True)
                         continue
                     fused_s, eager_s = run(fused, eager)
-                    print(f"{op:<13}{str(dtype)[6:]:<10}{label:<24}{fused_s * 1e3:>10.2f}{eager_s * 1e3:>10.2f}"
-                          f"{eager_s / fused_s:>8.2f}x{nbytes / fused_s / 1e9:>12.2f}{nbytes / eager_s / 1e9:>12.2f}"
-                          f"{nbytes / fused_s / copy:>11.0%}", flush=True)
+                    print(
+                        f"{op:<13}{str(dtype)[6:]:<10}{label:<24}{fused_s * 1e3:>10.2f}{eager_s * 1e3:>10.2f}"
+                        f"{eager_s / fused_s:>8.2f}x{nbytes / fused_s / 1e9:>12.2f}{nbytes / eager_s / 1e9:>12.2f}"
+                        f"{nbytes / fused_s / copy:>11.0%}",
+                        flush=True,
+                    )
                 gc.collect()
 
 

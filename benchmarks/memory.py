@@ -33,6 +33,7 @@ n_steps=1000 (1.21-1.31x). `--malloc-mmap-threshold 131072` fixes the threshold 
 (MALLOC_MMAP_THRESHOLD_), which takes the allocator's drift out of the numbers (1.07x at 300, 1.08x at
 1000 on the second machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,18 +133,29 @@ def child(n_steps: int, internal_batch_size: int | None, device: str, threads: i
     if threads:
         torch.set_num_threads(threads)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([CORPUS] * 20, vocab_size=1000, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>", "<unk>"])
+    bpe.train_from_iterator(
+        [CORPUS] * 20, vocab_size=1000, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<unk>"]
+    )
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, unk_token="<unk>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>")
+        tokenizer_object=bpe._tokenizer,
+        unk_token="<unk>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=4, vocab_size=len(tokenizer),
-                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
+    config = transformers.GPT2Config(
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = transformers.GPT2LMHeadModel(config).eval().to(device)
     wrapped = instrument.load_model(model, "integrated_gradients", tokenizer=tokenizer)
-    everything = 10 ** 9  # one chunk: above n_steps x rows
+    everything = 10**9  # one chunk: above n_steps x rows
     options = dict(n_steps=n_steps, internal_batch_size=internal_batch_size or everything, show_progress=False)
 
     start = time.perf_counter()
@@ -155,20 +167,35 @@ def child(n_steps: int, internal_batch_size: int | None, device: str, threads: i
         torch.cuda.synchronize()
         growth, how = torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
     else:
-        with (PeakTensors() if measure == "tensors" else PeakRss()) as peak:
+        with PeakTensors() if measure == "tensors" else PeakRss() as peak:
             out = wrapped.attribute(PROMPT, PROMPT + CONTINUATION, **options)[0]
         growth, how = peak.growth, peak.how
     seconds = time.perf_counter() - start
     attributions = out.target_attributions
-    return dict(n_steps=n_steps, internal_batch_size=internal_batch_size, growth=growth, how=how, seconds=seconds,
-                shape=list(attributions.shape), extension=kernels.has_extension(),
-                checksum=float(attributions.nan_to_num().abs().sum()))
+    return dict(
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        growth=growth,
+        how=how,
+        seconds=seconds,
+        shape=list(attributions.shape),
+        extension=kernels.has_extension(),
+        checksum=float(attributions.nan_to_num().abs().sum()),
+    )
 
 
 def run_child(args, n_steps: int, internal_batch_size: int | None) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--child", str(n_steps),
-               "none" if internal_batch_size is None else str(internal_batch_size), "--device", args.device,
-               "--measure", args.measure]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        str(n_steps),
+        "none" if internal_batch_size is None else str(internal_batch_size),
+        "--device",
+        args.device,
+        "--measure",
+        args.measure,
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ)
@@ -187,10 +214,19 @@ def main(argv=None) -> None:
     parser.add_argument("--unchunked", action="store_true", help="also all path points in one chunk, for contrast")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
-                        help="MALLOC_MMAP_THRESHOLD_ for the children (glibc; default: glibc's dynamic threshold)")
-    parser.add_argument("--measure", choices=["rss", "tensors"], default="rss",
-                        help="CPU: the process's peak RSS (default), or the peak of torch's tensor memory alone")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="MALLOC_MMAP_THRESHOLD_ for the children (glibc; default: glibc's dynamic threshold)",
+    )
+    parser.add_argument(
+        "--measure",
+        choices=["rss", "tensors"],
+        default="rss",
+        help="CPU: the process's peak RSS (default), or the peak of torch's tensor memory alone",
+    )
     parser.add_argument("--child", nargs=2, metavar=("N_STEPS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -208,15 +244,24 @@ def main(argv=None) -> None:
         results.append(run_child(args, n_steps, batch))
         r = results[-1]
         if len(results) == 1:
-            malloc = "glibc default" if args.malloc_mmap_threshold is None else \
-                f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}"
-            print(f"GPT-2-shaped model (4 blocks, 256 wide), 23 tokens, attributions {tuple(r['shape'])}, device "
-                  f"{args.device}, native kernels: {r['extension']}; measured: {r['how']}, growth over the "
-                  f"attribute call, one subprocess per row; malloc: {malloc}\n")
+            malloc = (
+                "glibc default"
+                if args.malloc_mmap_threshold is None
+                else f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}"
+            )
+            print(
+                f"GPT-2-shaped model (4 blocks, 256 wide), 23 tokens, attributions {tuple(r['shape'])}, device "
+                f"{args.device}, native kernels: {r['extension']}; measured: {r['how']}, growth over the "
+                f"attribute call, one subprocess per row; malloc: {malloc}\n"
+            )
             print(f"{'n_steps':>8}{'internal_batch_size':>21}{'peak growth MiB':>17}{'vs first':>10}{'seconds':>9}")
         first = next(x for x in results if x["internal_batch_size"] == batch)
-        print(f"{n_steps:>8}{'all' if batch is None else str(batch):>21}{r['growth'] / 2 ** 20:>17.1f}{r['growth'] / max(first['growth'], 1):>9.2f}x"
-              f"{r['seconds']:>9.1f}", flush=True)
+        print(
+            f"{n_steps:>8}{'all' if batch is None else str(batch):>21}{r['growth'] / 2**20:>17.1f}"
+            f"{r['growth'] / max(first['growth'], 1):>9.2f}x"
+            f"{r['seconds']:>9.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ No network: the tokenizer is a byte-level BPE trained at startup on the text bel
 Inseq is optional (`pip install --no-deps inseq` plus captum, jaxtyping, typeguard<=2.13.3,
 treescope, matplotlib, tqdm); when it cannot be imported the Inseq columns say why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,14 @@ embeddings, and integrated gradients averages gradients along a straight path fr
 the input. Layer methods do the same for the outputs of inner layers of the network.
 The farmer and his dog walk to the river in the morning, and the fox runs back to the old forest.
 """
-METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "layer_gradient_x_activation", "attention", "occlusion")
+METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "layer_gradient_x_activation",
+    "attention",
+    "occlusion",
+)
 N_STEPS = 50
 
 
@@ -68,11 +76,15 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([CORPUS] * 20, vocab_size=1000, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>", "<unk>"])
+    bpe.train_from_iterator(
+        [CORPUS] * 20, vocab_size=1000, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<unk>"]
+    )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, unk_token="<unk>", bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=bpe._tokenizer,
+        unk_token="<unk>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
 
 
@@ -81,8 +93,13 @@ def build_model(tokenizer) -> transformers.GPT2LMHeadModel:
     (Inseq reads EOS / BOS / PAD from the model config)."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        vocab_size=50257,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return transformers.GPT2LMHeadModel(config).eval()
 
@@ -90,9 +107,15 @@ def build_model(tokenizer) -> transformers.GPT2LMHeadModel:
 def check_texts(tokenizer) -> torch.Tensor:
     prompt = tokenizer(PROMPT)["input_ids"]
     full = tokenizer(PROMPT + CONTINUATION)["input_ids"]
-    if len(prompt) != PROMPT_TOKENS or len(full) != PROMPT_TOKENS + CONTINUATION_TOKENS or full[: len(prompt)] != prompt:
-        raise SystemExit(f"Tokenization changed: prompt {len(prompt)} tokens, prompt + continuation {len(full)} "
-                         f"(want {PROMPT_TOKENS} and {PROMPT_TOKENS + CONTINUATION_TOKENS}, the prompt a prefix)")
+    if (
+        len(prompt) != PROMPT_TOKENS
+        or len(full) != PROMPT_TOKENS + CONTINUATION_TOKENS
+        or full[: len(prompt)] != prompt
+    ):
+        raise SystemExit(
+            f"Tokenization changed: prompt {len(prompt)} tokens, prompt + continuation {len(full)} "
+            f"(want {PROMPT_TOKENS} and {PROMPT_TOKENS + CONTINUATION_TOKENS}, the prompt a prefix)"
+        )
     return torch.tensor([full])
 
 
@@ -110,6 +133,7 @@ def load_inseq():
 
 
 # -- the runs -------------------------------------------------------------------------------------
+
 
 def ours_runner(model, tokenizer, method: str, ig_batch):
     """A function attributing the benchmark texts with seq-instrument; returns [23, 10(, 12), 768]."""
@@ -139,8 +163,10 @@ def inseq_runner(inseq, model, tokenizer, method: str, ig_batch):
     ig_options = {"n_steps": N_STEPS, **({} if ig_batch is None else {"internal_batch_size": ig_batch})}
     options = {"integrated_gradients": ig_options}.get(method, {})
     if method == "layer_gradient_x_activation":
-        wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, device=model.device.type,
-                                   target_layer=block) for block in model.transformer.h]
+        wrapped = [
+            inseq.load_model(model, method, tokenizer=tokenizer, device=model.device.type, target_layer=block)
+            for block in model.transformer.h
+        ]
     else:
         wrapped = [inseq.load_model(model, method, tokenizer=tokenizer, device=model.device.type)]
 
@@ -205,15 +231,24 @@ def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
 
 # -- main -----------------------------------------------------------------------------------------
 
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per library and method (median kept)")
     parser.add_argument("--no-inseq", action="store_true", help="time seq-instrument only")
-    parser.add_argument("--ig-internal-batch-size", type=int, default=None,
-                        help="internal_batch_size of integrated gradients, both libraries (default: each library's own)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads(N) (default: leave torch's default, one per core)")
+    parser.add_argument(
+        "--ig-internal-batch-size",
+        type=int,
+        default=None,
+        help="internal_batch_size of integrated gradients, both libraries (default: each library's own)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) (default: leave torch's default, one per core)",
+    )
     parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -223,16 +258,21 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {','.join(METHODS)}")
 
-    print("$ PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    print(
+        "$ PYTHONPATH=. python "
+        + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    )
     inseq, about = (None, "--no-inseq") if args.no_inseq else load_inseq()
     tokenizer = build_tokenizer()
     device = torch.device(args.device)
     ids = check_texts(tokenizer).to(device)
     model = build_model(tokenizer).to(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"GPT-2-small shape (random weights), {ids.shape[1]} tokens ({PROMPT_TOKENS} prompt + {CONTINUATION_TOKENS} "
-          f"attributed), torch {torch.__version__}, {where}, transformers {transformers.__version__}, "
-          f"native kernels: {instrument.kernels.has_extension()}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"GPT-2-small shape (random weights), {ids.shape[1]} tokens ({PROMPT_TOKENS} prompt + {CONTINUATION_TOKENS} "
+        f"attributed), torch {torch.__version__}, {where}, transformers {transformers.__version__}, "
+        f"native kernels: {instrument.kernels.has_extension()}, load average {os.getloadavg()[0]:.2f}"
+    )
     print("Inseq: " + (f"available ({about})" if inseq else f"not available ({about})"))
 
     bare = bare_runner(model, ids)
@@ -265,11 +305,17 @@ def main(argv=None):
         label = method + (" (12 layers)" if method.startswith("layer_") else "")
         inseq_cell = f"{inseq_s:10.3f}{inseq_s / ours_s:12.2f}" if inseq_s else f"{'-':>10}{'-':>12}"
         print(f"{label:40}{ours_s:10.3f}{inseq_cell}{bare_s:9.3f}{ours_s / bare_s:11.1f}")
-    print(f"median of {args.repeats} repeats after one warm-up each; bare s: one forward + backward of the "
-          f"{ids.shape[1]}-token sequence, timed between the repeats of that method")
-    print("all times: " + "; ".join(
-        f"{m}: ours {[round(t, 3) for t in o]}" + (f" Inseq {[round(t, 3) for t in i]}" if i else "")
-        for m, _, _, _, o, i in rows))
+    print(
+        f"median of {args.repeats} repeats after one warm-up each; bare s: one forward + backward of the "
+        f"{ids.shape[1]}-token sequence, timed between the repeats of that method"
+    )
+    print(
+        "all times: "
+        + "; ".join(
+            f"{m}: ours {[round(t, 3) for t in o]}" + (f" Inseq {[round(t, 3) for t in i]}" if i else "")
+            for m, _, _, _, o, i in rows
+        )
+    )
     if differences:
         print("\nmax |ours - Inseq| / max |Inseq| per method (target attributions; NaN = positions a step cannot see):")
         for method, text in differences:

@@ -5,6 +5,7 @@
 Times forward+backward bare and inside a trace of all 12 blocks' outputs with gradients, alternating
 the two so that machine noise hits both alike, and prints medians and their ratio.
 """
+
 import argparse
 import os
 import statistics

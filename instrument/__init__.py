@@ -1,10 +1,11 @@
 """seq-instrument: one-pass, hook-based interpretability for sequence generation models.
 
-    import instrument
-    with instrument.trace(model, "layers", grads=True) as t:
-        model(**batch).logits[0, -1].max().backward()
-    out = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute("Hello world")
+import instrument
+with instrument.trace(model, "layers", grads=True) as t:
+    model(**batch).logits[0, -1].max().backward()
+out = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute("Hello world")
 """
+
 import inspect as _inspect
 from pathlib import Path as _Path
 
@@ -54,18 +55,38 @@ def explain(id: str) -> None:
     if id in list_step_functions():
         found.append(("step function", get_step_function(id).fn))
     if not found:
-        raise ValueError(f"Unknown identifier {id!r}: not an attribution method, aggregator, aggregation function "
-                         "or step function (see list_feature_attribution_methods(), list_aggregators(), "
-                         "list_aggregation_functions(), list_step_functions())")
+        raise ValueError(
+            f"Unknown identifier {id!r}: not an attribution method, aggregator, aggregation function "
+            "or step function (see list_feature_attribution_methods(), list_aggregators(), "
+            "list_aggregation_functions(), list_step_functions())"
+        )
     for kind, obj in found:
         doc = _inspect.getdoc(obj)
         print(f"{id} ({kind}): {doc}" if doc else f"{id} ({kind}): no description is available.")
 
 
 __all__ = [
-    "AttributionModel", "FeatureAttributionOutput", "FeatureAttributionSequenceOutput", "StepFunctionArgs",
-    "TokenWithId", "Trace", "demo", "explain", "kernels", "list_aggregation_functions", "list_aggregators",
-    "list_feature_attribution_methods", "list_step_functions", "load_model", "merge_attributions",
-    "register_aggregation_function", "register_aggregator", "register_model_config", "register_step_function",
-    "show_attributions", "show_granular_attributions", "show_token_attributions", "trace",
+    "AttributionModel",
+    "FeatureAttributionOutput",
+    "FeatureAttributionSequenceOutput",
+    "StepFunctionArgs",
+    "TokenWithId",
+    "Trace",
+    "demo",
+    "explain",
+    "kernels",
+    "list_aggregation_functions",
+    "list_aggregators",
+    "list_feature_attribution_methods",
+    "list_step_functions",
+    "load_model",
+    "merge_attributions",
+    "register_aggregation_function",
+    "register_aggregator",
+    "register_model_config",
+    "register_step_function",
+    "show_attributions",
+    "show_granular_attributions",
+    "show_token_attributions",
+    "trace",
 ]

@@ -1,4 +1,5 @@
 """`python -m instrument ...` is the `instrument` command."""
+
 import sys
 
 from instrument.cli import main

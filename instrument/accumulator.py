@@ -7,6 +7,7 @@
 A batch holds some steps of some examples (`rows.example` indexes the batch's own list of examples);
 each example's attributions are `[positions, steps, ...]` grids, NaN where a step is not (yet) seen.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -24,7 +25,9 @@ class Accumulator:
         self.examples = list(examples)
         self.parts: list[dict[str, Any]] = [dict() for _ in self.examples]
 
-    def add(self, batch: Sequence[int], rows: Rows, result: RowAttribution, step_scores: dict[str, torch.Tensor]) -> None:
+    def add(
+        self, batch: Sequence[int], rows: Rows, result: RowAttribution, step_scores: dict[str, torch.Tensor]
+    ) -> None:
         """One batch's rows: `batch[i]` is the index in `examples` of the rows with `rows.example == i`;
         `step_scores` holds one value per row for each name."""
         # On the CPU: they index results that may live on the CPU (perturbation methods) or on the model's device.
@@ -39,9 +42,13 @@ class Accumulator:
                 source = result.source[picked, : len(example.source_ids)]
                 pieces["source"] = _columns(source, steps, n_steps, len(example.source_ids), None)
             if result.target is not None:
-                pieces["target"] = _columns(result.target[picked], steps, n_steps, len(example.target_ids), positions[picked])
+                pieces["target"] = _columns(
+                    result.target[picked], steps, n_steps, len(example.target_ids), positions[picked]
+                )
             if result.delta is not None:
-                pieces["delta"] = torch.full((n_steps,), float("nan")).index_copy(0, steps, result.delta[picked].detach().float().cpu())
+                pieces["delta"] = torch.full((n_steps,), float("nan")).index_copy(
+                    0, steps, result.delta[picked].detach().float().cpu()
+                )
             for name, values in step_scores.items():
                 pieces.setdefault("steps", {})[name] = values[picked].float().cpu()
             for name, values in result.sequence_scores.items():  # [R, source, source, ...], one example's per row
@@ -50,23 +57,26 @@ class Accumulator:
             _merge(self.parts[index], pieces, steps, n_steps)
 
     def sequences(self, tokens: Callable[[torch.Tensor], list[TokenWithId]]) -> list[FeatureAttributionSequenceOutput]:
-        """The finished outputs, `tokens(ids)` naming the tokens (decoder-only: the source is the prompt, as in Inseq)."""
+        """The finished outputs, `tokens(ids)` naming the tokens (decoder-only: the source is the prompt, as in
+        Inseq)."""
         outputs = []
         for example, parts in zip(self.examples, self.parts):
             step_scores = dict(parts.get("steps", {}))
             if "delta" in parts:
                 step_scores["deltas"] = parts["delta"]
             source = example.source_ids if example.source_ids is not None else example.target_ids[: example.start]
-            outputs.append(FeatureAttributionSequenceOutput(
-                source=tokens(source),
-                target=tokens(example.target_ids),
-                source_attributions=parts.get("source"),
-                target_attributions=parts.get("target"),
-                step_scores=step_scores,
-                sequence_scores=dict(parts.get("sequence", {})),
-                attr_pos_start=example.start,
-                attr_pos_end=example.end,
-            ))
+            outputs.append(
+                FeatureAttributionSequenceOutput(
+                    source=tokens(source),
+                    target=tokens(example.target_ids),
+                    source_attributions=parts.get("source"),
+                    target_attributions=parts.get("target"),
+                    step_scores=step_scores,
+                    sequence_scores=dict(parts.get("sequence", {})),
+                    attr_pos_start=example.start,
+                    attr_pos_end=example.end,
+                )
+            )
         return outputs
 
 

@@ -24,7 +24,8 @@ Every aggregator returns a new object; the input is never modified. Tensors are 
 - `spans`: merges the given contiguous `source_spans` / `target_spans` (`(start, end)`, end excluded)
   with `aggregate_fn` (default `absmax`). Merged target tokens merge both their rows and, for the
   generated ones, their columns; step scores of merged columns combine as their step function's
-  `aggregate_map` says (see `instrument.spans.step_score_function`). Tokens outside any span are kept as they are; merged tokens are labelled
+  `aggregate_map` says (see `instrument.spans.step_score_function`).
+  Tokens outside any span are kept as they are; merged tokens are labelled
   with their concatenated strings and id -1. Rows are merged first, then columns.
 - `subwords`: `spans` over the words found from subword markers (see `instrument.spans.word_spans`).
 - `split`: `spans` ending at every token matching `split_pattern` (a literal string, or a compiled regex).
@@ -37,6 +38,7 @@ Aggregation functions (`aggregate_fn`) are those of `instrument.reductions`, whi
 aggregators register with `register_aggregator`; `aggregate_sequence` and `aggregate_output` run a
 pipeline of them (what `seq.aggregate` and `out.aggregate` call).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -74,8 +76,14 @@ def _reduce_columns(src, tgt, how: str):
     return torch.stack([nan_max(p, 0).nan_to_num(nan=0.0) for p in parts]).amax(0)
 
 
-def scores(seq, aggregate_fn: AggregationFunction, normalize: bool | None = None, rescale: bool = False,
-           keep_layers: bool = True, layer_fn: str | AggregationFunction | None = None):
+def scores(
+    seq,
+    aggregate_fn: AggregationFunction,
+    normalize: bool | None = None,
+    rescale: bool = False,
+    keep_layers: bool = True,
+    layer_fn: str | AggregationFunction | None = None,
+):
     """`seq.aggregate("scores")`: one score per token (and layer) and step, normalized per step."""
     if normalize and rescale:
         raise ValueError("Pass either normalize=True or rescale=True, not both")
@@ -106,19 +114,38 @@ def scores(seq, aggregate_fn: AggregationFunction, normalize: bool | None = None
     return copy_replace(seq, source_attributions=src, target_attributions=tgt)
 
 
-def spans(seq, aggregate_fn: AggregationFunction, source_spans=None, target_spans=None, logprob: bool = False,
-          step_score_fns: dict[str, Any] | None = None):
+def spans(
+    seq,
+    aggregate_fn: AggregationFunction,
+    source_spans=None,
+    target_spans=None,
+    logprob: bool = False,
+    step_score_fns: dict[str, Any] | None = None,
+):
     """`seq.aggregate("spans", source_spans=[(0, 2)], target_spans=(3, 5))`: merges contiguous spans."""
     return merge_groups(
-        seq, spans_to_groups(source_spans, len(seq.source), "source"), spans_to_groups(target_spans, len(seq.target), "target"),
-        aggregate_fn, "spans", logprob, step_score_fns,
+        seq,
+        spans_to_groups(source_spans, len(seq.source), "source"),
+        spans_to_groups(target_spans, len(seq.target), "target"),
+        aggregate_fn,
+        "spans",
+        logprob,
+        step_score_fns,
     )
 
 
-def subwords(seq, aggregate_fn: AggregationFunction, special_chars: str | Sequence[str] | None = None,
-             marker: str | None = None, is_suffix_symbol: bool = False, special_tokens: Iterable[str] | None = None,
-             aggregate_source: bool = True, aggregate_target: bool = True, logprob: bool = False,
-             step_score_fns: dict[str, Any] | None = None):
+def subwords(
+    seq,
+    aggregate_fn: AggregationFunction,
+    special_chars: str | Sequence[str] | None = None,
+    marker: str | None = None,
+    is_suffix_symbol: bool = False,
+    special_tokens: Iterable[str] | None = None,
+    aggregate_source: bool = True,
+    aggregate_target: bool = True,
+    logprob: bool = False,
+    step_score_fns: dict[str, Any] | None = None,
+):
     """`seq.aggregate("subwords")`: merges subword tokens into words (see `word_spans`).
 
     By default the marker is detected from the tokens (`▁`/`Ġ` word starts, `##` continuations, `</w>`
@@ -138,13 +165,26 @@ def subwords(seq, aggregate_fn: AggregationFunction, special_chars: str | Sequen
     def groups(tokens, enabled):
         return word_spans(tokens, marker, special_chars, special_tokens) if enabled else singletons(len(tokens))
 
-    return merge_groups(seq, groups(seq.source, aggregate_source), groups(seq.target, aggregate_target),
-                        aggregate_fn, "subwords", logprob, step_score_fns)
+    return merge_groups(
+        seq,
+        groups(seq.source, aggregate_source),
+        groups(seq.target, aggregate_target),
+        aggregate_fn,
+        "subwords",
+        logprob,
+        step_score_fns,
+    )
 
 
-def split(seq, aggregate_fn: AggregationFunction, split_pattern: str | re.Pattern | None = None,
-          aggregate_source: bool = True, aggregate_target: bool = True, logprob: bool = False,
-          step_score_fns: dict[str, Any] | None = None):
+def split(
+    seq,
+    aggregate_fn: AggregationFunction,
+    split_pattern: str | re.Pattern | None = None,
+    aggregate_source: bool = True,
+    aggregate_target: bool = True,
+    logprob: bool = False,
+    step_score_fns: dict[str, Any] | None = None,
+):
     """`seq.aggregate("split", split_pattern=re.compile(r"[.!?]"))`: one span per sentence.
 
     A plain string is matched literally inside token strings; a compiled regex is searched.
@@ -157,8 +197,15 @@ def split(seq, aggregate_fn: AggregationFunction, split_pattern: str | re.Patter
     def groups(tokens, enabled):
         return split_spans(tokens, split_pattern) if enabled else singletons(len(tokens))
 
-    return merge_groups(seq, groups(seq.source, aggregate_source), groups(seq.target, aggregate_target),
-                        aggregate_fn, "split", logprob, step_score_fns)
+    return merge_groups(
+        seq,
+        groups(seq.source, aggregate_source),
+        groups(seq.target, aggregate_target),
+        aggregate_fn,
+        "split",
+        logprob,
+        step_score_fns,
+    )
 
 
 def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
@@ -173,13 +220,16 @@ def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):
     changes: dict[str, Any] = {}
     if source_spans is not None:
         if seq.source_attributions is None:
-            raise ValueError("This output has no source attributions (decoder-only model): slice the prompt with "
-                             "target_spans, or seq[a:b]")
+            raise ValueError(
+                "This output has no source attributions (decoder-only model): slice the prompt with "
+                "target_spans, or seq[a:b]"
+            )
         keep = kept_positions(source_spans, len(seq.source), "source")
         changes["source"] = [seq.source[i] for i in keep]
         changes["source_attributions"] = _rows(seq.source_attributions, keep)
         changes["sequence_scores"] = {
-            name: _rows(v, keep) if v.dim() >= 1 and v.shape[0] == len(seq.source) else v for name, v in seq.sequence_scores.items()
+            name: _rows(v, keep) if v.dim() >= 1 and v.shape[0] == len(seq.source) else v
+            for name, v in seq.sequence_scores.items()
         }
     if target_spans is not None:
         prompt = [i for i in kept_positions(target_spans, len(seq.target), "target") if i < seq.attr_pos_start]
@@ -210,7 +260,10 @@ def _check_pair(a: FeatureAttributionSequenceOutput, b: Any) -> None:
         if len(getattr(a, name)) != len(getattr(b, name)):
             problems.append(f"{name} lengths differ ({len(getattr(a, name))} vs {len(getattr(b, name))} tokens)")
     if (a.attr_pos_start, a.attr_pos_end) != (b.attr_pos_start, b.attr_pos_end):
-        problems.append(f"attributed steps differ ([{a.attr_pos_start}, {a.attr_pos_end}) vs [{b.attr_pos_start}, {b.attr_pos_end}))")
+        problems.append(
+            f"attributed steps differ ([{a.attr_pos_start}, {a.attr_pos_end}) vs "
+            f"[{b.attr_pos_start}, {b.attr_pos_end}))"
+        )
     for name in ("source_attributions", "target_attributions"):
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None):
@@ -222,7 +275,11 @@ def _check_pair(a: FeatureAttributionSequenceOutput, b: Any) -> None:
         if set(x) != set(y):
             problems.append(f"{name} names differ ({sorted(x)} vs {sorted(y)})")
         else:
-            problems += [f"{name}[{k!r}] shapes differ ({tuple(x[k].shape)} vs {tuple(y[k].shape)})" for k in x if x[k].shape != y[k].shape]
+            problems += [
+                f"{name}[{k!r}] shapes differ ({tuple(x[k].shape)} vs {tuple(y[k].shape)})"
+                for k in x
+                if x[k].shape != y[k].shape
+            ]
     if problems:
         raise ValueError("Cannot pair these attributions (minimal pairs need equal shapes): " + "; ".join(problems))
 
@@ -265,8 +322,9 @@ class Aggregator:
 _AGGREGATORS: dict[str, Aggregator] = {}
 
 
-def register_aggregator(fn: Callable[..., FeatureAttributionSequenceOutput], name: str, default_fn: Any = None,
-                        overwrite: bool = False) -> None:
+def register_aggregator(
+    fn: Callable[..., FeatureAttributionSequenceOutput], name: str, default_fn: Any = None, overwrite: bool = False
+) -> None:
     """Make `fn(seq, aggregate_fn, **options) -> FeatureAttributionSequenceOutput` usable as `aggregator=name`.
 
     register_aggregator(lambda seq, aggregate_fn: seq, "identity")
@@ -277,13 +335,20 @@ def register_aggregator(fn: Callable[..., FeatureAttributionSequenceOutput], nam
     _AGGREGATORS[name] = Aggregator(name, fn, default_fn, params)
 
 
-for _fn, _default in [(scores, "vnorm"), (spans, "absmax"), (subwords, "absmax"), (split, "absmax"),
-                      (slices, None), (pair, difference)]:
+for _fn, _default in [
+    (scores, "vnorm"),
+    (spans, "absmax"),
+    (subwords, "absmax"),
+    (split, "absmax"),
+    (slices, None),
+    (pair, difference),
+]:
     register_aggregator(_fn, _fn.__name__, _default)
 
 
 def list_aggregators() -> list[str]:
-    """Names accepted as `aggregator`: `["scores", "spans", "subwords", "split", "slices", "pair"]` and registered ones."""
+    """Names accepted as `aggregator`: `["scores", "spans", "subwords", "split", "slices", "pair"]` and registered
+    ones."""
     return list(_AGGREGATORS)
 
 
@@ -307,7 +372,9 @@ def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
         raise ValueError("With a single aggregator, aggregate_fn must be a single function (or its name), not a list")
     if isinstance(aggregate_fn, (list, tuple)):
         if len(aggregate_fn) != len(names):
-            raise ValueError(f"{len(aggregate_fn)} aggregate functions for {len(names)} aggregators {names}; give one per aggregator")
+            raise ValueError(
+                f"{len(aggregate_fn)} aggregate functions for {len(names)} aggregators {names}; give one per aggregator"
+            )
         fns = list(aggregate_fn)
     else:
         fns = [aggregate_fn] * len(names)
@@ -315,19 +382,25 @@ def _pipeline(aggregator, aggregate_fn) -> list[tuple[Aggregator, Any]]:
     for name, fn in zip(names, fns):
         if isinstance(name, (list, tuple)):
             if len(name) != 2 or fn is not None:
-                raise ValueError(f"Pipeline steps are aggregator names or (aggregator, aggregate_fn) pairs, got {name!r}"
-                                 + (" together with aggregate_fn" if fn is not None else ""))
+                raise ValueError(
+                    f"Pipeline steps are aggregator names or (aggregator, aggregate_fn) pairs, got {name!r}"
+                    + (" together with aggregate_fn" if fn is not None else "")
+                )
             name, fn = name
         if not isinstance(name, str):
             raise TypeError(f"Aggregators are given by name, got {type(name).__name__}")
         if name not in _AGGREGATORS and name in list_aggregation_functions():
             if fn is not None:
-                raise ValueError(f"{name!r} is an aggregation function used as aggregator (\"scores\" with {name!r}); "
-                                 "do not pass aggregate_fn with it")
+                raise ValueError(
+                    f'{name!r} is an aggregation function used as aggregator ("scores" with {name!r}); '
+                    "do not pass aggregate_fn with it"
+                )
             name, fn = "scores", name
         if name not in _AGGREGATORS:
-            raise ValueError(f"Unknown aggregator {name!r}. Available: {', '.join(_AGGREGATORS)}; "
-                             f"or an aggregation function for \"scores\": {', '.join(list_aggregation_functions())}")
+            raise ValueError(
+                f"Unknown aggregator {name!r}. Available: {', '.join(_AGGREGATORS)}; "
+                f'or an aggregation function for "scores": {", ".join(list_aggregation_functions())}'
+            )
         agg = _AGGREGATORS[name]
         fn = agg.default_fn if fn is None else fn
         if name == "pair" and isinstance(fn, str):
@@ -364,7 +437,9 @@ def aggregate_sequence(seq: FeatureAttributionSequenceOutput, aggregator=None, a
     return seq
 
 
-def aggregate_output(out: FeatureAttributionOutput, aggregator=None, aggregate_fn=None, **kwargs) -> FeatureAttributionOutput:
+def aggregate_output(
+    out: FeatureAttributionOutput, aggregator=None, aggregate_fn=None, **kwargs
+) -> FeatureAttributionOutput:
     """`aggregate_output(out, "subwords")`: every sequence aggregated; `paired_attr` may be a whole output."""
     if "logprob" not in kwargs and accepts(aggregator, "logprob"):
         kwargs["logprob"] = bool((out.info.get("step_scores_args") or {}).get("logprob", False))

@@ -18,9 +18,11 @@ Who retries. `AttributionModel.attribute` runs its rows through `run_rows`, whic
 chunk when `internal_batch_size="auto"` chunks were in use, else (with `batch_size="auto"`) with half
 the rows. `state` (an `AutoState`) travels to the method as `Request.auto`, and
 `methods.base.chunks(..., auto=request.auto)` sizes path chunks with `state.path_chunks`; called
-directly (outside `attribute`) a method gets the sizing of a fresh state but no retry. On CPU a real shortage often ends in the kernel's OOM killer rather than in
+directly (outside `attribute`) a method gets the sizing of a fresh state but no retry. On CPU a real shortage often
+ends in the kernel's OOM killer rather than in
 an error, so there the safety margin is what protects the run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +35,19 @@ import torch
 from instrument.memory import available_memory, free_memory, measure, model_devices
 
 __all__ = [
-    "AUTO", "SAFETY_MARGIN", "AutoState", "OutOfMemoryError", "auto_chunks", "available_memory", "check_size",
-    "free_memory", "is_auto", "is_out_of_memory", "measure", "model_devices", "run_rows",
+    "AUTO",
+    "SAFETY_MARGIN",
+    "AutoState",
+    "OutOfMemoryError",
+    "auto_chunks",
+    "available_memory",
+    "check_size",
+    "free_memory",
+    "is_auto",
+    "is_out_of_memory",
+    "measure",
+    "model_devices",
+    "run_rows",
 ]
 
 AUTO = "auto"
@@ -126,8 +139,10 @@ class AutoState:
             peak = probe.stop()
             if peak is None:
                 if not self.unmeasured:
-                    self.note(f"internal_batch_size='auto': no peak memory measurement on {self.devices}; "
-                              f"path chunks stay at {PROBE_POINTS} point(s)")
+                    self.note(
+                        f"internal_batch_size='auto': no peak memory measurement on {self.devices}; "
+                        f"path chunks stay at {PROBE_POINTS} point(s)"
+                    )
                 self.unmeasured = True
                 self.point_cost = 0.0
             else:
@@ -174,7 +189,10 @@ def run_rows(
 def _run(state, examples, attribute, batch_size, internal_auto, progress) -> None:
     pairs = [(b, p) for b, example in enumerate(examples) for p in example.positions]
     # Tokens a row sends through the model: its prefix and, on encoder-decoders, its source.
-    weights = [p + (len(examples[b].source_ids) if getattr(examples[b], "source_ids", None) is not None else 0) for b, p in pairs]
+    weights = [
+        p + (len(examples[b].source_ids) if getattr(examples[b], "source_ids", None) is not None else 0)
+        for b, p in pairs
+    ]
     ends = {i + 1 for i in range(len(pairs)) if i + 1 == len(pairs) or pairs[i + 1][0] != pairs[i][0]}
     rows_auto = is_auto(batch_size)
     fixed = None if rows_auto else (batch_size or len(examples))
@@ -209,8 +227,10 @@ def _run(state, examples, attribute, batch_size, internal_auto, progress) -> Non
                 raise
             if internal_auto and state.points_run > 1:
                 state.point_cap = state.points_run // 2
-                state.note(f"out of memory with {count} rows x {state.points_run} path points: "
-                           f"retrying with path chunks of {state.point_cap}")
+                state.note(
+                    f"out of memory with {count} rows x {state.points_run} path points: "
+                    f"retrying with path chunks of {state.point_cap}"
+                )
             elif rows_auto and count > 1:
                 row_cap = count // 2
                 state.note(f"out of memory with {count} rows: retrying with {row_cap}")
@@ -221,8 +241,10 @@ def _run(state, examples, attribute, batch_size, internal_auto, progress) -> Non
             if rows_auto:
                 if peak is None:
                     if row_cost is None:
-                        state.note(f"batch_size='auto': no peak memory measurement on {state.devices}; "
-                                   f"chunks stay at {count} rows")
+                        state.note(
+                            f"batch_size='auto': no peak memory measurement on {state.devices}; "
+                            f"chunks stay at {count} rows"
+                        )
                     row_cap = count if row_cap is None else min(row_cap, count)
                     row_cost = 0.0
                 else:
@@ -240,6 +262,8 @@ def _message(state: AutoState, count: int, internal_auto: bool, rows_auto: bool,
     free_text = "unknown" if free is None else f"{free / 2**30:.2f} GiB"
     smallest = f"{count} row(s)" + (f" x {max(state.points_run, 1)} path point(s)" if internal_auto else "")
     hint = "" if rows_auto else " Try batch_size='auto' (it can split the rows further)."
-    return (f"Out of memory even at the smallest chunk ({smallest}) on {where} (free now: {free_text}).{hint} "
-            f"Shorten the inputs, attribute fewer positions or layers, or use a larger device. "
-            f"Original error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    return (
+        f"Out of memory even at the smallest chunk ({smallest}) on {where} (free now: {free_text}).{hint} "
+        f"Shorten the inputs, attribute fewer positions or layers, or use a larger device. "
+        f"Original error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    )

@@ -11,6 +11,7 @@ serves all its steps, and the gradient methods take every step's gradient from t
 sequential IG, patched layers) run as rows of their own, right-padded (`forward`). The vocabulary
 projection only ever runs at the positions read. Step functions score rows in `instrument.steps`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,10 @@ class Engine:
             self.source_embedding, self.target_embedding = None, model.get_input_embeddings()
         self.head = model.get_output_embeddings()
         if self.head is None:
-            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head); load a *ForCausalLM or *ForConditionalGeneration model")
+            raise ValueError(
+                f"{type(model).__name__} has no output embeddings (LM head); "
+                "load a *ForCausalLM or *ForConditionalGeneration model"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -88,8 +92,13 @@ class Engine:
     def special_token_ids(self) -> set[int]:
         """Pad, UNK and EOS, and the config's BOS and decoder start token (DIG keeps them off its paths)."""
         config = self.model.config
-        ids = (self.pad_token_id, self.unk_token_id, self.eos_token_id, getattr(config, "bos_token_id", None),
-               getattr(config, "decoder_start_token_id", None))
+        ids = (
+            self.pad_token_id,
+            self.unk_token_id,
+            self.eos_token_id,
+            getattr(config, "bos_token_id", None),
+            getattr(config, "decoder_start_token_id", None),
+        )
         return {int(i) for i in ids if isinstance(i, int)}
 
     # -- embeddings and baselines ---------------------------------------------------------------
@@ -128,8 +137,10 @@ class Engine:
         """
         if isinstance(baselines, (tuple, list)):
             if not self.is_encoder_decoder:
-                raise ValueError("baselines: a (source, target) pair is for encoder-decoder models; "
-                                 "this decoder-only model has one input, so pass one baseline")
+                raise ValueError(
+                    "baselines: a (source, target) pair is for encoder-decoder models; "
+                    "this decoder-only model has one input, so pass one baseline"
+                )
             if len(baselines) != 2:
                 raise ValueError(f"baselines: expected a (source, target) pair, got {len(baselines)} values")
             source_spec, target_spec = baselines
@@ -137,13 +148,28 @@ class Engine:
             source_spec = target_spec = baselines
         source = None
         if rows.source_ids is not None:
-            source = self._baseline_side(rows.source_ids, self.source_embedding, source_spec, include_eos_baseline, "source")
-        target = self._baseline_side(rows.target_ids, self.target_embedding, target_spec, include_eos_baseline, "target",
-                                     keep_start=self.is_encoder_decoder)
+            source = self._baseline_side(
+                rows.source_ids, self.source_embedding, source_spec, include_eos_baseline, "source"
+            )
+        target = self._baseline_side(
+            rows.target_ids,
+            self.target_embedding,
+            target_spec,
+            include_eos_baseline,
+            "target",
+            keep_start=self.is_encoder_decoder,
+        )
         return self._as_input(source), self._as_input(target)
 
-    def _baseline_side(self, ids: torch.Tensor, embedding: nn.Module, baselines: Any, include_eos: bool, side: str,
-                       keep_start: bool = False):
+    def _baseline_side(
+        self,
+        ids: torch.Tensor,
+        embedding: nn.Module,
+        baselines: Any,
+        include_eos: bool,
+        side: str,
+        keep_start: bool = False,
+    ):
         with torch.no_grad():
             if isinstance(baselines, torch.Tensor):
                 return self._baseline_tensor(baselines, embedding(ids), side)
@@ -152,8 +178,10 @@ class Engine:
             if isinstance(baselines, str) or baselines is None:
                 if baselines in (None, "unk"):
                     if self.unk_token_id is None:
-                        raise ValueError("baselines: the tokenizer has no UNK token for the default baseline; "
-                                         "pass baselines='zeros' or 'pad'")
+                        raise ValueError(
+                            "baselines: the tokenizer has no UNK token for the default baseline; "
+                            "pass baselines='zeros' or 'pad'"
+                        )
                     base = torch.full_like(ids, self.unk_token_id)
                     if not include_eos and self.eos_token_id is not None:
                         base = torch.where(ids == self.eos_token_id, ids, base)
@@ -167,8 +195,10 @@ class Engine:
                     if keep_start:
                         base[:, 0] = ids[:, 0]
                     return embedding(base)
-        raise ValueError(f"Unknown baselines {baselines!r}; use None (UNK), 'unk', 'zeros' (or 0), 'pad', a tensor"
-                         + (" or a (source, target) pair of those" if self.is_encoder_decoder else ""))
+        raise ValueError(
+            f"Unknown baselines {baselines!r}; use None (UNK), 'unk', 'zeros' (or 0), 'pad', a tensor"
+            + (" or a (source, target) pair of those" if self.is_encoder_decoder else "")
+        )
 
     @staticmethod
     def _baseline_tensor(baselines: torch.Tensor, reference: torch.Tensor, side: str) -> torch.Tensor:
@@ -200,10 +230,14 @@ class Engine:
         Embeddings given here replace the embedding modules' outputs, so whatever the model does
         after its embedding lookup (scaling, positions, norms) still happens.
         """
-        logits, activations = self.forward_steps(rows, rows.last[:, None], source_embeds, target_embeds, layers, layer_patch)
+        logits, activations = self.forward_steps(
+            rows, rows.last[:, None], source_embeds, target_embeds, layers, layer_patch
+        )
         return logits[:, -1], activations
 
-    def logits(self, rows: Rows, source_embeds: torch.Tensor | None = None, target_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, rows: Rows, source_embeds: torch.Tensor | None = None, target_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`forward(rows, ...)[0]` from one forward per example (its longest row, see `full_rows`), for
         embeddings that agree across an example's rows (inputs, baselines): `[R, V]`."""
         fr = full_rows(rows)
@@ -242,20 +276,30 @@ class Engine:
         owner = fr.owner.to(fr.positions.device)
         read = fr.positions[owner, fr.slot.to(owner.device)]
         fed: list = []
-        logits, activations = self._run(fr.full, owner[:, None], read[:, None], source_embeds, target_embeds, layers, fed=fed)
+        logits, activations = self._run(
+            fr.full, owner[:, None], read[:, None], source_embeds, target_embeds, layers, fed=fed
+        )
         return logits[:, 0], activations, fed[0]
 
-    def _run(self, rows: Rows, head_rows, head_positions, source_embeds, target_embeds, layers, layer_patch=None, fed=None):
+    def _run(
+        self, rows: Rows, head_rows, head_positions, source_embeds, target_embeds, layers, layer_patch=None, fed=None
+    ):
         patch = dict(layer_patch or {})
         patch.update(self._embedding_patch(source_embeds, target_embeds))
         kwargs = {"use_cache": False}
         if self.is_encoder_decoder:
-            kwargs.update(input_ids=rows.source_ids, attention_mask=rows.source_mask,
-                          decoder_input_ids=rows.target_ids, decoder_attention_mask=rows.target_mask)
+            kwargs.update(
+                input_ids=rows.source_ids,
+                attention_mask=rows.source_mask,
+                decoder_input_ids=rows.target_ids,
+                decoder_attention_mask=rows.target_mask,
+            )
         else:
             kwargs.update(input_ids=rows.target_ids, attention_mask=rows.target_mask)
-        with trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t, \
-                _head_at(self.head, head_rows, head_positions, fed):
+        with (
+            trace(self.model, list(layers), detach=False, clone=False, patch=patch) as t,
+            _head_at(self.head, head_rows, head_positions, fed),
+        ):
             try:
                 return self.model(**kwargs).logits, t.activations
             except _HeadReached:
@@ -309,6 +353,10 @@ def _first_layer_dtype(model: nn.Module) -> torch.dtype | None:
     if not layers:
         return None
     for parameter in model.get_submodule(layers[0]).parameters():
-        if parameter.is_floating_point() and not hasattr(parameter, "quant_state") and type(parameter).__name__ not in ("Int8Params", "Params4bit"):
+        if (
+            parameter.is_floating_point()
+            and not hasattr(parameter, "quant_state")
+            and type(parameter).__name__ not in ("Int8Params", "Params4bit")
+        ):
             return parameter.dtype
     return None

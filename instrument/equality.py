@@ -1,9 +1,10 @@
 """Equality of attribution outputs: same tokens, positions and tensors, NaN equal to NaN, exact or within tolerances.
 
-    outputs_equal(out, FeatureAttributionOutput.load("attr.safetensors"))   # what `out.equals(...)` runs
-    sequences_equal(seq_a, seq_b, rtol=1e-5)
-    tensors_equal(torch.tensor([float("nan")]), torch.tensor([float("nan")]))   # True
+outputs_equal(out, FeatureAttributionOutput.load("attr.safetensors"))   # what `out.equals(...)` runs
+sequences_equal(seq_a, seq_b, rtol=1e-5)
+tensors_equal(torch.tensor([float("nan")]), torch.tensor([float("nan")]))   # True
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,9 @@ def tensors_equal(a: torch.Tensor | None, b: torch.Tensor | None, rtol: float = 
     return bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True))
 
 
-def sequences_equal(a: FeatureAttributionSequenceOutput, b: FeatureAttributionSequenceOutput,
-                    rtol: float = 0.0, atol: float = 0.0) -> bool:
+def sequences_equal(
+    a: FeatureAttributionSequenceOutput, b: FeatureAttributionSequenceOutput, rtol: float = 0.0, atol: float = 0.0
+) -> bool:
     """Tokens, positions and every tensor equal (see `tensors_equal`)."""
     if not isinstance(b, FeatureAttributionSequenceOutput):
         return False
@@ -40,8 +42,14 @@ def sequences_equal(a: FeatureAttributionSequenceOutput, b: FeatureAttributionSe
     return True
 
 
-def outputs_equal(a: FeatureAttributionOutput, b: FeatureAttributionOutput, rtol: float = 0.0, atol: float = 0.0,
-                  check_info: bool = True, ignore_info: tuple[str, ...] = RUNTIME_INFO) -> bool:
+def outputs_equal(
+    a: FeatureAttributionOutput,
+    b: FeatureAttributionOutput,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    check_info: bool = True,
+    ignore_info: tuple[str, ...] = RUNTIME_INFO,
+) -> bool:
     """Sequences equal, and `info` equal as saved (`jsonable`: tuples equal lists, tensors their repr)
     except for the keys in `ignore_info` (run-time measurements such as `exec_time`)."""
     if not isinstance(b, FeatureAttributionOutput) or len(a) != len(b):

@@ -1,14 +1,15 @@
 """Hooks registered together and removed together, errors included.
 
-    with HookHandles() as hooks:
-        hooks.forward(model.lm_head, lambda module, args, output: output * 2)
-        logits = model(**batch).logits          # hooked
-    # every hook is removed here, also when the forward raised
+with HookHandles() as hooks:
+    hooks.forward(model.lm_head, lambda module, args, output: output * 2)
+    logits = model(**batch).logits          # hooked
+# every hook is removed here, also when the forward raised
 
-    hooks = HookHandles()                       # or by hand, for hooks that outlive a block
-    hooks.add(tensor.register_hook(on_gradient))
-    hooks.remove()
+hooks = HookHandles()                       # or by hand, for hooks that outlive a block
+hooks.add(tensor.register_hook(on_gradient))
+hooks.remove()
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -1,8 +1,9 @@
 """The one rule for picking layers and heads by index: None (all), an index, or a sequence of them.
 
-    pick_indices([0, -1, 0], 4, "heads")                  # [0, 3, 0]: kernels.reduce_heads counts repeats
-    pick_indices([0, -1, 0], 4, "heads", distinct=True)   # [0, 3]: the attention / value zeroing options
+pick_indices([0, -1, 0], 4, "heads")                  # [0, 3, 0]: kernels.reduce_heads counts repeats
+pick_indices([0, -1, 0], 4, "heads", distinct=True)   # [0, 3]: the attention / value zeroing options
 """
+
 from __future__ import annotations
 
 import operator
@@ -32,8 +33,9 @@ def pick_indices(value: Indices, count: int, name: str, *, distinct: bool = Fals
         items = list(range(count))
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.dim() > 1:
-            raise IndexChoiceError(f"{prefix}{name} as a tensor must be 0-D or 1-D integers, got {value.dtype} "
-                                   f"{tuple(value.shape)}")
+            raise IndexChoiceError(
+                f"{prefix}{name} as a tensor must be 0-D or 1-D integers, got {value.dtype} {tuple(value.shape)}"
+            )
         items = value.reshape(-1).tolist()
     elif hasattr(value, "__index__") and not isinstance(value, bool):
         items = [value]

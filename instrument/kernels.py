@@ -20,6 +20,7 @@ The extension `instrument._C` is compiled at install time (see setup.py) and loa
 cannot be loaded, or INSTRUMENT_NO_EXT=1, every op runs its fallback and a single one-line
 `ExtensionNotice` warning says so, once per process.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,8 +33,15 @@ import torch
 
 from instrument.indices import Indices, pick_indices
 
-__all__ = ["ExtensionNotice", "accumulate", "extension_error", "finalize", "has_extension", "interpolate",
-           "reduce_heads"]
+__all__ = [
+    "ExtensionNotice",
+    "accumulate",
+    "extension_error",
+    "finalize",
+    "has_extension",
+    "interpolate",
+    "reduce_heads",
+]
 
 Alphas = Union[torch.Tensor, Sequence[float]]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -69,8 +77,10 @@ def _extension():
                 if missing:  # built from older sources
                     module, error = None, f"instrument._C is out of date (no {', '.join(missing)}); {REBUILD}"
                 elif module is not None and getattr(module, "api", 1) != API:
-                    module, error = None, f"instrument._C is out of date (kernel API {getattr(module, 'api', 1)}, " \
-                                          f"not {API}); {REBUILD}"
+                    module, error = (
+                        None,
+                        f"instrument._C is out of date (kernel API {getattr(module, 'api', 1)}, not {API}); {REBUILD}",
+                    )
             _loaded.update(module=module, error=error)
             if error:
                 message = f"seq-instrument: native kernels unavailable ({error}); using PyTorch fallbacks"
@@ -83,8 +93,8 @@ def _extension():
 def has_extension(device: Union[str, torch.device, None] = None) -> bool:
     """Whether `instrument._C` is loaded and, given a device, has kernels for it.
 
-        kernels.has_extension(), kernels.has_extension("cuda")
-        (True, False)
+    kernels.has_extension(), kernels.has_extension("cuda")
+    (True, False)
     """
     module = _extension()
     if module is None or device is None:
@@ -96,8 +106,8 @@ def has_extension(device: Union[str, torch.device, None] = None) -> bool:
 def extension_error() -> Optional[str]:
     """Why `instrument._C` is not used, or None when it is.
 
-        kernels.extension_error()
-        'disabled by INSTRUMENT_NO_EXT=1'
+    kernels.extension_error()
+    'disabled by INSTRUMENT_NO_EXT=1'
     """
     _extension()
     return _loaded["error"]
@@ -110,13 +120,21 @@ def _native(device: torch.device, use_extension: Optional[bool]):
     if has_extension(device):
         return _extension()
     if use_extension:
-        raise RuntimeError(f"use_extension=True, but instrument._C cannot run on {device}: "
-                           f"{extension_error() or f'it has no {device.type} kernels'}")
+        raise RuntimeError(
+            f"use_extension=True, but instrument._C cannot run on {device}: "
+            f"{extension_error() or f'it has no {device.type} kernels'}"
+        )
     return None
 
 
-def interpolate(inputs: torch.Tensor, baselines: torch.Tensor, alphas: Alphas, mask: Optional[torch.Tensor] = None, *,
-                use_extension: Optional[bool] = None) -> torch.Tensor:
+def interpolate(
+    inputs: torch.Tensor,
+    baselines: torch.Tensor,
+    alphas: Alphas,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    use_extension: Optional[bool] = None,
+) -> torch.Tensor:
     """Integrated-gradients path points of a batch, alpha-major, without autograd history.
 
         x = torch.randn(2, 5, 8)  # [B, L, D] embeddings
@@ -149,8 +167,9 @@ def interpolate(inputs: torch.Tensor, baselines: torch.Tensor, alphas: Alphas, m
 
 
 @torch.no_grad()
-def _interpolate_torch(inputs: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
-                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _interpolate_torch(
+    inputs: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     low = baselines.to(alphas.dtype)
     diff = inputs.to(alphas.dtype) - low
     # A separate multiply and add, rounded each, like the kernels (torch.lerp or addcmul may use an FMA).
@@ -160,8 +179,9 @@ def _interpolate_torch(inputs: torch.Tensor, baselines: torch.Tensor, alphas: to
     return path.flatten(0, 1)
 
 
-def accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *,
-               use_extension: Optional[bool] = None) -> torch.Tensor:
+def accumulate(
+    acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *, use_extension: Optional[bool] = None
+) -> torch.Tensor:
     """`acc += sum_k weights[k] * grads[k]` in place, in float32, reading the gradients once; returns `acc`.
 
         total = torch.zeros(2, 5, 8)                      # [B, L, D] float32 accumulator
@@ -185,7 +205,9 @@ def accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *,
     if acc.dim() != 3:
         raise ValueError(f"accumulate: acc must be [B, L, D], got shape {tuple(acc.shape)}")
     if not acc.is_contiguous():
-        raise ValueError("accumulate: acc must be contiguous: it is updated in place (use acc.contiguous() and keep it)")
+        raise ValueError(
+            "accumulate: acc must be contiguous: it is updated in place (use acc.contiguous() and keep it)"
+        )
     if acc.requires_grad:
         raise ValueError("accumulate: acc requires grad; it is updated in place outside autograd (pass acc.detach())")
     _check_dtype("accumulate", "grads", grads)
@@ -194,10 +216,13 @@ def accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: Alphas, *,
     weights = _weights("accumulate", "weights", weights, acc.device, torch.float32)
     k = weights.numel()
     batch, rest = acc.shape[0], tuple(acc.shape[1:])
-    if not (grads.dim() == 3 and grads.shape[0] == k * batch and tuple(grads.shape[1:]) == rest) and \
-            not (grads.dim() == 4 and tuple(grads.shape) == (k, batch, *rest)):
-        raise ValueError(f"accumulate: grads shape {tuple(grads.shape)} must be [K*B, L, D] = {(k * batch, *rest)} or "
-                         f"[K, B, L, D] = {(k, batch, *rest)} for acc {tuple(acc.shape)} and K = {k} weights")
+    if not (grads.dim() == 3 and grads.shape[0] == k * batch and tuple(grads.shape[1:]) == rest) and not (
+        grads.dim() == 4 and tuple(grads.shape) == (k, batch, *rest)
+    ):
+        raise ValueError(
+            f"accumulate: grads shape {tuple(grads.shape)} must be [K*B, L, D] = {(k * batch, *rest)} or "
+            f"[K, B, L, D] = {(k, batch, *rest)} for acc {tuple(acc.shape)} and K = {k} weights"
+        )
     grads = grads.detach().contiguous()
     native = _native(acc.device, use_extension)
     if native is not None:
@@ -220,8 +245,9 @@ def _accumulate_torch(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Ten
     return acc
 
 
-def finalize(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, *,
-             use_extension: Optional[bool] = None) -> torch.Tensor:
+def finalize(
+    acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Tensor, *, use_extension: Optional[bool] = None
+) -> torch.Tensor:
     """`acc * (inputs - baselines)` in float32: the last step of integrated gradients and DeepLIFT.
 
         scores = kernels.finalize(total, embeds, baselines)                  # [B, L, D]
@@ -253,8 +279,14 @@ def _finalize_torch(acc: torch.Tensor, inputs: torch.Tensor, baselines: torch.Te
     return acc * (inputs.to(math) - baselines.to(math)).float()
 
 
-def reduce_heads(attn: Union[torch.Tensor, Sequence[torch.Tensor]], layers: Indices = None, heads: Indices = None,
-                 reduce: str = "mean", *, use_extension: Optional[bool] = None) -> torch.Tensor:
+def reduce_heads(
+    attn: Union[torch.Tensor, Sequence[torch.Tensor]],
+    layers: Indices = None,
+    heads: Indices = None,
+    reduce: str = "mean",
+    *,
+    use_extension: Optional[bool] = None,
+) -> torch.Tensor:
     """Attention weights aggregated over selected layers and heads in one pass: [B, T, S].
 
         out = model(**batch, output_attentions=True)
@@ -312,8 +344,9 @@ def _check_dtype(op: str, name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{op}: unsupported dtype {tensor.dtype} for {name}; use one of {', '.join(map(str, DTYPES))}")
 
 
-def _check_pair(inputs: torch.Tensor, baselines: torch.Tensor, op: str = "interpolate", shape=None,
-                shape_name: str = "") -> None:
+def _check_pair(
+    inputs: torch.Tensor, baselines: torch.Tensor, op: str = "interpolate", shape=None, shape_name: str = ""
+) -> None:
     for name, tensor in (("inputs", inputs), ("baselines", baselines)):
         _check_tensor(op, name, tensor)
     if shape is None and inputs.dim() != 3:
@@ -368,8 +401,10 @@ def _attention_layers(attn) -> list:
     """The per-layer [B, H, T, S] tensors of `attn`, checked (views of a 5-D tensor, not copies)."""
     if isinstance(attn, torch.Tensor):
         if attn.dim() != 5:
-            raise ValueError(f"reduce_heads: attn must be [layers, B, H, T, S] or a sequence of [B, H, T, S] "
-                             f"tensors, got a tensor of shape {tuple(attn.shape)}")
+            raise ValueError(
+                f"reduce_heads: attn must be [layers, B, H, T, S] or a sequence of [B, H, T, S] "
+                f"tensors, got a tensor of shape {tuple(attn.shape)}"
+            )
         planes = list(attn.unbind(0))
         if not planes:
             raise ValueError("reduce_heads: attn has no layers")
@@ -384,7 +419,9 @@ def _attention_layers(attn) -> list:
         if layer.dim() != 4:
             raise ValueError(f"reduce_heads: attn[{i}] must be [B, H, T, S], got shape {tuple(layer.shape)}")
         if layer.shape != attn[0].shape:
-            raise ValueError(f"reduce_heads: attn[{i}] shape {tuple(layer.shape)} != attn[0] shape {tuple(attn[0].shape)}")
+            raise ValueError(
+                f"reduce_heads: attn[{i}] shape {tuple(layer.shape)} != attn[0] shape {tuple(attn[0].shape)}"
+            )
         if layer.dtype != attn[0].dtype:
             raise TypeError(f"reduce_heads: attn[{i}] dtype {layer.dtype} != attn[0] dtype {attn[0].dtype}")
         if layer.device != attn[0].device:

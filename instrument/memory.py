@@ -15,6 +15,7 @@
 
 `instrument.batching` sizes chunks from these figures.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -88,8 +89,12 @@ def _cgroup_available() -> int | None:
     """Limit minus usage (reclaimable page cache not counted) of this process's memory cgroup, if limited."""
     for limit_file, usage_file, stat_file, cache_key in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-         "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "/sys/fs/cgroup/memory/memory.stat",
+            "total_inactive_file",
+        ),
     ):
         try:
             with open(limit_file) as f:
@@ -196,6 +201,7 @@ _cuda_peaks: dict[int, _Peaks] = {}
 
 def _cuda(index: int) -> _Peaks:
     if index not in _cuda_peaks:
+
         def reset(index=index) -> bool:
             torch.cuda.reset_peak_memory_stats(index)
             return True

@@ -1,8 +1,9 @@
 """Merging outputs: the sequences of several `FeatureAttributionOutput`s in one, with merged `info`.
 
-    merged = merge_attributions([out1, out2])   # also written out1 + out2
-    len(merged) == len(out1) + len(out2)
+merged = merge_attributions([out1, out2])   # also written out1 + out2
+len(merged) == len(out1) + len(out2)
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -41,9 +42,14 @@ def merge_attributions(outputs: Sequence[FeatureAttributionOutput]) -> FeatureAt
         else:
             info[key] = values
     steps = [item.step_attributions for item in outputs]
-    step_attributions = None if all(s is None for s in steps) else (
-        [x for s in steps for x in s] if all(isinstance(s, list) for s in steps) else steps)
-    return FeatureAttributionOutput([s for item in outputs for s in item.sequence_attributions], step_attributions, info)
+    step_attributions = (
+        None
+        if all(s is None for s in steps)
+        else ([x for s in steps for x in s] if all(isinstance(s, list) for s in steps) else steps)
+    )
+    return FeatureAttributionOutput(
+        [s for item in outputs for s in item.sequence_attributions], step_attributions, info
+    )
 
 
 def _same(a: Any, b: Any) -> bool:

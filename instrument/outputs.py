@@ -1,9 +1,10 @@
 """Attribution results, shaped as Inseq's: `[attributed tokens, generated tokens(, layers)(, hidden)]`.
 
-    out = model.attribute("Hello world", "Hello world, how are you?")
-    seq = out.sequence_attributions[0]
-    seq.target_attributions.shape  # [len(target), len(target) - attr_pos_start, hidden]
+out = model.attribute("Hello world", "Hello world, how are you?")
+seq = out.sequence_attributions[0]
+seq.target_attributions.shape  # [len(target), len(target) - attr_pos_start, hidden]
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,8 @@ RUNTIME_INFO = ("exec_time",)  # `info` measured, not chosen: summed by `merge_a
 
 
 def copy_replace(obj: Any, **changes) -> Any:
-    """`copy_replace(seq, source=tokens)`: `dataclasses.replace`, with the lists and dicts it keeps copied (not shared)."""
+    """`copy_replace(seq, source=tokens)`: `dataclasses.replace`, with the lists and dicts it keeps copied (not
+    shared)."""
     kept = {f.name: getattr(obj, f.name) for f in fields(obj) if f.init and f.name not in changes}
     return replace(obj, **{k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in kept.items()}, **changes)
 
@@ -67,7 +69,7 @@ class FeatureAttributionSequenceOutput:
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionSequenceOutput:
         """A new, aggregated copy; see `instrument.aggregators`.
 
-            seq.aggregate(["subwords", "scores"])   # default: "scores" (vnorm over hidden, normalized)
+        seq.aggregate(["subwords", "scores"])   # default: "scores" (vnorm over hidden, normalized)
         """
         from instrument.aggregators import aggregate_sequence
 
@@ -129,7 +131,9 @@ class FeatureAttributionSequenceOutput:
 
     def numpy(self) -> FeatureAttributionSequenceOutput:
         """In place, like Inseq: every tensor becomes a numpy array (moved to the CPU); returns self."""
-        return self._map_tensors(lambda t: np.ascontiguousarray(t.detach().cpu().numpy()) if isinstance(t, torch.Tensor) else t)
+        return self._map_tensors(
+            lambda t: np.ascontiguousarray(t.detach().cpu().numpy()) if isinstance(t, torch.Tensor) else t
+        )
 
     def torch(self) -> FeatureAttributionSequenceOutput:
         """In place: numpy arrays (from `numpy()`) become tensors again; returns self."""
@@ -165,8 +169,10 @@ class FeatureAttributionSequenceOutput:
         for name in ("source_attributions", "target_attributions"):
             value = getattr(aggregated, name)
             if value is not None and value.dim() != 2:
-                raise ValueError(f"{name} has shape {tuple(value.shape)}: get_scores_dicts needs one score per token "
-                                 "and step; aggregate to 2-D first (or keep do_aggregation=True)")
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}: get_scores_dicts needs one score per token "
+                    "and step; aggregate to 2-D first (or keep do_aggregation=True)"
+                )
         scores: dict[str, dict] = {"source_attributions": {}, "target_attributions": {}, "step_scores": {}}
         start = aggregated.attr_pos_start
         for position in range(start, aggregated.attr_pos_end):
@@ -174,7 +180,8 @@ class FeatureAttributionSequenceOutput:
             column = position - start
             if aggregated.source_attributions is not None:
                 scores["source_attributions"][key] = {
-                    (i, t.token): aggregated.source_attributions[i, column].item() for i, t in enumerate(aggregated.source)
+                    (i, t.token): aggregated.source_attributions[i, column].item()
+                    for i, t in enumerate(aggregated.source)
                 }
             if aggregated.target_attributions is not None:
                 scores["target_attributions"][key] = {
@@ -192,48 +199,93 @@ class FeatureAttributionSequenceOutput:
 
         return sequences_equal(self, other, rtol, atol)
 
-    def save(self, path, scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
-             compress: bool | None = None):
+    def save(
+        self,
+        path,
+        scores_precision: str = "float32",
+        overwrite: bool = False,
+        format: str | None = None,
+        compress: bool | None = None,
+    ):
         """Saves this sequence as a one-sequence FeatureAttributionOutput (see `FeatureAttributionOutput.save`)."""
         from instrument.files.saving import save
 
-        return save(self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress)
+        return save(
+            self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress
+        )
 
     # -- views (instrument.views) ---------------------------------------------------------------
 
-    def show(self, return_html: bool = False, aggregate: Any = True, display: bool = True,
-             step_score_highlight: str | None = None, console: Any = None, **kwargs) -> str | None:
+    def show(
+        self,
+        return_html: bool = False,
+        aggregate: Any = True,
+        display: bool = True,
+        step_score_highlight: str | None = None,
+        console: Any = None,
+        **kwargs,
+    ) -> str | None:
         """Heatmap of this example in the console, or its HTML with `return_html=True`.
 
-            seq.show(step_score_highlight="probability")
+        seq.show(step_score_highlight="probability")
         """
         from instrument.views.heatmap import show
 
         return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
 
-    def show_granular(self, min_val: float | None = None, max_val: float | None = None, max_show_size: int = 20,
-                      show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
-                      return_html: bool = False, console: Any = None) -> str | None:
+    def show_granular(
+        self,
+        min_val: float | None = None,
+        max_val: float | None = None,
+        max_show_size: int = 20,
+        show_dim: int | None = None,
+        slice_dims: dict | None = None,
+        display: bool = True,
+        return_html: bool = False,
+        console: Any = None,
+    ) -> str | None:
         """Heatmaps of the unaggregated scores: one per index of the extra (hidden, layer) dimensions.
 
-            seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
+        seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
         """
         from instrument.views.granular import show_granular
 
         return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
 
-    def show_tokens(self, min_val: float | None = None, max_val: float | None = None, display: bool = True,
-                    return_html: bool = False, replace_char: dict | None = None, wrap_after: Any = None,
-                    step_score_highlight: str | None = None, aggregator: Any = None, do_aggregation: bool = True,
-                    console: Any = None, **kwargs) -> str | None:
+    def show_tokens(
+        self,
+        min_val: float | None = None,
+        max_val: float | None = None,
+        display: bool = True,
+        return_html: bool = False,
+        replace_char: dict | None = None,
+        wrap_after: Any = None,
+        step_score_highlight: str | None = None,
+        aggregator: Any = None,
+        do_aggregation: bool = True,
+        console: Any = None,
+        **kwargs,
+    ) -> str | None:
         """The text, each generated token followed by its attributed tokens coloured by score.
 
-            seq.show_tokens(step_score_highlight="probability", wrap_after=10)
+        seq.show_tokens(step_score_highlight="probability", wrap_after=10)
         """
         from instrument.views.tokens import show_tokens
 
-        return show_tokens(self, min_val, max_val, display, return_html, replace_char, wrap_after, step_score_highlight,
-                           aggregator, do_aggregation, console, **kwargs)
+        return show_tokens(
+            self,
+            min_val,
+            max_val,
+            display,
+            return_html,
+            replace_char,
+            wrap_after,
+            step_score_highlight,
+            aggregator,
+            do_aggregation,
+            console,
+            **kwargs,
+        )
 
     def save_html(self, path, overwrite: bool = False, **kwargs):
         """Writes `show(return_html=True)` as a standalone HTML page."""
@@ -302,7 +354,7 @@ class FeatureAttributionOutput:
     def get_scores_dicts(self, aggregator: Any = None, do_aggregation: bool = True, **kwargs) -> list[dict]:
         """One `FeatureAttributionSequenceOutput.get_scores_dicts` per sequence.
 
-            dfs = [pandas.DataFrame(d["source_attributions"]) for d in out.get_scores_dicts()]
+        dfs = [pandas.DataFrame(d["source_attributions"]) for d in out.get_scores_dicts()]
         """
         return [seq.get_scores_dicts(aggregator, do_aggregation, **kwargs) for seq in self.sequence_attributions]
 
@@ -315,7 +367,7 @@ class FeatureAttributionOutput:
     def aggregate(self, aggregator: Any = None, aggregate_fn: Any = None, **kwargs) -> FeatureAttributionOutput:
         """Every sequence aggregated (a new output; `info` copied); see `instrument.aggregators`.
 
-            out.aggregate("subwords").aggregate()   # words, then one normalized score per word
+        out.aggregate("subwords").aggregate()   # words, then one normalized score per word
         """
         from instrument.aggregators import aggregate_output
 
@@ -327,25 +379,40 @@ class FeatureAttributionOutput:
             return NotImplemented
         return other.aggregate("pair", paired_attr=self)
 
-    def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0, check_info: bool = True,
-               ignore_info: tuple[str, ...] = RUNTIME_INFO) -> bool:
+    def equals(
+        self,
+        other: Any,
+        rtol: float = 0.0,
+        atol: float = 0.0,
+        check_info: bool = True,
+        ignore_info: tuple[str, ...] = RUNTIME_INFO,
+    ) -> bool:
         """Equal sequences (see `FeatureAttributionSequenceOutput.equals`) and `info` equal as saved, apart
         from the run-time fields in `ignore_info` (by default `exec_time`; pass `()` to compare them too)."""
         from instrument.equality import outputs_equal
 
         return outputs_equal(self, other, rtol, atol, check_info, ignore_info)
 
-    def save(self, path, scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
-             compress: bool | None = None):
+    def save(
+        self,
+        path,
+        scores_precision: str = "float32",
+        overwrite: bool = False,
+        format: str | None = None,
+        compress: bool | None = None,
+    ):
         """Saves to `.safetensors` (default) or `.json`, or in Inseq's JSON with `format="inseq"`; see
         `instrument.files`.
 
             out.save("attributions.safetensors", scores_precision="float16")
-            out.save("attributions.json.gz", format="inseq")   # inseq.FeatureAttributionOutput.load(..., decompress=True)
+            # inseq.FeatureAttributionOutput.load(..., decompress=True)
+            out.save("attributions.json.gz", format="inseq")
         """
         from instrument.files.saving import save
 
-        return save(self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress)
+        return save(
+            self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress
+        )
 
     @classmethod
     def load(cls, path) -> FeatureAttributionOutput:
@@ -358,33 +425,70 @@ class FeatureAttributionOutput:
 
         return load(path)
 
-    def show(self, return_html: bool = False, aggregate: Any = True, display: bool = True,
-             step_score_highlight: str | None = None, console: Any = None, **kwargs) -> str | None:
+    def show(
+        self,
+        return_html: bool = False,
+        aggregate: Any = True,
+        display: bool = True,
+        step_score_highlight: str | None = None,
+        console: Any = None,
+        **kwargs,
+    ) -> str | None:
         """One heatmap per example in the console, or their HTML with `return_html=True`.
 
-            out.show()                         # rich tables; see instrument.views
+        out.show()                         # rich tables; see instrument.views
         """
         from instrument.views.heatmap import show
 
         return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
 
-    def show_granular(self, min_val: float | None = None, max_val: float | None = None, max_show_size: int = 20,
-                      show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
-                      return_html: bool = False, console: Any = None) -> str | None:
+    def show_granular(
+        self,
+        min_val: float | None = None,
+        max_val: float | None = None,
+        max_show_size: int = 20,
+        show_dim: int | None = None,
+        slice_dims: dict | None = None,
+        display: bool = True,
+        return_html: bool = False,
+        console: Any = None,
+    ) -> str | None:
         """`show_granular` for every sequence (see `FeatureAttributionSequenceOutput.show_granular`)."""
         from instrument.views.granular import show_granular
 
         return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
 
-    def show_tokens(self, min_val: float | None = None, max_val: float | None = None, display: bool = True,
-                    return_html: bool = False, replace_char: dict | None = None, wrap_after: Any = None,
-                    step_score_highlight: str | None = None, aggregator: Any = None, do_aggregation: bool = True,
-                    console: Any = None, **kwargs) -> str | None:
+    def show_tokens(
+        self,
+        min_val: float | None = None,
+        max_val: float | None = None,
+        display: bool = True,
+        return_html: bool = False,
+        replace_char: dict | None = None,
+        wrap_after: Any = None,
+        step_score_highlight: str | None = None,
+        aggregator: Any = None,
+        do_aggregation: bool = True,
+        console: Any = None,
+        **kwargs,
+    ) -> str | None:
         """`show_tokens` for every sequence (see `FeatureAttributionSequenceOutput.show_tokens`)."""
         from instrument.views.tokens import show_tokens
 
-        return show_tokens(self, min_val, max_val, display, return_html, replace_char, wrap_after, step_score_highlight,
-                           aggregator, do_aggregation, console, **kwargs)
+        return show_tokens(
+            self,
+            min_val,
+            max_val,
+            display,
+            return_html,
+            replace_char,
+            wrap_after,
+            step_score_highlight,
+            aggregator,
+            do_aggregation,
+            console,
+            **kwargs,
+        )
 
     def save_html(self, path, overwrite: bool = False, **kwargs):
         """Writes `show(return_html=True)` as a standalone HTML page."""

@@ -6,6 +6,7 @@
 Every function ignores NaN: a result is NaN only where every input is NaN, so positions a step cannot
 see stay NaN after merging.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,12 +66,19 @@ def nan_prod(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _FUNCTIONS: dict[str, AggregationFunction] = {
-    "sum": nan_sum, "mean": nan_mean, "vnorm": vnorm, "absmax": absmax, "max": nan_max, "min": nan_min, "prod": nan_prod,
+    "sum": nan_sum,
+    "mean": nan_mean,
+    "vnorm": vnorm,
+    "absmax": absmax,
+    "max": nan_max,
+    "min": nan_min,
+    "prod": nan_prod,
 }
 
 
 def list_aggregation_functions() -> list[str]:
-    """Names accepted as `aggregate_fn`: `["sum", "mean", "vnorm", "absmax", "max", "min", "prod"]` and registered ones."""
+    """Names accepted as `aggregate_fn`: `["sum", "mean", "vnorm", "absmax", "max", "min", "prod"]` and registered
+    ones."""
     return list(_FUNCTIONS)
 
 

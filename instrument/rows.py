@@ -8,6 +8,7 @@ and predicts `target[p]`. Rows of one example whose inputs agree are prefixes of
 and under causal attention that row's hidden state at position `p - 1` is the one row `p` would
 compute: so one forward of each example's longest row (`full_rows`) serves all its steps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -96,7 +97,11 @@ class Rows:
         """The rows `times` times over, block after block (row `k * R + r` is row `r` of block `k`)."""
         if times == 1:
             return self
-        values = {name: value.repeat(times, *([1] * (value.dim() - 1))) for name, value in self.tensors().items() if name != "copy"}
+        values = {
+            name: value.repeat(times, *([1] * (value.dim() - 1)))
+            for name, value in self.tensors().items()
+            if name != "copy"
+        }
         contrast = self.contrast.repeat(times) if self.contrast is not None else None
         copy = self.example.new_zeros(len(self)) if self.copy is None else self.copy
         blocks = torch.arange(times, device=copy.device).repeat_interleave(len(self))
@@ -123,7 +128,12 @@ def _contrast_rows(examples: Sequence[Example], pairs: Sequence[tuple[int, int]]
             raise ValueError(f"Contrast position {q} (aligned to target position {p}) is outside the contrast sequence")
         contrast_pairs.append((b, q))
     contrast_examples = [
-        Example(target_ids=e.contrast_ids, start=0, end=0, source_ids=e.contrast_source_ids if e.contrast_source_ids is not None else e.source_ids)
+        Example(
+            target_ids=e.contrast_ids,
+            start=0,
+            end=0,
+            source_ids=e.contrast_source_ids if e.contrast_source_ids is not None else e.source_ids,
+        )
         for e in examples
     ]
     rows = Rows.build(contrast_examples, contrast_pairs, pad_id)

@@ -16,6 +16,7 @@ the usual layout: `"embeddings"`, `"layers"`, `"attention"`, `"cross_attention"`
 `"lm_head"`, each optionally prefixed by `"encoder."` or `"decoder."` on encoder-decoders. For a
 family laid out otherwise, `register_model_config` names its attention modules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,9 @@ def register_model_config(
     fields = [field.name for field in dataclasses.fields(ModelConfig)]
     unknown = [key for key in config if key not in fields]
     if unknown:
-        raise ValueError(f"config: unknown field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(fields)}")
+        raise ValueError(
+            f"config: unknown field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(fields)}"
+        )
     missing = [field for field in fields if field not in config]
     if missing and not allow_partial:
         raise ValueError(
@@ -93,7 +96,9 @@ def register_model_config(
         )
     for key, value in config.items():
         if value is not None and not (isinstance(value, str) and value and not any(c in value for c in "*?[")):
-            raise ValueError(f"config[{key!r}] must be a module name relative to its parent (no globs) or None, got {value!r}")
+            raise ValueError(
+                f"config[{key!r}] must be a module name relative to its parent (no globs) or None, got {value!r}"
+            )
     if model_type in MODEL_CONFIGS and not overwrite:
         raise ValueError(f"A model config is already registered for {model_type!r}; pass overwrite=True to replace it")
     MODEL_CONFIGS[model_type] = ModelConfig(**{field: config.get(field) for field in fields})
@@ -118,7 +123,8 @@ def select_modules(model: nn.Module, selectors: Selector | Sequence[Selector] | 
         selectors = [selectors]
     elif not isinstance(selectors, Iterable) or isinstance(selectors, Mapping):
         raise TypeError(
-            f"Modules are selected by a name, glob, alias, module, type or a list of them, not {type(selectors).__name__}"
+            f"Modules are selected by a name, glob, alias, module, type or a list of them, "
+            f"not {type(selectors).__name__}"
         )
     names = {id(module): name for name, module in model.named_modules()}
     order = list(names.values())

@@ -8,6 +8,7 @@ Saving, loading, equality and the views loop over these groups, so a field added
 is saved, compared and checked without a second list to update. Private fields (`_aggregator`) are
 in no group.
 """
+
 from __future__ import annotations
 
 import typing

@@ -8,6 +8,7 @@ A group is a `(start, end)` pair (end excluded); a list of groups partitions the
 target group merges its rows and, for the generated tokens, its columns; the step scores of merged
 columns combine as their step function's `aggregate_map` says (see `step_score_function`).
 """
+
 from __future__ import annotations
 
 import re
@@ -33,10 +34,18 @@ def spans_to_groups(spans: Any, n: int, what: str) -> list[Span]:
     """`spans_to_groups([(1, 3)], 5, "source") == [(0, 1), (1, 3), (3, 4), (4, 5)]`: a partition of range(n)."""
     if spans is None or (isinstance(spans, (list, tuple)) and len(spans) == 0):
         return singletons(n)
-    spans = [spans] if isinstance(spans, (list, tuple)) and len(spans) == 2 and all(isinstance(v, int) for v in spans) else spans
+    spans = (
+        [spans]
+        if isinstance(spans, (list, tuple)) and len(spans) == 2 and all(isinstance(v, int) for v in spans)
+        else spans
+    )
     groups, position = [], 0
     for span in spans:
-        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+        if not (
+            isinstance(span, (list, tuple))
+            and len(span) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+        ):
             raise ValueError(f"{what} spans must be (start, end) pairs of integers, got {span!r}")
         start, end = span
         if not 0 <= start < end <= n:
@@ -117,7 +126,9 @@ def word_spans(
     return groups
 
 
-def detect_marker(tokens: Iterable[str], special_tokens: Iterable[str] | None = None) -> tuple[str, tuple[str, ...]] | None:
+def detect_marker(
+    tokens: Iterable[str], special_tokens: Iterable[str] | None = None
+) -> tuple[str, tuple[str, ...]] | None:
     """`detect_marker(["▁H", "ello"]) == ("word_start", ("▁", "Ġ"))`; None when no subword marker is found."""
     texts = [t for t in tokens if not _is_special(t, special_tokens)]
     if any(t.startswith(WORD_START_CHARS) for t in texts):
@@ -136,8 +147,9 @@ def detect_marker(tokens: Iterable[str], special_tokens: Iterable[str] | None = 
 OTHER_STEP_SCORES = {"deltas": {"spans": "absmax"}}
 
 
-def step_score_function(name: str, aggregator: str = "spans", logprob: bool = False,
-                        overrides: dict[str, Any] | None = None) -> AggregationFunction:
+def step_score_function(
+    name: str, aggregator: str = "spans", logprob: bool = False, overrides: dict[str, Any] | None = None
+) -> AggregationFunction:
     """`step_score_function("probability")` is `nan_prod`: how merged steps of score `name` combine.
 
     `overrides` ({name: function}, the aggregators' `step_score_fns`) comes first, then the step
@@ -154,13 +166,17 @@ def step_score_function(name: str, aggregator: str = "spans", logprob: bool = Fa
     return get_aggregation_function(chosen)
 
 
-def _merge_dim(t: torch.Tensor | None, groups: Sequence[Span], dim: int, fn: AggregationFunction) -> torch.Tensor | None:
+def _merge_dim(
+    t: torch.Tensor | None, groups: Sequence[Span], dim: int, fn: AggregationFunction
+) -> torch.Tensor | None:
     """Merges each group `(a, b)` of positions along `dim` with `fn`; single positions are copied."""
     if t is None:
         return None
     if all(b - a == 1 for a, b in groups) and len(groups) == t.shape[dim]:
         return t
-    parts = [t.narrow(dim, a, b - a) if b - a == 1 else fn(t.narrow(dim, a, b - a), dim).unsqueeze(dim) for a, b in groups]
+    parts = [
+        t.narrow(dim, a, b - a) if b - a == 1 else fn(t.narrow(dim, a, b - a), dim).unsqueeze(dim) for a, b in groups
+    ]
     return torch.cat(parts, dim)
 
 
@@ -202,8 +218,11 @@ def merge_groups(
         for name, values in seq.step_scores.items()
     }
     sequence_scores = {  # Inseq's convention: sequence scores are shaped like source attributions
-        name: both(values, source_groups) if values.dim() >= 2 and values.shape[0] == len(seq.source)
-        and values.shape[1] == seq.attr_pos_end - seq.attr_pos_start else values
+        name: both(values, source_groups)
+        if values.dim() >= 2
+        and values.shape[0] == len(seq.source)
+        and values.shape[1] == seq.attr_pos_end - seq.attr_pos_start
+        else values
         for name, values in seq.sequence_scores.items()
     }
     return copy_replace(

@@ -10,6 +10,7 @@ computed only when read from `StepInputs`. The per-step ones (`decoder_*`) descr
 step for all rows: reading them from rows at several steps raises `PerStepRead`, on which
 `instrument.steps.call_step_function` calls the function once per step.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -59,7 +60,9 @@ class StepInputs:
     target_embeds: torch.Tensor | None = None
 
     def take(self, index: torch.Tensor) -> "StepInputs":
-        source, target = (None if t is None else t[index.to(t.device)] for t in (self.source_embeds, self.target_embeds))
+        source, target = (
+            None if t is None else t[index.to(t.device)] for t in (self.source_embeds, self.target_embeds)
+        )
         return StepInputs(self.engine, self.rows.take(index), source, target)
 
     def embed_scale(self) -> float:
@@ -114,8 +117,13 @@ class StepFunctionArgs:
             return logits[index.to(logits.device)]
 
         return StepFunctionArgs(
-            self.logits[index.to(self.logits.device)], self.target_ids[index.to(self.target_ids.device)], contrast, rerun,
-            self.extra, None if self.inputs is None else self.inputs.take(index), self.is_attributed_fn,
+            self.logits[index.to(self.logits.device)],
+            self.target_ids[index.to(self.target_ids.device)],
+            contrast,
+            rerun,
+            self.extra,
+            None if self.inputs is None else self.inputs.take(index),
+            self.is_attributed_fn,
         )
 
     # -- Inseq's fields -------------------------------------------------------------------------

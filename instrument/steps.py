@@ -11,6 +11,7 @@ Step functions written for Inseq work too: `StepFunctionArgs` also has Inseq's f
 when read. The per-step ones (`decoder_*`) describe one generation step for all rows, so a function
 that reads them is called once per step, on the rows at that step (see `call_step_function`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -149,11 +150,20 @@ def score_rows(
             return engine.forward(rows, source_embeds, target_embeds)[0]
 
     engine.scored = step.identifier  # named by the gradient methods' errors (methods.base)
-    args = StepFunctionArgs(logits=logits, target_ids=rows.token, contrast=contrast, rerun=rerun, extra=kwargs,
-                            inputs=StepInputs(engine, rows, source_embeds, target_embeds), is_attributed_fn=is_attributed_fn)
+    args = StepFunctionArgs(
+        logits=logits,
+        target_ids=rows.token,
+        contrast=contrast,
+        rerun=rerun,
+        extra=kwargs,
+        inputs=StepInputs(engine, rows, source_embeds, target_embeds),
+        is_attributed_fn=is_attributed_fn,
+    )
     scores = call_step_function(step, args, kwargs)
     if scores.shape != (len(rows),):
-        raise ValueError(f"Step function {step.identifier!r} returned shape {tuple(scores.shape)}, expected ({len(rows)},)")
+        raise ValueError(
+            f"Step function {step.identifier!r} returned shape {tuple(scores.shape)}, expected ({len(rows)},)"
+        )
     return scores
 
 
@@ -246,7 +256,9 @@ def _removed_by_top_k(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int)
     return logits < logits.topk(max(top_k, min_tokens_to_keep), dim=-1).values[..., -1:]
 
 
-def kl_divergence(args: StepFunctionArgs, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1) -> torch.Tensor:
+def kl_divergence(
+    args: StepFunctionArgs, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1
+) -> torch.Tensor:
     """KL(p(. | input) || p(. | contrast)). With `top_p` and then `top_k`, both distributions keep only the
     tokens selected on the sum of the two logit vectors (as Inseq's "merged" filtering does)."""
     original, contrast = args.logits.float(), args.contrast()[0].float()
@@ -266,10 +278,12 @@ def mc_dropout_prob_avg(args: StepFunctionArgs, n_mcd_steps: int = 5, logprob: b
     2016): (p - mean(p_dropout)) / std(p_dropout), as Inseq defines it."""
     if n_mcd_steps < 2:
         raise ValueError(f"n_mcd_steps must be at least 2 (a standard deviation is taken), got {n_mcd_steps}")
-    noisy = torch.stack([
-        probability(StepFunctionArgs(args.rerun(train=True), args.target_ids, args.contrast, args.rerun), logprob)
-        for _ in range(n_mcd_steps)
-    ])
+    noisy = torch.stack(
+        [
+            probability(StepFunctionArgs(args.rerun(train=True), args.target_ids, args.contrast, args.rerun), logprob)
+            for _ in range(n_mcd_steps)
+        ]
+    )
     return (probability(args, logprob) - noisy.mean(0)) / noisy.std(0)
 
 
@@ -282,9 +296,21 @@ def top_p_size(args: StepFunctionArgs, top_p: float = 0.9) -> torch.Tensor:
 # "logprob" when `attribute(..., logprob=True)` made them log-probabilities; unlisted: averaged.
 _PROB, _SUM = {"spans": "prod", "logprob": "sum"}, {"spans": "sum"}
 for _fn, _contrast, _aggregate_map in [
-    (logit, False, None), (probability, False, _PROB), (entropy, False, _SUM), (crossentropy, False, _SUM),
-    (perplexity, False, {"spans": "prod"}), (contrast_logits, True, None), (contrast_prob, True, _PROB),
-    (contrast_logits_diff, True, None), (contrast_prob_diff, True, {"logprob": "sum"}), (pcxmi, True, _SUM),
-    (kl_divergence, True, _SUM), (in_context_pvi, True, _SUM), (mc_dropout_prob_avg, False, _PROB), (top_p_size, False, None),
+    (logit, False, None),
+    (probability, False, _PROB),
+    (entropy, False, _SUM),
+    (crossentropy, False, _SUM),
+    (perplexity, False, {"spans": "prod"}),
+    (contrast_logits, True, None),
+    (contrast_prob, True, _PROB),
+    (contrast_logits_diff, True, None),
+    (contrast_prob_diff, True, {"logprob": "sum"}),
+    (pcxmi, True, _SUM),
+    (kl_divergence, True, _SUM),
+    (in_context_pvi, True, _SUM),
+    (mc_dropout_prob_avg, False, _PROB),
+    (top_p_size, False, None),
 ]:
-    register_step_function(_fn, _fn.__name__, dict(_aggregate_map) if _aggregate_map else None, needs_contrast=_contrast)
+    register_step_function(
+        _fn, _fn.__name__, dict(_aggregate_map) if _aggregate_map else None, needs_contrast=_contrast
+    )

@@ -1,10 +1,11 @@
 """Capture, reduce and patch module outputs and their gradients in one ordinary forward/backward.
 
-    with instrument.trace(model, ["transformer.h.*.mlp", "lm_head"], grads=True) as t:
-        out = model(**batch)
-        out.logits[0, -1].max().backward()
-    t.activations["transformer.h.1.mlp"].shape, t.gradients["lm_head"].shape
+with instrument.trace(model, ["transformer.h.*.mlp", "lm_head"], grads=True) as t:
+    out = model(**batch)
+    out.logits[0, -1].max().backward()
+t.activations["transformer.h.1.mlp"].shape, t.gradients["lm_head"].shape
 """
+
 from __future__ import annotations
 
 import difflib
@@ -130,7 +131,9 @@ class Trace:
         self.store = (reduce is None) if store is None else store
         # Resolve everything before any hook exists, so a bad name leaves the model untouched.
         self._selected = _select(model, modules, "modules")
-        self._patch = {name: value for selector, value in (patch or {}).items() for name in _select(model, selector, "patch")}
+        self._patch = {
+            name: value for selector, value in (patch or {}).items() for name in _select(model, selector, "patch")
+        }
         self._stop_at = None
         if stop_at is not None:
             found = _select(model, stop_at, "stop_at")
@@ -434,7 +437,13 @@ def _pick(output, selector: OutputSelector) -> torch.Tensor | None:
     if isinstance(selector, str):
         found = output.get(selector) if isinstance(output, Mapping) else getattr(output, selector, None)
         return found if isinstance(found, torch.Tensor) else None
-    items = list(output.values()) if isinstance(output, Mapping) else list(output) if isinstance(output, (tuple, list)) else []
+    items = (
+        list(output.values())
+        if isinstance(output, Mapping)
+        else list(output)
+        if isinstance(output, (tuple, list))
+        else []
+    )
     tensors = [item for item in items if isinstance(item, torch.Tensor)] if isinstance(output, Mapping) else items
     if -len(tensors) <= selector < len(tensors) and isinstance(tensors[selector], torch.Tensor):
         return tensors[selector]

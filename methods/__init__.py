@@ -1,8 +1,9 @@
 """Attribution methods of seq-instrument, one module per method or family, found through a registry.
 
-    import methods
-    methods.list_methods()
+import methods
+methods.list_methods()
 """
+
 from methods import (  # noqa: E402,F401  (registers the methods)  # noqa: E402,F401
     attention,  # noqa: E402,F401
     gradient,

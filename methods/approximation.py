@@ -1,7 +1,8 @@
 """Integration rules for path methods: points `alphas` in [0, 1] and their `weights`.
 
-    alphas, weights = approximation("riemann_trapezoid", 5)
+alphas, weights = approximation("riemann_trapezoid", 5)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,9 @@ RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
 def approximation(rule: str, n_steps: int) -> tuple[list[float], list[float]]:
     """`(alphas, weights)` approximating the integral over [0, 1] as Captum does."""
     if n_steps < 1 or (rule == "riemann_trapezoid" and n_steps < 2):
-        raise ValueError(f"n_steps must be at least {2 if rule == 'riemann_trapezoid' else 1} for {rule}, got {n_steps}")
+        raise ValueError(
+            f"n_steps must be at least {2 if rule == 'riemann_trapezoid' else 1} for {rule}, got {n_steps}"
+        )
     if rule == "gausslegendre":
         nodes, node_weights = np.polynomial.legendre.leggauss(n_steps)
         return list(0.5 * (nodes + 1)), list(0.5 * node_weights)

@@ -18,6 +18,7 @@ weights `[batch, heads, queries, keys]` are cut down to the query rows that are 
 of every layer are never held at once. The model runs with eager attention during the call (the
 other implementations return no weights); its implementation is restored after, errors included.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,7 +62,9 @@ def eager_attention(model: nn.Module):
     configuration's attention implementation is put back as it was on exit, errors included."""
     saved = [(config, config.__dict__.get("_attn_implementation_internal", _MISSING)) for config in _configs(model)]
     try:
-        if getattr(model.config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
+        if getattr(model.config, "_attn_implementation", "eager") != "eager" and hasattr(
+            model, "set_attn_implementation"
+        ):
             model.set_attn_implementation("eager")
         # Some versions leave copies alone (T5's decoder reads its own deep copy of the config in transformers 5.17).
         for config, _ in saved:
@@ -144,10 +147,13 @@ class Attention(AttributionMethod):
     `source_attention="encoder"`.
     """
 
-    def attribute(self, request: Request, layers=None, heads=None, aggregate_fn="mean",
-                  source_attention="cross") -> RowAttribution:
+    def attribute(
+        self, request: Request, layers=None, heads=None, aggregate_fn="mean", source_attention="cross"
+    ) -> RowAttribution:
         if aggregate_fn not in AGGREGATES:
-            raise ValueError(f"aggregate_fn must be 'mean', 'max' or None (keep layers and heads), got {aggregate_fn!r}")
+            raise ValueError(
+                f"aggregate_fn must be 'mean', 'max' or None (keep layers and heads), got {aggregate_fn!r}"
+            )
         if source_attention not in SOURCE_ATTENTION:
             raise ValueError(f"source_attention must be 'cross' or 'encoder', got {source_attention!r}")
         engine = request.engine

@@ -1,8 +1,9 @@
 """What every attribution method shares: its options, the request it serves, gradients at a point.
 
-    method = get_method("saliency")(abs=True)
-    result = method.attribute(request)        # RowAttribution for request.rows
+method = get_method("saliency")(abs=True)
+result = method.attribute(request)        # RowAttribution for request.rows
 """
+
 from __future__ import annotations
 
 import inspect
@@ -81,8 +82,8 @@ class AttributionMethod:
 def signature_defaults(attribute: Callable) -> dict[str, Any]:
     """`{option: default}` of an `attribute(self, request, ...)` method; every option needs a default.
 
-        signature_defaults(lambda self, request, n_steps=50: None)
-        {'n_steps': 50}
+    signature_defaults(lambda self, request, n_steps=50: None)
+    {'n_steps': 50}
     """
     options = list(inspect.signature(attribute).parameters.values())[2:]
     defaults = {}
@@ -102,7 +103,7 @@ COUNTS = ("n_steps", "n_samples", "n_neighbors", "perturbations_per_eval", "num_
 def check_option(method: str, name: str, value: Any, default: Any) -> None:
     """A method option of the type its default has (bool, int, real), else TypeError naming it.
 
-        check_option("integrated_gradients", "n_steps", "20", 50)   # TypeError
+    check_option("integrated_gradients", "n_steps", "20", 50)   # TypeError
     """
     if name == "internal_batch_size":
         batching.check_size(name, value)
@@ -123,8 +124,16 @@ def check_option(method: str, name: str, value: Any, default: Any) -> None:
         raise ValueError(f"{method}: {name} must be non-negative, got {value!r}")
 
 
-def gradients(request: Request, rows: Rows, wrt: list[torch.Tensor], source=None, target=None, layers=(), layer_patch=None,
-              shared_prefix: bool = False):
+def gradients(
+    request: Request,
+    rows: Rows,
+    wrt: list[torch.Tensor],
+    source=None,
+    target=None,
+    layers=(),
+    layer_patch=None,
+    shared_prefix: bool = False,
+):
     """Gradients of each row's score w.r.t. `wrt` (leaves fed in as embeddings or layer patches),
     plus the logits and the live layer outputs of that one forward, all `[R, ...]`.
 
@@ -179,8 +188,12 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
     owner, n_full, n_slots = fr.owner, len(fr.full), fr.positions.shape[1]
     with torch.enable_grad(), activation_slopes(request.engine.model):
         logits, activations, (states, head_input) = request.engine.forward_reads(fr, full_source, full_target, layers)
-        scores = request.score(rows, logits, full_source[owner] if full_source is not None else None,
-                               full_target[owner] if full_target is not None else None)
+        scores = request.score(
+            rows,
+            logits,
+            full_source[owner] if full_source is not None else None,
+            full_target[owner] if full_target is not None else None,
+        )
         wanted = [full[id(t)] for t in wrt] + [activations[name] for name in layers]
         _check_differentiable(request, scores)
         one_hot = (fr.slot[None, :] == torch.arange(n_slots, device=fr.slot.device)[:, None]).to(scores.dtype)
@@ -214,8 +227,13 @@ def leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
 CPU_CHUNK_TOKENS = 1200
 
 
-def chunks(total: int, rows: Rows, internal_batch_size: int | str | None, rows_per_point: int | None = None,
-           auto: batching.AutoState | None = None) -> Iterable[range]:
+def chunks(
+    total: int,
+    rows: Rows,
+    internal_batch_size: int | str | None,
+    rows_per_point: int | None = None,
+    auto: batching.AutoState | None = None,
+) -> Iterable[range]:
     """Splits `total` path points, each running `rows_per_point` rows (default: all of `rows`), into
     chunks of at most `internal_batch_size` rows in all. None: one chunk on accelerators (as
     Captum), chunks of about `CPU_CHUNK_TOKENS` tokens on the CPU; "auto": chunks sized from the

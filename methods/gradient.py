@@ -3,6 +3,7 @@ DeepLIFT and gradient SHAP.
 
     model = instrument.load_model(hf_model, "integrated_gradients", n_steps=50)
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ class Saliency(AttributionMethod):
 
     def attribute(self, request: Request, abs: bool = True) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
-        grads, logits, _ = gradients(request, request.rows, [t for t in (source, target) if t is not None], source, target,
-                                     shared_prefix=True)
+        grads, logits, _ = gradients(
+            request, request.rows, [t for t in (source, target) if t is not None], source, target, shared_prefix=True
+        )
         source_grad, target_grad = _split(request, grads, source, target)
         fix = torch.abs if abs else (lambda t: t)
         return RowAttribution(
@@ -43,8 +45,9 @@ class InputXGradient(AttributionMethod):
 
     def attribute(self, request: Request) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
-        grads, logits, _ = gradients(request, request.rows, [t for t in (source, target) if t is not None], source, target,
-                                     shared_prefix=True)
+        grads, logits, _ = gradients(
+            request, request.rows, [t for t in (source, target) if t is not None], source, target, shared_prefix=True
+        )
         source_grad, target_grad = _split(request, grads, source, target)
         return RowAttribution(
             source=source_grad * source.detach() if source is not None else None,
@@ -79,9 +82,18 @@ class IntegratedGradients(PathMethod):
     `approximation_method`, when given, wins over `method`.
     """
 
-    def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
-                  internal_batch_size=None, baselines=None, include_eos_baseline=False, multiply_by_inputs=True,
-                  return_convergence_delta=False) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        n_steps=50,
+        method="gausslegendre",
+        approximation_method=None,
+        internal_batch_size=None,
+        baselines=None,
+        include_eos_baseline=False,
+        multiply_by_inputs=True,
+        return_convergence_delta=False,
+    ) -> RowAttribution:
         alphas, weights = approximation(approximation_method or method, n_steps)
         rows = request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
@@ -90,8 +102,14 @@ class IntegratedGradients(PathMethod):
         for chunk in chunks(n_steps, rows, internal_batch_size, auto=request.auto):
             chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
             points = [leaf(kernels.interpolate(x, base, chunk_alphas)) for x, base in sides]
-            grads, _, _ = gradients(request, rows.repeat(len(chunk)), points,
-                                    points[0] if source is not None else None, points[-1], shared_prefix=True)
+            grads, _, _ = gradients(
+                request,
+                rows.repeat(len(chunk)),
+                points,
+                points[0] if source is not None else None,
+                points[-1],
+                shared_prefix=True,
+            )
             chunk_weights = torch.tensor([weights[k] for k in chunk], dtype=torch.float32)
             for total, grad in zip(totals, grads):
                 kernels.accumulate(total, grad, chunk_weights)  # in place, float32, one read of the gradients
@@ -105,7 +123,9 @@ class IntegratedGradients(PathMethod):
                 logits = request.engine.logits(rows, source, target)
             if return_convergence_delta:
                 at_input = request.score(rows, logits, source, target)
-                at_base = request.score(rows, request.engine.logits(rows, source_base, target_base), source_base, target_base)
+                at_base = request.score(
+                    rows, request.engine.logits(rows, source_base, target_base), source_base, target_base
+                )
                 total = sum(a.flatten(1).sum(1) for a in attributions)
                 delta = total - (at_input - at_base).float()
         return RowAttribution(
@@ -118,8 +138,17 @@ class GradientShap(PathMethod):
     """Gradient SHAP (Lundberg and Lee 2017): expected gradients at random points between baseline
     and (optionally noised) input, times input - baseline. Seeded."""
 
-    def attribute(self, request: Request, n_samples=5, stdevs=0.0, baselines=None, include_eos_baseline=False,
-                  multiply_by_inputs=True, seed=42, internal_batch_size=None) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        n_samples=5,
+        stdevs=0.0,
+        baselines=None,
+        include_eos_baseline=False,
+        multiply_by_inputs=True,
+        seed=42,
+        internal_batch_size=None,
+    ) -> RowAttribution:
         rows = request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
@@ -137,8 +166,9 @@ class GradientShap(PathMethod):
             for (x, base), noisy in zip(sides, noised):
                 a = alphas[index].to(x).view(len(chunk), len(rows), *([1] * (x.dim() - 1)))
                 points.append(leaf((base + a * (noisy[index] - base)).flatten(0, 1)))
-            grads, _, _ = gradients(request, rows.repeat(len(chunk)), points,
-                                    points[0] if source is not None else None, points[-1])
+            grads, _, _ = gradients(
+                request, rows.repeat(len(chunk)), points, points[0] if source is not None else None, points[-1]
+            )
             mean = [1.0 / n_samples] * len(chunk)
             for total, grad, (x, base), noisy in zip(totals, grads, sides, noised):
                 if scale_each:
@@ -174,14 +204,22 @@ def _row_samples(rows, sides, n_samples: int, stdevs: float, seed: int):
 class DeepLift(PathMethod):
     """DeepLIFT with the rescale rule (Shrikumar et al. 2017), inputs and baselines in one batch."""
 
-    def attribute(self, request: Request, baselines=None, include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
+    def attribute(
+        self, request: Request, baselines=None, include_eos_baseline=False, multiply_by_inputs=True
+    ) -> RowAttribution:
         rows = request.rows
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
         points = [leaf(torch.cat([x, base])) for x, base in sides]
         with rescale_rule(request.engine.model):
-            grads, logits, _ = gradients(request, rows.repeat(2), points, points[0] if source is not None else None, points[-1],
-                                         shared_prefix=True)
+            grads, logits, _ = gradients(
+                request,
+                rows.repeat(2),
+                points,
+                points[0] if source is not None else None,
+                points[-1],
+                shared_prefix=True,
+            )
         # The multipliers (gradients under the rescale rule) times input - baseline, in one pass.
         attributions = [
             kernels.finalize(grad[: len(rows)].float(), x, base) if multiply_by_inputs else grad[: len(rows)]

@@ -8,6 +8,7 @@ alias and adds a layer dimension after the step dimension. Outputs of encoder mo
 `source_attributions`, the others in `target_attributions`. The default layer is the input
 embeddings (the encoder's, plus the decoder's with `attribute_target=True`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,7 +33,9 @@ def resolve_layers(request: Request, target_layer: Any, target_layers: Any) -> t
     if target_layer is not None:
         names = engine.layer_names(target_layer)
         if len(names) != 1:
-            raise ValueError(f"target_layer must name one module, {target_layer!r} names {len(names)}; use target_layers")
+            raise ValueError(
+                f"target_layer must name one module, {target_layer!r} names {len(names)}; use target_layers"
+            )
         return names, False
     names = engine.layer_names("embeddings")
     if engine.is_encoder_decoder and not request.attribute_target:
@@ -46,11 +49,15 @@ def rows_first(tensor: torch.Tensor, n_rows: int) -> torch.Tensor:
     return tensor if tensor.shape[0] == n_rows else tensor.reshape(n_rows, -1, tensor.shape[-1])
 
 
-def by_side(request: Request, names: list[str], per_layer: dict[str, torch.Tensor], stacked: bool, logits) -> RowAttribution:
+def by_side(
+    request: Request, names: list[str], per_layer: dict[str, torch.Tensor], stacked: bool, logits
+) -> RowAttribution:
     """Groups per-layer `[R, positions, hidden]` results into the source and target sides."""
     sides: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
     for name in names:  # (to one device: with a device_map, layers may sit on several)
-        sides[request.engine.layer_side(name)].append(rows_first(per_layer[name], len(request.rows)).to(request.rows.token.device))
+        sides[request.engine.layer_side(name)].append(
+            rows_first(per_layer[name], len(request.rows)).to(request.rows.token.device)
+        )
     merged = {}
     for side, values in sides.items():
         if not values:
@@ -70,12 +77,12 @@ class LayerGradientXActivation(AttributionMethod):
 
     attributes_inputs = False
 
-    def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True) -> RowAttribution:
+    def attribute(
+        self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True
+    ) -> RowAttribution:
         names, stacked = resolve_layers(request, target_layer, target_layers)
         grads, logits, acts = gradients(request, request.rows, [], layers=names, shared_prefix=True)
-        per_layer = {
-            name: grad * acts[name] if multiply_by_inputs else grad for name, grad in zip(names, grads)
-        }
+        per_layer = {name: grad * acts[name] if multiply_by_inputs else grad for name, grad in zip(names, grads)}
         return by_side(request, names, per_layer, stacked, logits)
 
 
@@ -88,9 +95,19 @@ class LayerIntegratedGradients(AttributionMethod):
 
     attributes_inputs = False
 
-    def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True,
-                  n_steps=50, method="gausslegendre", approximation_method=None, internal_batch_size=None,
-                  baselines=None, include_eos_baseline=False) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        target_layer=None,
+        target_layers=None,
+        multiply_by_inputs=True,
+        n_steps=50,
+        method="gausslegendre",
+        approximation_method=None,
+        internal_batch_size=None,
+        baselines=None,
+        include_eos_baseline=False,
+    ) -> RowAttribution:
         names, stacked = resolve_layers(request, target_layer, target_layers)
         engine, rows = request.engine, request.rows
         alphas, weights = approximation(approximation_method or method, n_steps)
@@ -105,25 +122,37 @@ class LayerIntegratedGradients(AttributionMethod):
         per_layer = {}
         n_rows = len(rows)
         for group in (g for g in groups if g):
-            totals = {name: torch.zeros(at_input[name].shape, dtype=torch.float32, device=at_input[name].device)
-                      for name in group}
+            totals = {
+                name: torch.zeros(at_input[name].shape, dtype=torch.float32, device=at_input[name].device)
+                for name in group
+            }
             for chunk in chunks(n_steps, rows, internal_batch_size, auto=request.auto):
                 chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
                 points = {
-                    name: leaf(kernels.interpolate(rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows),
-                                                   chunk_alphas).reshape(-1, *at_input[name].shape[1:]))
+                    name: leaf(
+                        kernels.interpolate(
+                            rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows), chunk_alphas
+                        ).reshape(-1, *at_input[name].shape[1:])
+                    )
                     for name in group
                 }
                 grads, _, _ = gradients(request, rows.repeat(len(chunk)), list(points.values()), layer_patch=points)
                 chunk_weights = torch.tensor([weights[k] for k in chunk], dtype=torch.float32)
                 for name, grad in zip(group, grads):  # in place into the [R, positions, hidden] view of the total
-                    kernels.accumulate(rows_first(totals[name], n_rows), rows_first(grad, len(chunk) * n_rows),
-                                       chunk_weights)
+                    kernels.accumulate(
+                        rows_first(totals[name], n_rows), rows_first(grad, len(chunk) * n_rows), chunk_weights
+                    )
                 del points, grads
             for name in group:
-                per_layer[name] = kernels.finalize(
-                    rows_first(totals[name], n_rows), rows_first(at_input[name], n_rows), rows_first(at_base[name], n_rows)
-                ).reshape(at_input[name].shape) if multiply_by_inputs else totals[name]
+                per_layer[name] = (
+                    kernels.finalize(
+                        rows_first(totals[name], n_rows),
+                        rows_first(at_input[name], n_rows),
+                        rows_first(at_base[name], n_rows),
+                    ).reshape(at_input[name].shape)
+                    if multiply_by_inputs
+                    else totals[name]
+                )
         return by_side(request, names, per_layer, stacked, logits)
 
 
@@ -134,8 +163,15 @@ class LayerDeepLift(AttributionMethod):
 
     attributes_inputs = False
 
-    def attribute(self, request: Request, target_layer=None, target_layers=None, multiply_by_inputs=True,
-                  baselines=None, include_eos_baseline=False) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        target_layer=None,
+        target_layers=None,
+        multiply_by_inputs=True,
+        baselines=None,
+        include_eos_baseline=False,
+    ) -> RowAttribution:
         names, stacked = resolve_layers(request, target_layer, target_layers)
         engine, rows = request.engine, request.rows
         source, target = engine.embed(rows)
@@ -146,8 +182,9 @@ class LayerDeepLift(AttributionMethod):
         both_source = leaf(torch.cat([source, source_base])) if source is not None else None
         both_target = leaf(torch.cat([target, target_base]))
         with rescale_rule(engine.model):
-            grads, logits, acts = gradients(request, rows.repeat(2), [], both_source, both_target, layers=names,
-                                            shared_prefix=True)
+            grads, logits, acts = gradients(
+                request, rows.repeat(2), [], both_source, both_target, layers=names, shared_prefix=True
+            )
         half = len(rows)
         per_layer = {}
         for name, grad in zip(names, grads):

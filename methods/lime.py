@@ -1,7 +1,8 @@
 """LIME (Ribeiro et al. 2016) with tokens as interpretable features, as Inseq (default) or Captum.
 
-    out = model.attribute(text, method="lime", n_samples=100, seed=0)       # Inseq's; variant="captum"
+out = model.attribute(text, method="lime", n_samples=100, seed=0)       # Inseq's; variant="captum"
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ def weighted_least_squares(features: torch.Tensor, targets: torch.Tensor, weight
     return solution[:-1, 0]
 
 
-def token_ridge(kept: torch.Tensor, directions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
-                alpha: float) -> torch.Tensor:
+def token_ridge(
+    kept: torch.Tensor, directions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *, alpha: float
+) -> torch.Tensor:
     """Ridge regression (`alpha`, intercept, sample `weights`: scikit-learn's `Ridge`) of `targets [n]`
     on features that are, for sample a and token j, `c + kept[a, j] * directions[j]` (the token's
     embedding where kept, the constant c where replaced; `directions[j] = embedding_j - c`), in
@@ -82,15 +84,36 @@ class Lime(AttributionMethod):
     token subsets for every example), read at every step; each step fits on its own tokens.
     """
 
-    VARIANT_OPTIONS = {"inseq": ("mask_prob", "mask_token", "alpha"), "captum": ("baselines", "kernel_width", "distance_mode")}
+    VARIANT_OPTIONS = {
+        "inseq": ("mask_prob", "mask_token", "alpha"),
+        "captum": ("baselines", "kernel_width", "distance_mode"),
+    }
 
-    def attribute(self, request: Request, variant="inseq", n_samples=50, perturbations_per_eval=32, mask_prob=0.3,
-                  mask_token="unk", alpha=1.0, baselines="zeros", include_eos_baseline=False, kernel_width=1.0,
-                  distance_mode="cosine", seed=42) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        variant="inseq",
+        n_samples=50,
+        perturbations_per_eval=32,
+        mask_prob=0.3,
+        mask_token="unk",
+        alpha=1.0,
+        baselines="zeros",
+        include_eos_baseline=False,
+        kernel_width=1.0,
+        distance_mode="cosine",
+        seed=42,
+    ) -> RowAttribution:
         if variant not in self.VARIANT_OPTIONS:
             raise ValueError(f"variant must be 'inseq' or 'captum', got {variant!r}")
-        given = dict(mask_prob=mask_prob, mask_token=mask_token, alpha=alpha, baselines=baselines,
-                     kernel_width=kernel_width, distance_mode=distance_mode)
+        given = dict(
+            mask_prob=mask_prob,
+            mask_token=mask_token,
+            alpha=alpha,
+            baselines=baselines,
+            kernel_width=kernel_width,
+            distance_mode=distance_mode,
+        )
         other = "captum" if variant == "inseq" else "inseq"
         for name in self.VARIANT_OPTIONS[other]:
             if not _same(given[name], self.params[name]):
@@ -123,10 +146,15 @@ class Lime(AttributionMethod):
                 bases = dict(zip(("source", "target"), engine.baseline(fr.full, baselines, include_eos_baseline)))
             sides = attributed_sides(request, inputs["source"] is not None)
             keep_prob = 1 - mask_prob if inseq else 0.5
-            keep = {side: token_samples(seed, int(side == "target"), inputs[side].shape[1], n_samples, keep_prob) for side in sides}
+            keep = {
+                side: token_samples(seed, int(side == "target"), inputs[side].shape[1], n_samples, keep_prob)
+                for side in sides
+            }
             lengths = {side: side_lengths(rows, side).tolist() for side in sides}
-            visible = {side: (torch.arange(inputs[side].shape[1])[None] < torch.tensor(lengths[side])[:, None]).double()
-                       for side in sides}  # [R, L]
+            visible = {
+                side: (torch.arange(inputs[side].shape[1])[None] < torch.tensor(lengths[side])[:, None]).double()
+                for side in sides
+            }  # [R, L]
             logits, _ = perturber.original()
             outputs = torch.full((len(rows), n_samples), float("nan"), dtype=torch.float64)
             equal = torch.zeros(len(rows), n_samples, dtype=torch.float64)  # Inseq's similarity: equal elements
@@ -145,18 +173,29 @@ class Lime(AttributionMethod):
                 outputs[r_index, samples[n_index]] = scores.double().cpu()
                 if inseq:
                     for side in sides:
-                        same = (embeds[side] == inputs[side][owners.to(inputs[side].device)]).sum(-1).double().cpu()  # [N, L]
+                        same = (
+                            (embeds[side] == inputs[side][owners.to(inputs[side].device)]).sum(-1).double().cpu()
+                        )  # [N, L]
                         equal[r_index, samples[n_index]] += (same[n_index] * visible[side][r_index]).sum(1)
             out = {side: torch.zeros(len(rows), *inputs[side].shape[1:]) for side in sides}
             if not inseq:
-                similarity = self._similarity(rows, fr, sides=sides, inputs=inputs, bases=bases, keep=keep,
-                                              kernel_width=kernel_width, distance_mode=distance_mode)
+                similarity = self._similarity(
+                    rows,
+                    fr,
+                    sides=sides,
+                    inputs=inputs,
+                    bases=bases,
+                    keep=keep,
+                    kernel_width=kernel_width,
+                    distance_mode=distance_mode,
+                )
             owner = fr.owner.tolist()
             for r in range(len(rows)):
                 bits = torch.cat([keep[side][:, : lengths[side][r]] for side in sides], dim=1)
                 if inseq:
-                    directions = torch.cat([inputs[side][owner[r], : lengths[side][r]].double().cpu() - float(fill)
-                                            for side in sides])
+                    directions = torch.cat(
+                        [inputs[side][owner[r], : lengths[side][r]].double().cpu() - float(fill) for side in sides]
+                    )
                     coef = token_ridge(bits, directions, outputs[r], equal[r], alpha=alpha).float()  # [T, hidden]
                 else:
                     coef = weighted_least_squares(bits, outputs[r], similarity[r]).float()[:, None]
@@ -168,8 +207,17 @@ class Lime(AttributionMethod):
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
 
     @staticmethod
-    def _similarity(rows: Rows, fr: FullRows, *, sides: list[str], inputs: dict, bases: dict, keep: dict,
-                    kernel_width: float, distance_mode: str) -> torch.Tensor:
+    def _similarity(
+        rows: Rows,
+        fr: FullRows,
+        *,
+        sides: list[str],
+        inputs: dict,
+        bases: dict,
+        keep: dict,
+        kernel_width: float,
+        distance_mode: str,
+    ) -> torch.Tensor:
         """`[R, n_samples]` kernel weights from per-token dot products (float64): the distance between
         the row's flattened inputs and each perturbed version, over the row's own tokens."""
         owner = fr.owner.cpu()

@@ -1,8 +1,9 @@
 """Occlusion on the input embeddings, as Captum computes it (run batched by `methods.perturber`).
 
-    out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
-    out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
+out = model.attribute(text, method="occlusion")                          # [positions, steps], signed
+out = model.attribute(text, method="occlusion", sliding_window_shapes=(2, 16), strides=(1, 8))
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,15 @@ class Occlusion(AttributionMethod):
     keep Captum's granular `[positions, steps, hidden]`.
     """
 
-    def attribute(self, request: Request, sliding_window_shapes=None, strides=None, baselines=None,
-                  include_eos_baseline=False, perturbations_per_eval=32) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        sliding_window_shapes=None,
+        strides=None,
+        baselines=None,
+        include_eos_baseline=False,
+        perturbations_per_eval=32,
+    ) -> RowAttribution:
         if not isinstance(perturbations_per_eval, int) or perturbations_per_eval < 1:
             raise ValueError(f"perturbations_per_eval must be a positive integer, got {perturbations_per_eval!r}")
         engine, rows = request.engine, request.rows
@@ -92,8 +100,10 @@ class Occlusion(AttributionMethod):
             bases = dict(zip(("source", "target"), engine.baseline(fr.full, baselines, include_eos_baseline)))
             sides = attributed_sides(request, inputs["source"] is not None)
             hidden = {side: inputs[side].shape[-1] for side in sides}
-            windows = {side: _pair(v, "sliding_window_shapes", hidden[side], (1, hidden[side]))
-                       for side, v in _per_side(sliding_window_shapes, sides).items()}
+            windows = {
+                side: _pair(v, "sliding_window_shapes", hidden[side], (1, hidden[side]))
+                for side, v in _per_side(sliding_window_shapes, sides).items()
+            }
             stride = {side: _pair(v, "strides", hidden[side], 1) for side, v in _per_side(strides, sides).items()}
             for side in sides:
                 window, step = windows[side], stride[side]
@@ -108,14 +118,22 @@ class Occlusion(AttributionMethod):
                     )
             logits, original = perturber.original()
             granular = any(windows[side][1] < hidden[side] for side in sides)
-            out = {side: self._side(perturber, _Windows(side, inputs[side], bases[side], windows[side], stride[side]),
-                                    original=original, per_eval=perturbations_per_eval, granular=granular)
-                   for side in sides}
+            out = {
+                side: self._side(
+                    perturber,
+                    _Windows(side, inputs[side], bases[side], windows[side], stride[side]),
+                    original=original,
+                    per_eval=perturbations_per_eval,
+                    granular=granular,
+                )
+                for side in sides
+            }
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
 
     @staticmethod
-    def _side(perturber: Perturber, windows: _Windows, *, original: torch.Tensor, per_eval: int,
-              granular: bool) -> torch.Tensor:
+    def _side(
+        perturber: Perturber, windows: _Windows, *, original: torch.Tensor, per_eval: int, granular: bool
+    ) -> torch.Tensor:
         """`[R, length]` occlusion attributions of one side (`[R, length, hidden]` if `granular`). Windows
         are rectangles (token range x hidden range), so totals and counts are kept per token and hidden
         window, `[R, length, W]`, and spread over the hidden dimension once at the end."""

@@ -7,6 +7,7 @@ Both integrate gradients of the attributed function w.r.t. the outputs of the em
 both are batched like integrated gradients: the path points of every row (and, for SIG, of every
 token) go through the model together, `internal_batch_size` rows at a time.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -45,8 +46,17 @@ class SequentialIntegratedGradients(PathMethod):
     integrated gradients.
     """
 
-    def attribute(self, request: Request, n_steps=50, method="gausslegendre", approximation_method=None,
-                  internal_batch_size=512, baselines=None, include_eos_baseline=False, multiply_by_inputs=True) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        n_steps=50,
+        method="gausslegendre",
+        approximation_method=None,
+        internal_batch_size=512,
+        baselines=None,
+        include_eos_baseline=False,
+        multiply_by_inputs=True,
+    ) -> RowAttribution:
         _check_batch_size(internal_batch_size)
         alphas, weights = approximation(approximation_method or method, n_steps)
         engine, rows = request.engine, request.rows
@@ -60,7 +70,9 @@ class SequentialIntegratedGradients(PathMethod):
         totals = {name: torch.zeros_like(sides[name][0], dtype=torch.float32) for name in moving}
         points = [(u, k) for u in range(len(units)) for k in range(n_steps)]
         device = rows.target_ids.device
-        for chunk in chunks(len(points), rows, internal_batch_size, rows_per_point=1, auto=request.auto):  # one row per path point
+        for chunk in chunks(
+            len(points), rows, internal_batch_size, rows_per_point=1, auto=request.auto
+        ):  # one row per path point
             picked = [points[j] for j in chunk]
             row_index = torch.tensor([units[u][1] for u, _ in picked], dtype=torch.long, device=device)
             embeds = {}
@@ -77,8 +89,9 @@ class SequentialIntegratedGradients(PathMethod):
             wrt = [embeds[name] for name in moving]
             grads, _, _ = gradients(request, rows.take(row_index), wrt, embeds.get("source"), embeds["target"])
             for name, grad in zip(moving, grads):
-                on_side = [(e, units[u][1], units[u][2], weights[k])
-                           for e, (u, k) in enumerate(picked) if units[u][0] == name]
+                on_side = [
+                    (e, units[u][1], units[u][2], weights[k]) for e, (u, k) in enumerate(picked) if units[u][0] == name
+                ]
                 if not on_side:
                     continue
                 e = torch.tensor([e for e, _, _, _ in on_side], device=device)
@@ -111,7 +124,9 @@ class Vocabulary:
         with torch.no_grad():
             device = _module_device(module)
             ids = torch.arange(vocab_size, device=device)
-            self.features = torch.cat([module(ids[start : start + 4096][None])[0] for start in range(0, vocab_size, 4096)])
+            self.features = torch.cat(
+                [module(ids[start : start + 4096][None])[0] for start in range(0, vocab_size, 4096)]
+            )
         self.features = self.features.detach()
         self.squared = (self.features.float() ** 2).sum(1)
         self.neighbours: dict[tuple[int, int], torch.Tensor] = {}
@@ -163,8 +178,11 @@ def monotonic(baseline: torch.Tensor, current: torch.Tensor, anchor: torch.Tenso
     """Per dimension: does `anchor` lie between `baseline` and `current` (equal where they are equal)?
     Works on a batch of anchors `[n, H]`."""
     return torch.where(
-        baseline > current, (anchor <= baseline) & (anchor >= current),
-        torch.where(baseline < current, (anchor >= baseline) & (anchor <= current), (anchor == baseline) & (anchor == current)),
+        baseline > current,
+        (anchor <= baseline) & (anchor >= current),
+        torch.where(
+            baseline < current, (anchor >= baseline) & (anchor <= current), (anchor == baseline) & (anchor == current)
+        ),
     )
 
 
@@ -205,8 +223,16 @@ def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str,
     return path
 
 
-def monotonic_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int,
-                   factor: int, special: bool = False) -> torch.Tensor:
+def monotonic_path(
+    vocab: Vocabulary,
+    word: int,
+    ref: int,
+    steps: int,
+    strategy: str,
+    n_neighbors: int,
+    factor: int,
+    special: bool = False,
+) -> torch.Tensor:
     """DIG's interpolation points `[2 ** factor * (steps - 1) + 1, H]` for one token, from the
     baseline (first) to the token's embedding (last); cached per vocabulary."""
     key = (word, ref, steps, strategy, n_neighbors, factor, special)
@@ -248,8 +274,18 @@ class DiscretizedIntegratedGradients(AttributionMethod):
     (`n_steps=50`, `n_neighbors=50`).
     """
 
-    def attribute(self, request: Request, n_steps=50, strategy="greedy", n_neighbors=50, factor=0, baselines=None,
-                  include_eos_baseline=False, internal_batch_size=None, return_convergence_delta=False) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        n_steps=50,
+        strategy="greedy",
+        n_neighbors=50,
+        factor=0,
+        baselines=None,
+        include_eos_baseline=False,
+        internal_batch_size=None,
+        return_convergence_delta=False,
+    ) -> RowAttribution:
         if strategy not in ("greedy", "maxcount"):
             raise ValueError(f"strategy must be 'greedy' or 'maxcount', got {strategy!r}")
         for name, value, low in (("n_steps", n_steps, 2), ("n_neighbors", n_neighbors, 1), ("factor", factor, 0)):
@@ -269,9 +305,15 @@ class DiscretizedIntegratedGradients(AttributionMethod):
             if name not in moving:
                 paths[name] = x[None].expand(2, *x.shape)  # stays at its input
                 continue
-            refs = self._baseline_ids(engine, ids, baselines, include_eos_baseline, len(vocab.features),
-                                      keep_start=name == "target" and engine.is_encoder_decoder)
-            length = 2 ** factor * (n_steps - 1) + 1
+            refs = self._baseline_ids(
+                engine,
+                ids,
+                baselines,
+                include_eos_baseline,
+                len(vocab.features),
+                keep_start=name == "target" and engine.is_encoder_decoder,
+            )
+            length = 2**factor * (n_steps - 1) + 1
             special = engine.special_token_ids
             path = x[None].repeat(length, *([1] * x.dim()))
             for r, i in mask.nonzero().tolist():
@@ -288,8 +330,13 @@ class DiscretizedIntegratedGradients(AttributionMethod):
             index = torch.tensor(list(chunk), device=rows.target_ids.device)
             points = {name: p[index].flatten(0, 1) for name, p in paths.items()}
             points = {name: leaf(p) if name in moving else p for name, p in points.items()}
-            grads, _, _ = gradients(request, rows.repeat(len(chunk)), [points[name] for name in moving],
-                                    points.get("source"), points["target"])
+            grads, _, _ = gradients(
+                request,
+                rows.repeat(len(chunk)),
+                [points[name] for name in moving],
+                points.get("source"),
+                points["target"],
+            )
             for name, grad in zip(moving, grads):
                 steps = (paths[name][index + 1] - paths[name][index]).float()
                 totals[name] += (grad.float().unflatten(0, (len(chunk), -1)) * steps).sum(0)
@@ -307,20 +354,25 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         return RowAttribution(source=totals.get("source"), target=totals.get("target"), logits=logits, delta=delta)
 
     @staticmethod
-    def _baseline_ids(engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int,
-                      keep_start: bool = False) -> torch.Tensor:
+    def _baseline_ids(
+        engine, ids: torch.Tensor, baselines: Any, include_eos: bool, vocab_size: int, keep_start: bool = False
+    ) -> torch.Tensor:
         """Baseline token ids for `ids`; `keep_start`: the decoder start token (column 0) stays, as in
         `Engine.baseline`."""
         if baselines in (None, "unk"):
             if engine.unk_token_id is None:
-                raise ValueError("The tokenizer has no UNK token for the default baseline; pass baselines='pad' or a token id")
+                raise ValueError(
+                    "The tokenizer has no UNK token for the default baseline; pass baselines='pad' or a token id"
+                )
             ref = engine.unk_token_id
         elif baselines == "pad":
             ref = engine.pad_token_id
         elif isinstance(baselines, int) and not isinstance(baselines, bool):
             ref = baselines
         else:
-            raise ValueError(f"DIG baselines are vocabulary tokens: None ('unk'), 'pad' or a token id, got {baselines!r}")
+            raise ValueError(
+                f"DIG baselines are vocabulary tokens: None ('unk'), 'pad' or a token id, got {baselines!r}"
+            )
         if not 0 <= ref < vocab_size:
             raise ValueError(f"Baseline token id {ref} is outside the vocabulary of {vocab_size} tokens")
         refs = torch.full_like(ids, ref)

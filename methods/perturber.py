@@ -14,6 +14,7 @@ it, so every step gets what the method computes on its own prefix. ReAGent's pro
 step's own importance scores, so they run per step; the probes of all steps and examples share each
 forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,9 @@ class Perturber:
         rows = self.request.rows
         logits = self.fr.gather(self.engine.forward_steps(self.fr.full, self.fr.positions)[0])
         source, target = self.engine.embed(rows)
-        return logits, self.request.score(rows, logits, source, target).double()  # differences of probabilities: no float32 rounding
+        return logits, self.request.score(
+            rows, logits, source, target
+        ).double()  # differences of probabilities: no float32 rounding
 
     def run(self, owners: torch.Tensor, source: torch.Tensor | None, target: torch.Tensor | None, pairs=None):
         """Scores of `(perturbation n, row r)` pairs: `(n [E], r [E], scores [E])`.
@@ -65,7 +68,8 @@ class Perturber:
         logits = logits[index_n, fr.slot[index_r]]
         picked = rows.take(index_r)
         scores = self.request.score(
-            picked, logits,
+            picked,
+            logits,
             source[index_n] if source is not None else None,
             target[index_n] if target is not None else None,
         )

@@ -1,7 +1,8 @@
 """ReAGent (Zhao et al. 2024) on the input tokens, with Inseq's parameters, every step and probe batched.
 
-    out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
+out = model.attribute(text, method="reagent", max_probe_steps=100, num_probes=8)
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,19 @@ from methods.perturber import attributed_sides, side_lengths
 from methods.registry import register
 
 # Built-in step functions that are not probabilities: ReAGent's update would be NaN with them.
-NOT_PROBABILITIES = {"logit", "entropy", "crossentropy", "perplexity", "contrast_logits", "contrast_logits_diff",
-                     "contrast_prob_diff", "pcxmi", "kl_divergence", "in_context_pvi", "top_p_size"}
+NOT_PROBABILITIES = {
+    "logit",
+    "entropy",
+    "crossentropy",
+    "perplexity",
+    "contrast_logits",
+    "contrast_logits_diff",
+    "contrast_prob_diff",
+    "pcxmi",
+    "kl_divergence",
+    "in_context_pvi",
+    "top_p_size",
+}
 
 
 def _probabilities(request: Request, scores: torch.Tensor) -> torch.Tensor:
@@ -82,11 +94,25 @@ class Reagent(AttributionMethod):
     Every active probe of every row of the batch goes through one forward per stage.
     """
 
-    def attribute(self, request: Request, keep_top_n=5, keep_ratio=None, invert_keep_ratio=False,
-                  stopping_condition_top_k=3, replacing_ratio=0.3, max_probe_steps=3000, num_probes=16, seed=42,
-                  internal_batch_size=None) -> RowAttribution:
-        for name, value, low in (("keep_top_n", keep_top_n, 0), ("stopping_condition_top_k", stopping_condition_top_k, 1),
-                                 ("max_probe_steps", max_probe_steps, 1), ("num_probes", num_probes, 1)):
+    def attribute(
+        self,
+        request: Request,
+        keep_top_n=5,
+        keep_ratio=None,
+        invert_keep_ratio=False,
+        stopping_condition_top_k=3,
+        replacing_ratio=0.3,
+        max_probe_steps=3000,
+        num_probes=16,
+        seed=42,
+        internal_batch_size=None,
+    ) -> RowAttribution:
+        for name, value, low in (
+            ("keep_top_n", keep_top_n, 0),
+            ("stopping_condition_top_k", stopping_condition_top_k, 1),
+            ("max_probe_steps", max_probe_steps, 1),
+            ("num_probes", num_probes, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if keep_top_n == 0 and (keep_ratio is None or not 0 <= keep_ratio <= 1):
@@ -94,7 +120,8 @@ class Reagent(AttributionMethod):
         if not 0 < replacing_ratio <= 1:
             raise ValueError(f"replacing_ratio must be in (0, 1], got {replacing_ratio!r}")
         if internal_batch_size is not None and (
-                isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+            isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+        ):
             raise ValueError(f"internal_batch_size must be None or a positive integer, got {internal_batch_size!r}")
         if request.attributed_fn in NOT_PROBABILITIES:
             raise ValueError(
@@ -109,9 +136,12 @@ class Reagent(AttributionMethod):
         lengths = {side: side_lengths(rows, side).tolist() for side in sides}
         probes = []
         for r in range(len(rows)):
-            ids = torch.cat([
-                (rows.source_ids if side == "source" else rows.target_ids)[r, : lengths[side][r]].cpu() for side in sides
-            ])
+            ids = torch.cat(
+                [
+                    (rows.source_ids if side == "source" else rows.target_ids)[r, : lengths[side][r]].cpu()
+                    for side in sides
+                ]
+            )
             probes += [_Probe(r, ids, probe_generator(seed, k, rows, r), candidates) for k in range(num_probes)]
         with torch.no_grad():
             logits = engine.forward(rows)[0]
@@ -122,20 +152,36 @@ class Reagent(AttributionMethod):
                     break
                 masks = [probe.update_mask(replacing_ratio) for probe in active]
                 replaced = [torch.where(mask, probe.replacements(), probe.ids) for probe, mask in zip(active, masks)]
-                scores, _ = self._run(request, active, replaced, lengths=lengths, sides=sides,
-                                      batch_size=internal_batch_size)
+                scores, _ = self._run(
+                    request, active, replaced, lengths=lengths, sides=sides, batch_size=internal_batch_size
+                )
                 for probe, mask, score in zip(active, masks, scores):
                     delta = original[probe.r] - score
                     signed = torch.where(mask, delta, -delta)
                     probe.logit = probe.logit + torch.logit(signed * 0.5 + 0.5)
-                kept = [self._keep_mask(probe.importance, keep_top_n, keep_ratio, invert_keep_ratio) for probe in active]
+                kept = [
+                    self._keep_mask(probe.importance, keep_top_n, keep_ratio, invert_keep_ratio) for probe in active
+                ]
                 replaced = [torch.where(keep, probe.ids, probe.replacements()) for probe, keep in zip(active, kept)]
-                _, hits = self._run(request, active, replaced, lengths=lengths, sides=sides,
-                                    batch_size=internal_batch_size, top_k=stopping_condition_top_k)
+                _, hits = self._run(
+                    request,
+                    active,
+                    replaced,
+                    lengths=lengths,
+                    sides=sides,
+                    batch_size=internal_batch_size,
+                    top_k=stopping_condition_top_k,
+                )
                 for probe, hit in zip(active, hits):
                     probe.stopped = bool(hit)
-        out = {side: torch.zeros(len(rows), *(rows.source_ids if side == "source" else rows.target_ids).shape[1:],
-                                 engine.target_embedding.weight.shape[1]) for side in sides}
+        out = {
+            side: torch.zeros(
+                len(rows),
+                *(rows.source_ids if side == "source" else rows.target_ids).shape[1:],
+                engine.target_embedding.weight.shape[1],
+            )
+            for side in sides
+        }
         for r in range(len(rows)):
             mine = probes[r * num_probes : (r + 1) * num_probes]
             done = [probe for probe in mine if probe.stopped] or mine
@@ -156,8 +202,16 @@ class Reagent(AttributionMethod):
         return ~top if invert else top
 
     @staticmethod
-    def _run(request: Request, probes: list[_Probe], replaced: list[torch.Tensor], *, lengths: dict, sides: list[str],
-             batch_size: int | None, top_k: int | None = None):
+    def _run(
+        request: Request,
+        probes: list[_Probe],
+        replaced: list[torch.Tensor],
+        *,
+        lengths: dict,
+        sides: list[str],
+        batch_size: int | None,
+        top_k: int | None = None,
+    ):
         """Attributed function (and, with top_k, whether the target is among the top-k predictions)
         of each probe's row with its tokens replaced, in forwards of at most `batch_size` rows."""
         engine, rows = request.engine, request.rows

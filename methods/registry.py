@@ -1,9 +1,10 @@
 """Registry of attribution methods by name.
 
-    @register("saliency")
-    class Saliency(GradientMethod): ...
-    get_method("saliency")
+@register("saliency")
+class Saliency(GradientMethod): ...
+get_method("saliency")
 """
+
 from __future__ import annotations
 
 _METHODS: dict[str, type] = {}

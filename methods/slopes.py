@@ -8,6 +8,7 @@
 Both are `replaced_slopes`: a forward hook on each module gives its output (unchanged) a backward
 of `grad * slope(inputs, output, derivative)`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,12 @@ def replaced_slopes(modules: Iterable[nn.Module], slope: Slope):
 
     def hook(module, args, output):
         inputs = args[0]
-        if not torch.is_grad_enabled() or not inputs.requires_grad or not isinstance(output, torch.Tensor) \
-                or output.shape != inputs.shape:
+        if (
+            not torch.is_grad_enabled()
+            or not inputs.requires_grad
+            or not isinstance(output, torch.Tensor)
+            or output.shape != inputs.shape
+        ):
             return None
         probe = inputs.detach().requires_grad_()
         value = module.forward(probe)  # .forward: no hook recursion
@@ -67,8 +72,11 @@ def activation_slopes(model: nn.Module):
     of a dozen ops, such as GPT-2's tanh GELU) pass gradients back in one multiplication by their
     slope, computed once in the forward, instead of replaying their ops on every slot of a batched
     backward. Forward values are unchanged."""
-    modules = [m for m in model.modules()
-               if type(m).__module__ == "transformers.activations" and not any(True for _ in m.parameters())]
+    modules = [
+        m
+        for m in model.modules()
+        if type(m).__module__ == "transformers.activations" and not any(True for _ in m.parameters())
+    ]
     return replaced_slopes(modules, lambda inputs, output, derivative: derivative)
 
 

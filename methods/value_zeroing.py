@@ -1,8 +1,9 @@
 """Value zeroing (Mohebbi et al. 2023) inside attention, per layer, as Inseq computes it.
 
-    out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
-    out[0].sequence_scores["encoder_self_scores"]                          # encoder-decoders
+out = model.attribute(text, method="value_zeroing", layers=[-1])       # [positions, steps, layers]
+out[0].sequence_scores["encoder_self_scores"]                          # encoder-decoders
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -97,13 +98,25 @@ class ValueZeroing(AttributionMethod):
     cut short after the last picked block.
     """
 
-    def attribute(self, request: Request, layers=None, similarity_metric="cosine", normalize=True, min_score_threshold=1e-5,
-                  output_encoder_self_scores=True, perturbations_per_eval=32) -> RowAttribution:
+    def attribute(
+        self,
+        request: Request,
+        layers=None,
+        similarity_metric="cosine",
+        normalize=True,
+        min_score_threshold=1e-5,
+        output_encoder_self_scores=True,
+        perturbations_per_eval=32,
+    ) -> RowAttribution:
         if similarity_metric not in ("cosine", "euclidean"):
             raise ValueError(f"similarity_metric must be 'cosine' or 'euclidean', got {similarity_metric!r}")
         if not isinstance(perturbations_per_eval, int) or perturbations_per_eval < 1:
             raise ValueError(f"perturbations_per_eval must be a positive integer, got {perturbations_per_eval!r}")
-        if isinstance(min_score_threshold, bool) or not isinstance(min_score_threshold, (int, float)) or not min_score_threshold >= 0:
+        if (
+            isinstance(min_score_threshold, bool)
+            or not isinstance(min_score_threshold, (int, float))
+            or not min_score_threshold >= 0
+        ):
             raise ValueError(f"min_score_threshold must be a number >= 0, got {min_score_threshold!r}")
         engine, rows = request.engine, request.rows
         model, enc_dec = engine.model, engine.is_encoder_decoder
@@ -120,21 +133,38 @@ class ValueZeroing(AttributionMethod):
         encoder = select_modules(model, model.get_encoder())[0] if enc_dec else None
         read = [name for stack in stacks.values() for name in stack.read]
         with torch.no_grad():
-            logits, clean = engine.forward_steps(fr.full, fr.positions, layers=list(dict.fromkeys(read + ([encoder] if enc_dec else []))))
+            logits, clean = engine.forward_steps(
+                fr.full, fr.positions, layers=list(dict.fromkeys(read + ([encoder] if enc_dec else [])))
+            )
             logits = fr.gather(logits)
             clean = {name: value.detach() for name, value in clean.items()}
-            out = {side: self._side(perturber, side, stacks["decoder"], clean=clean, encoder=encoder,
-                                    metric=similarity_metric, per_eval=perturbations_per_eval)
-                   for side in stacks["decoder"].zeroers}
+            out = {
+                side: self._side(
+                    perturber,
+                    side,
+                    stacks["decoder"],
+                    clean=clean,
+                    encoder=encoder,
+                    metric=similarity_metric,
+                    per_eval=perturbations_per_eval,
+                )
+                for side in stacks["decoder"].zeroers
+            }
             sequence = {}
             if "encoder" in stacks:
-                scores = self._encoder_side(perturber, stacks["encoder"], clean=clean, metric=similarity_metric,
-                                            per_eval=perturbations_per_eval)
-                sequence["encoder_self_scores"] = self._finish(scores, fr.full.source_mask.bool().cpu()[:, :, None, None],
-                                                               min_score_threshold, normalize)[fr.owner.cpu()]
+                scores = self._encoder_side(
+                    perturber, stacks["encoder"], clean=clean, metric=similarity_metric, per_eval=perturbations_per_eval
+                )
+                sequence["encoder_self_scores"] = self._finish(
+                    scores, fr.full.source_mask.bool().cpu()[:, :, None, None], min_score_threshold, normalize
+                )[fr.owner.cpu()]
         for side, values in out.items():
-            out[side] = self._finish(values, self._visible(rows, side).bool().cpu()[:, :, None], min_score_threshold, normalize)
-        return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits, sequence_scores=sequence)
+            out[side] = self._finish(
+                values, self._visible(rows, side).bool().cpu()[:, :, None], min_score_threshold, normalize
+            )
+        return RowAttribution(
+            source=out.get("source"), target=out.get("target"), logits=logits, sequence_scores=sequence
+        )
 
     @staticmethod
     def _finish(values: torch.Tensor, visible: torch.Tensor, threshold: float, normalize: bool) -> torch.Tensor:
@@ -154,8 +184,9 @@ class ValueZeroing(AttributionMethod):
         return (torch.arange(length, device=rows.target_ids.device)[None] < rows.position[:, None]).float()
 
     @staticmethod
-    def _zeroed_run(stack: _Stack, side: str, *, clean: dict, owners: torch.Tensor, zero_at: torch.Tensor,
-                    run: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    def _zeroed_run(
+        stack: _Stack, side: str, *, clean: dict, owners: torch.Tensor, zero_at: torch.Tensor, run: Callable[[], Any]
+    ) -> dict[str, torch.Tensor]:
         """Runs `run()` with token `zero_at[n]`'s values zeroed in copy n in every picked layer of
         `stack`, each read block's output replaced by its clean output (`clean[name][owners]`);
         returns the perturbed representations of the picked layers (the last block's after the
@@ -171,6 +202,7 @@ class ValueZeroing(AttributionMethod):
                 if name == stack.read[-1] and not stack.final:
                     raise _Stop
                 return _with_first(output, clean[name][owners])  # the next block sees its clean input
+
             return hook
 
         def stack_hook(module, args, output):
@@ -180,7 +212,9 @@ class ValueZeroing(AttributionMethod):
         with HookHandles() as hooks:
             for projection, zero in stack.zeroers[side]:
                 hooks.forward(projection, lambda m, a, o, zero=zero: zero(o, zero_at))
-            for name in stack.read[:-2] if stack.final else stack.read:  # when final, read ends with the last block, the stack
+            for name in (
+                stack.read[:-2] if stack.final else stack.read
+            ):  # when final, read ends with the last block, the stack
                 hooks.forward(model.get_submodule(name), block_hook(name))
             if stack.final:
                 hooks.forward(model.get_submodule(stack.name), stack_hook)
@@ -191,8 +225,9 @@ class ValueZeroing(AttributionMethod):
         return captured
 
     @staticmethod
-    def _distances(stack: _Stack, *, clean: dict, captured: dict, owners: torch.Tensor, queries: torch.Tensor,
-                   metric: str) -> torch.Tensor:
+    def _distances(
+        stack: _Stack, *, clean: dict, captured: dict, owners: torch.Tensor, queries: torch.Tensor, metric: str
+    ) -> torch.Tensor:
         """`[N, K, layers]` distances at positions `queries [N, K]` between clean and perturbed outputs."""
         n_index = torch.arange(len(owners), device=queries.device)[:, None]
         distances = []
@@ -205,8 +240,17 @@ class ValueZeroing(AttributionMethod):
                 distances.append((original - perturbed).norm(dim=-1))
         return torch.stack(distances, dim=-1).float().cpu()
 
-    def _side(self, perturber: Perturber, side: str, stack: _Stack, *, clean: dict, encoder: str | None, metric: str,
-              per_eval: int) -> torch.Tensor:
+    def _side(
+        self,
+        perturber: Perturber,
+        side: str,
+        stack: _Stack,
+        *,
+        clean: dict,
+        encoder: str | None,
+        metric: str,
+        per_eval: int,
+    ) -> torch.Tensor:
         """`[R, tokens zeroed, layers]` scores of one side: each row's query reads its step's position."""
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -222,15 +266,20 @@ class ValueZeroing(AttributionMethod):
             sub = full.take(owners)
             kwargs = {"use_cache": False}
             if engine.is_encoder_decoder:
-                kwargs.update(encoder_outputs=BaseModelOutput(last_hidden_state=clean[encoder][owners]),
-                              attention_mask=sub.source_mask, decoder_input_ids=sub.target_ids,
-                              decoder_attention_mask=sub.target_mask)
+                kwargs.update(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=clean[encoder][owners]),
+                    attention_mask=sub.source_mask,
+                    decoder_input_ids=sub.target_ids,
+                    decoder_attention_mask=sub.target_mask,
+                )
             else:
                 kwargs.update(input_ids=sub.target_ids, attention_mask=sub.target_mask)
-            captured = self._zeroed_run(stack, side, clean=clean, owners=owners, zero_at=zero_at,
-                                        run=lambda: engine.model(**kwargs))
-            distances = self._distances(stack, clean=clean, captured=captured, owners=owners, queries=fr.positions[owners],
-                                        metric=metric)  # [N, K, layers]
+            captured = self._zeroed_run(
+                stack, side, clean=clean, owners=owners, zero_at=zero_at, run=lambda: engine.model(**kwargs)
+            )
+            distances = self._distances(
+                stack, clean=clean, captured=captured, owners=owners, queries=fr.positions[owners], metric=metric
+            )  # [N, K, layers]
             pairs_n, pairs_r = [], []
             for n, (f, _) in enumerate(chunk):
                 for r in perturber.rows_of[f]:
@@ -240,7 +289,9 @@ class ValueZeroing(AttributionMethod):
             result[pairs_r, zero_at.cpu()[pairs_n]] = distances[pairs_n, fr.slot.cpu()[pairs_r]]
         return result
 
-    def _encoder_side(self, perturber: Perturber, stack: _Stack, *, clean: dict, metric: str, per_eval: int) -> torch.Tensor:
+    def _encoder_side(
+        self, perturber: Perturber, stack: _Stack, *, clean: dict, metric: str, per_eval: int
+    ) -> torch.Tensor:
         """`[F, source tokens zeroed, source queries, layers]` encoder self-attention scores per full row."""
         full = perturber.fr.full
         mask = full.source_mask
@@ -253,11 +304,18 @@ class ValueZeroing(AttributionMethod):
             owners = torch.tensor([f for f, _ in chunk], dtype=torch.long, device=full.target_ids.device)
             zero_at = torch.tensor([j for _, j in chunk], dtype=torch.long, device=full.target_ids.device)
             sub = full.take(owners)
-            captured = self._zeroed_run(stack, "encoder", clean=clean, owners=owners, zero_at=zero_at,
-                                        run=lambda: encoder(input_ids=sub.source_ids, attention_mask=sub.source_mask))
+            captured = self._zeroed_run(
+                stack,
+                "encoder",
+                clean=clean,
+                owners=owners,
+                zero_at=zero_at,
+                run=lambda: encoder(input_ids=sub.source_ids, attention_mask=sub.source_mask),
+            )
             queries = torch.arange(width, device=owners.device)[None].expand(len(chunk), -1)
-            distances = self._distances(stack, clean=clean, captured=captured, owners=owners, queries=queries,
-                                        metric=metric)  # [N, S, layers]
+            distances = self._distances(
+                stack, clean=clean, captured=captured, owners=owners, queries=queries, metric=metric
+            )  # [N, S, layers]
             result[owners.cpu(), zero_at.cpu()] = distances
         return result
 
@@ -272,17 +330,24 @@ class _Stack:
         self.scope = scope
         self.blocks = resolve_alias(model, "layers", scope)
         if not self.blocks:
-            raise ValueError(f"Found no transformer blocks in {type(model).__name__}" + (f"'s {scope}" if scope else ""))
+            raise ValueError(
+                f"Found no transformer blocks in {type(model).__name__}" + (f"'s {scope}" if scope else "")
+            )
         self.picked = pick_indices(layers, len(self.blocks), "layers", distinct=True)
         self.picked_names = [self.blocks[i] for i in self.picked]
         self.final = self.picked[-1] == len(self.blocks) - 1
         self.read = self.blocks[: self.picked[-1] + 1]
         holder = self.blocks[0].rsplit(".", 1)[0]  # the module list; its parent is the stack
         if "." not in holder:
-            raise ValueError(f"value_zeroing needs the blocks {holder} inside a stack module (a *ForCausalLM / *ForConditionalGeneration model)")
+            raise ValueError(
+                f"value_zeroing needs the blocks {holder} inside a stack module "
+                f"(a *ForCausalLM / *ForConditionalGeneration model)"
+            )
         self.name = holder.rsplit(".", 1)[0]
         # Where the clean representation of each picked layer is read from.
-        self.clean_names = [self.name if self.final and i == len(self.blocks) - 1 else self.blocks[i] for i in self.picked]
+        self.clean_names = [
+            self.name if self.final and i == len(self.blocks) - 1 else self.blocks[i] for i in self.picked
+        ]
         if self.final:
             self.read = self.read + [self.name]
         self.zeroers: dict[str, list] = {}

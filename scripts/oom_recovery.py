@@ -7,6 +7,7 @@ probe has sized the next path chunk, a blocker tensor takes all free GPU memory 
 runs out of memory for real; the attribution must halve its chunks, finish, and equal a run with fixed
 chunks.
 """
+
 import logging
 import os
 import sys
@@ -37,8 +38,11 @@ def main():
             raise torch.OutOfMemoryError("raised by hand: no GPU")
         free, total = torch.cuda.mem_get_info()
         blocker.append(torch.empty(free - (256 << 20), dtype=torch.uint8, device=device))
-        print(f"blocker: {free / 2**30:.1f} of {total / 2**30:.1f} GiB taken, 256 MiB left, "
-              f"before a chunk of {args[0].shape[0]} path points", flush=True)
+        print(
+            f"blocker: {free / 2**30:.1f} of {total / 2**30:.1f} GiB taken, 256 MiB left, "
+            f"before a chunk of {args[0].shape[0]} path points",
+            flush=True,
+        )
 
     handle = model.transformer.h[0].register_forward_pre_hook(take_memory)
     try:

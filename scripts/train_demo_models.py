@@ -8,6 +8,7 @@ Oumi word by word (see `instrument.demo.tasks`); demo-lm: a GPT-2 that knows the
 languages of invented countries. Both use word-level tokenizers (one token = one word).
 Deterministic given `--seed` (same machine and torch version). Prints held-out accuracies at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,7 +114,9 @@ def train_mt(args, out: Path) -> dict:
         batch = order[step * args.batch_size : (step + 1) * args.batch_size]
         input_ids = pad([sources[i] for i in batch], tokenizer.pad_token_id)
         labels = pad([targets[i] for i in batch], -100)
-        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        loss = model(
+            input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -123,9 +126,14 @@ def train_mt(args, out: Path) -> dict:
             print(f"mt step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
     model.eval()
     model.generation_config = transformers.GenerationConfig(
-        decoder_start_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, forced_eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, max_length=MAX_POSITIONS, num_beams=1, do_sample=False,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        max_length=MAX_POSITIONS,
+        num_beams=1,
+        do_sample=False,
     )
     held_out = tasks.sample_translations(args.eval_size, seed=args.seed + 1, held_out=True)
     correct = words = word_correct = 0
@@ -140,8 +148,12 @@ def train_mt(args, out: Path) -> dict:
                 words += len(ref)
                 word_correct += sum(r == h for r, h in zip(ref, hyp))
     save(model, tokenizer, out)
-    return {"exact_match": correct / len(held_out), "word_accuracy": word_correct / words,
-            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - started}
+    return {
+        "exact_match": correct / len(held_out),
+        "word_accuracy": word_correct / words,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # -- demo-lm ----------------------------------------------------------------------------------------------
@@ -234,8 +246,13 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-size", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: these small matrices gain nothing "
-                        "from more, and on a busy machine 2 threads were 10x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: these small matrices gain nothing "
+        "from more, and on a busy machine 2 threads were 10x slower)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()

@@ -1,7 +1,7 @@
 """Shared pytest setup: `from tiny_models import ...` works, and the `slow` and `gpu` markers exist.
 
-    @pytest.mark.gpu
-    def test_on_cuda(): ...   # skipped with "CUDA not available" on CPU-only machines
+@pytest.mark.gpu
+def test_on_cuda(): ...   # skipped with "CUDA not available" on CPU-only machines
 """
 
 import os

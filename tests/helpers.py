@@ -4,6 +4,7 @@ with the attributed function written out for Captum.
     from helpers import SOURCES, TRANSLATIONS, assert_same, Case
     case = Case("gpt2"); seq = case.attribute("saliency")
 """
+
 import contextlib
 
 import torch
@@ -39,8 +40,12 @@ class Case:
     """One float64 tiny model, one example, and the attributed function of each step for Captum:
     `f(*embeds) = p(target[p] | prefix)` with the embedding modules' outputs replaced."""
 
-    TEXTS = {"gpt2": ("Hello world", "Hello world, this is"), "llama": ("Hello world", "Hello world, this is"),
-             "bart": ("Hello world", "Le chat"), "t5": ("Hello world", "Le chat")}
+    TEXTS = {
+        "gpt2": ("Hello world", "Hello world, this is"),
+        "llama": ("Hello world", "Hello world, this is"),
+        "bart": ("Hello world", "Le chat"),
+        "t5": ("Hello world", "Le chat"),
+    }
 
     def __init__(self, arch, attn_implementation="eager"):
         self.model, self.tok = double_model(arch, attn_implementation)
@@ -50,7 +55,9 @@ class Case:
         self.texts = (source, target)
         if self.enc_dec:
             self.source = torch.tensor(self.tok(source)["input_ids"])
-            self.target = torch.tensor([self.model.config.decoder_start_token_id, *self.tok(text_target=target)["input_ids"]])
+            self.target = torch.tensor(
+                [self.model.config.decoder_start_token_id, *self.tok(text_target=target)["input_ids"]]
+            )
             self.steps = list(range(1, len(self.target)))
             self.src_emb = self.model.get_encoder().get_input_embeddings()
             self.tgt_emb = self.model.get_decoder().get_input_embeddings()
@@ -71,12 +78,16 @@ class Case:
     @torch.no_grad()
     def embeds(self, p, attribute_target, baseline_id=None):
         """Inputs (and baselines made of `baseline_id`, EOS kept) Captum attributes at step p."""
+
         def base(ids):
             return torch.where(ids == self.tok.eos_token_id, ids, torch.full_like(ids, baseline_id))
 
         prefix = self.target[:p][None]
-        sides = [(self.tgt_emb, prefix)] if not self.enc_dec else [(self.src_emb, self.source[None])] + (
-            [(self.tgt_emb, prefix)] if attribute_target else [])
+        sides = (
+            [(self.tgt_emb, prefix)]
+            if not self.enc_dec
+            else [(self.src_emb, self.source[None])] + ([(self.tgt_emb, prefix)] if attribute_target else [])
+        )
         inputs = tuple(emb(ids) for emb, ids in sides)
         if baseline_id is None:
             return inputs, None

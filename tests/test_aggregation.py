@@ -3,6 +3,7 @@ hand-made outputs and on real outputs of tiny models.
 
     seq.aggregate(["subwords", "scores"])  ==  the same merges and norms written out with loops
 """
+
 import math
 import re
 import warnings
@@ -32,7 +33,7 @@ def causal(rows: int, start: int, end: int, *extra, seed=0, offset=0):
     torch.manual_seed(seed)
     t = torch.randn(rows, end - start, *extra)
     for j, q in enumerate(range(start, end)):
-        t[q - offset:, j] = NAN
+        t[q - offset :, j] = NAN
     return t
 
 
@@ -40,11 +41,17 @@ def decoder_only(hidden=(2,), seed=0):
     """`▁The ▁ca | t ▁sat .`: 2 prompt tokens, 3 generated."""
     target = tokens("▁The", "▁ca", "t", "▁sat", ".")
     return FeatureAttributionSequenceOutput(
-        source=[], target=target, source_attributions=None,
+        source=[],
+        target=target,
+        source_attributions=None,
         target_attributions=causal(5, 2, 5, *hidden, seed=seed),
-        step_scores={"probability": torch.tensor([0.5, 0.2, 0.4]), "logit": torch.tensor([1.0, 2.0, 4.0]),
-                     "deltas": torch.tensor([0.1, -0.3, 0.2])},
-        attr_pos_start=2, attr_pos_end=5,
+        step_scores={
+            "probability": torch.tensor([0.5, 0.2, 0.4]),
+            "logit": torch.tensor([1.0, 2.0, 4.0]),
+            "deltas": torch.tensor([0.1, -0.3, 0.2]),
+        },
+        attr_pos_start=2,
+        attr_pos_end=5,
     )
 
 
@@ -52,11 +59,13 @@ def encoder_decoder(hidden=(2,), seed=0, with_target=True):
     """source `▁Hel lo ▁world </s>`, target `<pad> | ▁Hal lo ▁Welt`."""
     torch.manual_seed(seed)
     return FeatureAttributionSequenceOutput(
-        source=tokens("▁Hel", "lo", "▁world", "</s>"), target=tokens("<pad>", "▁Hal", "lo", "▁Welt"),
+        source=tokens("▁Hel", "lo", "▁world", "</s>"),
+        target=tokens("<pad>", "▁Hal", "lo", "▁Welt"),
         source_attributions=torch.randn(4, 3, *hidden),
         target_attributions=causal(4, 1, 4, *hidden, seed=seed + 1) if with_target else None,
         step_scores={"probability": torch.tensor([0.5, 0.2, 0.4])},
-        attr_pos_start=1, attr_pos_end=4,
+        attr_pos_start=1,
+        attr_pos_end=4,
     )
 
 
@@ -93,10 +102,18 @@ def test_list_aggregation_functions():
     assert {"scores", "spans", "subwords", "split", "slices", "pair"} <= set(list_aggregators())
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("sum", [0.0, NAN, 6.0]), ("mean", [0.0, NAN, 2.0]), ("vnorm", [math.sqrt(14), NAN, math.sqrt(20)]),
-    ("absmax", [-3.0, NAN, 4.0]), ("max", [2.0, NAN, 4.0]), ("min", [-3.0, NAN, 0.0]), ("prod", [-6.0, NAN, 0.0]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("sum", [0.0, NAN, 6.0]),
+        ("mean", [0.0, NAN, 2.0]),
+        ("vnorm", [math.sqrt(14), NAN, math.sqrt(20)]),
+        ("absmax", [-3.0, NAN, 4.0]),
+        ("max", [2.0, NAN, 4.0]),
+        ("min", [-3.0, NAN, 0.0]),
+        ("prod", [-6.0, NAN, 0.0]),
+    ],
+)
 def test_aggregation_function_by_hand(name, expected):
     x = torch.tensor([[1.0, NAN, -3.0, 2.0], [NAN, NAN, NAN, NAN], [2.0, 4.0, 0.0, NAN]])
     fn = get_aggregation_function(name)
@@ -115,8 +132,12 @@ def test_aggregation_function_against_numpy(name):
     with warnings.catch_warnings():  # numpy warns about the all-NaN lane
         warnings.simplefilter("ignore", RuntimeWarning)
         reference = {
-            "sum": lambda: np.nansum(a, 1), "mean": lambda: np.nanmean(a, 1), "vnorm": lambda: np.sqrt(np.nansum(a * a, 1)),
-            "max": lambda: np.nanmax(a, 1), "min": lambda: np.nanmin(a, 1), "prod": lambda: np.nanprod(a, 1),
+            "sum": lambda: np.nansum(a, 1),
+            "mean": lambda: np.nanmean(a, 1),
+            "vnorm": lambda: np.sqrt(np.nansum(a * a, 1)),
+            "max": lambda: np.nanmax(a, 1),
+            "min": lambda: np.nanmin(a, 1),
+            "prod": lambda: np.nanprod(a, 1),
             "absmax": lambda: np.take_along_axis(filled, np.abs(filled).argmax(1)[:, None], 1)[:, 0],
         }[name]()
     reference[np.isnan(a).all(1)] = np.nan
@@ -196,7 +217,9 @@ def test_scores_keeps_layers_unless_told():
     close(kept.source_attributions, torch.linalg.vector_norm(seq.source_attributions, dim=-1))
     normalized = seq.aggregate("scores")
     src, tgt = kept.source_attributions, kept.target_attributions
-    close(normalized.source_attributions, src / (src.abs().sum(0) + tgt.nan_to_num().abs().sum(0)))  # per step and layer
+    close(
+        normalized.source_attributions, src / (src.abs().sum(0) + tgt.nan_to_num().abs().sum(0))
+    )  # per step and layer
     flat = seq.aggregate("scores", keep_layers=False, layer_fn="mean", normalize=False)
     close(flat.source_attributions, kept.source_attributions.mean(-1))
     # a second "scores" reduces the kept layer dimension
@@ -207,8 +230,14 @@ def test_aggregation_never_mutates():
     seq = encoder_decoder(hidden=(2,))
     before = {k: v.clone() for k, v in [("s", seq.source_attributions), ("t", seq.target_attributions)]}
     scores_before = {k: v.clone() for k, v in seq.step_scores.items()}
-    for agg, kwargs in [("scores", {}), ("subwords", {}), ("spans", {"source_spans": (0, 2)}), ("slices", {"source_spans": (1, 3)}),
-                        ("split", {"split_pattern": "lo"}), ("pair", {"paired_attr": encoder_decoder(seed=3)})]:
+    for agg, kwargs in [
+        ("scores", {}),
+        ("subwords", {}),
+        ("spans", {"source_spans": (0, 2)}),
+        ("slices", {"source_spans": (1, 3)}),
+        ("split", {"split_pattern": "lo"}),
+        ("pair", {"paired_attr": encoder_decoder(seed=3)}),
+    ]:
         out = seq.aggregate(agg, **kwargs)
         assert out is not seq
     close(seq.source_attributions, before["s"])
@@ -252,20 +281,27 @@ def test_spans_nan_only_where_all_inputs_nan():
 
 def test_span_validation():
     seq = encoder_decoder()
-    for spans, message in [([(0, 5)], "out of range"), ([(2, 1)], "out of range"), ([(0, 2), (1, 3)], "must not overlap"),
-                           (["ab"], "pairs of integers")]:
+    for spans, message in [
+        ([(0, 5)], "out of range"),
+        ([(2, 1)], "out of range"),
+        ([(0, 2), (1, 3)], "must not overlap"),
+        (["ab"], "pairs of integers"),
+    ]:
         with pytest.raises(ValueError, match=message):
             seq.aggregate("spans", source_spans=spans)
 
 
-@pytest.mark.parametrize("texts, marker, chars, expected", [
-    (["▁H", "ello", "▁world", ","], "word_start", ("▁",), [(0, 2), (2, 4)]),
-    (["H", "el", "lo", "Ġw", "or", "ld"], "word_start", ("Ġ",), [(0, 3), (3, 6)]),
-    (["<s>", "Le", "Ġc", "h", "</s>"], "word_start", ("Ġ",), [(0, 1), (1, 2), (2, 4), (4, 5)]),
-    (["phen", "##omen", "##al", "[SEP]", "##x"], "continuation", ("##",), [(0, 3), (3, 4), (4, 5)]),
-    (["lo", "w</w>", "er</w>", "new", "est</w>"], "word_end", ("</w>",), [(0, 2), (2, 3), (3, 5)]),
-    (["Hello", "Ċ", "World", "Ġ", "x"], "word_start", ("Ġ",), [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),
-])
+@pytest.mark.parametrize(
+    "texts, marker, chars, expected",
+    [
+        (["▁H", "ello", "▁world", ","], "word_start", ("▁",), [(0, 2), (2, 4)]),
+        (["H", "el", "lo", "Ġw", "or", "ld"], "word_start", ("Ġ",), [(0, 3), (3, 6)]),
+        (["<s>", "Le", "Ġc", "h", "</s>"], "word_start", ("Ġ",), [(0, 1), (1, 2), (2, 4), (4, 5)]),
+        (["phen", "##omen", "##al", "[SEP]", "##x"], "continuation", ("##",), [(0, 3), (3, 4), (4, 5)]),
+        (["lo", "w</w>", "er</w>", "new", "est</w>"], "word_end", ("</w>",), [(0, 2), (2, 3), (3, 5)]),
+        (["Hello", "Ċ", "World", "Ġ", "x"], "word_start", ("Ġ",), [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),
+    ],
+)
 def test_word_spans(texts, marker, chars, expected):
     assert word_spans(texts, marker, chars) == expected
 
@@ -284,8 +320,12 @@ def test_subwords_across_the_generation_boundary_by_hand():
 
 def test_subwords_options():
     seq = FeatureAttributionSequenceOutput(
-        source=tokens("[CLS]", "phen", "##omen", "##al", "[SEP]"), target=tokens("[CLS]", "ok", "##ay"),
-        source_attributions=torch.randn(5, 2), target_attributions=causal(3, 1, 3), attr_pos_start=1, attr_pos_end=3,
+        source=tokens("[CLS]", "phen", "##omen", "##al", "[SEP]"),
+        target=tokens("[CLS]", "ok", "##ay"),
+        source_attributions=torch.randn(5, 2),
+        target_attributions=causal(3, 1, 3),
+        attr_pos_start=1,
+        attr_pos_end=3,
     )
     auto = seq.aggregate("subwords")  # "##" detected
     assert [t.token for t in auto.source] == ["[CLS]", "phen##omen##al", "[SEP]"]
@@ -294,7 +334,9 @@ def test_subwords_options():
     assert inseq_style.equals(auto)
     only_source = seq.aggregate("subwords", aggregate_target=False)
     assert len(only_source.target) == 3 and len(only_source.source) == 3
-    plain = FeatureAttributionSequenceOutput([], tokens("a", "b", "c"), None, causal(3, 1, 3), attr_pos_start=1, attr_pos_end=3)
+    plain = FeatureAttributionSequenceOutput(
+        [], tokens("a", "b", "c"), None, causal(3, 1, 3), attr_pos_start=1, attr_pos_end=3
+    )
     assert plain.aggregate("subwords").equals(plain)  # no marker found: nothing merged
 
 
@@ -305,13 +347,18 @@ def test_subwords_logprob_sums():
     close(out.step_scores["probability"], torch.tensor([-1.0, -2.5]))
     wrapped = FeatureAttributionOutput([seq], info={"step_scores_args": {"logprob": True}})
     close(wrapped.aggregate("subwords")[0].step_scores["probability"], torch.tensor([-1.0, -2.5]))
-    close(seq.aggregate("subwords", step_score_fns={"probability": "max"}).step_scores["probability"], torch.tensor([-1.0, -0.5]))
+    close(
+        seq.aggregate("subwords", step_score_fns={"probability": "max"}).step_scores["probability"],
+        torch.tensor([-1.0, -0.5]),
+    )
 
 
 def test_step_scores_merge_by_aggregate_map_like_user_functions():
     probability = instrument.steps.get_step_function("probability")
     assert probability.aggregate_map == {"spans": "prod", "logprob": "sum"}
-    instrument.register_step_function(probability.fn, "t_my_prob", aggregate_map=dict(probability.aggregate_map), overwrite=True)
+    instrument.register_step_function(
+        probability.fn, "t_my_prob", aggregate_map=dict(probability.aggregate_map), overwrite=True
+    )
     instrument.register_step_function(probability.fn, "t_plain", overwrite=True)  # no aggregate_map: averaged
     try:
         seq = decoder_only()
@@ -332,20 +379,31 @@ def test_copy_replace_keeps_every_field_and_shares_no_container():
     seq._aggregator = ["subwords", "scores"]
     copied = copy_replace(seq, attr_pos_end=4)
     assert copied.attr_pos_end == 4 and copied._aggregator == seq._aggregator and copied.target == seq.target
-    assert all(getattr(copied, n) is not getattr(seq, n) for n in ("source", "target", "step_scores", "sequence_scores", "_aggregator"))
+    assert all(
+        getattr(copied, n) is not getattr(seq, n)
+        for n in ("source", "target", "step_scores", "sequence_scores", "_aggregator")
+    )
     assert copied.target_attributions is seq.target_attributions  # tensors are not copied
+
 
 def test_split_by_hand():
     seq = FeatureAttributionSequenceOutput(
-        source=tokens("▁A", "▁b", ".", "▁C", "!", "▁d"), target=tokens("<pad>", "▁X", ".", "▁Y"),
-        source_attributions=torch.randn(6, 3, 2), target_attributions=None,
-        step_scores={"probability": torch.tensor([0.5, 0.5, 0.5])}, attr_pos_start=1, attr_pos_end=4,
+        source=tokens("▁A", "▁b", ".", "▁C", "!", "▁d"),
+        target=tokens("<pad>", "▁X", ".", "▁Y"),
+        source_attributions=torch.randn(6, 3, 2),
+        target_attributions=None,
+        step_scores={"probability": torch.tensor([0.5, 0.5, 0.5])},
+        attr_pos_start=1,
+        attr_pos_end=4,
     )
     out = seq.aggregate("split", split_pattern=".")
     assert [t.token for t in out.source] == ["▁A▁b.", "▁C!▁d"]
     assert [t.token for t in out.target] == ["<pad>▁X.", "▁Y"]
     assert (out.attr_pos_start, out.attr_pos_end) == (0, 2)
-    close(out.source_attributions, merged_by_hand(seq.source_attributions, [(0, 3), (3, 6)], [(0, 2), (2, 3)], absmax_by_hand))
+    close(
+        out.source_attributions,
+        merged_by_hand(seq.source_attributions, [(0, 3), (3, 6)], [(0, 2), (2, 3)], absmax_by_hand),
+    )
     close(out.step_scores["probability"], torch.tensor([0.25, 0.5]))
     regex = seq.aggregate("split", split_pattern=re.compile(r"[.!]"), aggregate_target=False)
     assert [t.token for t in regex.source] == ["▁A▁b.", "▁C!", "▁d"]
@@ -403,8 +461,15 @@ def test_pair_by_hand_and_operator():
 
 def test_pair_shape_mismatch_is_a_clear_error():
     a = encoder_decoder()
-    b = FeatureAttributionSequenceOutput(a.source[:3], a.target, a.source_attributions[:3], a.target_attributions,
-                                         dict(a.step_scores), attr_pos_start=1, attr_pos_end=4)
+    b = FeatureAttributionSequenceOutput(
+        a.source[:3],
+        a.target,
+        a.source_attributions[:3],
+        a.target_attributions,
+        dict(a.step_scores),
+        attr_pos_start=1,
+        attr_pos_end=4,
+    )
     with pytest.raises(ValueError, match=r"source lengths differ \(3 vs 4 tokens\).*source_attributions shapes differ"):
         a - b
     c = encoder_decoder(with_target=False)
@@ -432,9 +497,13 @@ def test_pipeline_equals_steps_in_order():
 
 
 def test_output_aggregate_maps_and_merge_attributions():
-    one = FeatureAttributionOutput([encoder_decoder(seed=0)], info={"input_texts": ["a"], "exec_time": 1.0, "model_name": "m", "batch_size": 1})
-    two = FeatureAttributionOutput([encoder_decoder(seed=1), encoder_decoder(seed=2)],
-                                   info={"input_texts": ["b", "c"], "exec_time": 2.0, "model_name": "m", "batch_size": 2})
+    one = FeatureAttributionOutput(
+        [encoder_decoder(seed=0)], info={"input_texts": ["a"], "exec_time": 1.0, "model_name": "m", "batch_size": 1}
+    )
+    two = FeatureAttributionOutput(
+        [encoder_decoder(seed=1), encoder_decoder(seed=2)],
+        info={"input_texts": ["b", "c"], "exec_time": 2.0, "model_name": "m", "batch_size": 2},
+    )
     merged = merge_attributions([one, two])
     assert len(merged) == 3 and merged[2] is two[1]
     assert merged.info == {"input_texts": ["a", "b", "c"], "exec_time": 3.0, "model_name": "m", "batch_size": [1, 2]}
@@ -458,7 +527,8 @@ def real():
     ]:
         model, tok = tiny_model(arch)
         outputs[arch] = instrument.load_model(model, method, tokenizer=tok).attribute(
-            source, target, show_progress=False, step_scores=["probability"], **extra)
+            source, target, show_progress=False, step_scores=["probability"], **extra
+        )
     return outputs
 
 
@@ -482,7 +552,11 @@ def test_real_subwords_and_spans_by_hand(real, arch):
     out = seq.aggregate("spans", "sum", source_spans=source_spans, target_spans=target_spans)
     tgt_groups = spans_to_groups(target_spans, len(seq.target), "target")
     columns, new_start, new_end = _column_groups(tgt_groups, start, seq.attr_pos_end)
-    assert (out.attr_pos_start, out.attr_pos_end) == (new_start, new_end) == (start - (start >= 2), new_start + len(columns))
+    assert (
+        (out.attr_pos_start, out.attr_pos_end)
+        == (new_start, new_end)
+        == (start - (start >= 2), new_start + len(columns))
+    )
     assert len(columns) == seq.attr_pos_end - start - 2
     close(out.target_attributions, merged_by_hand(seq.target_attributions, tgt_groups, columns, sum))
     if seq.source_attributions is not None:

@@ -8,6 +8,7 @@ An edge is an `import X` or `from X import Y` that runs when the module is impor
 bodies); importing a submodule runs its parent package's `__init__` too, but that implicit edge is not
 counted: the package `instrument` is the API, and its core submodules must be importable below it.
 """
+
 import ast
 from pathlib import Path
 
@@ -51,8 +52,12 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
-                and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             targets = [node.args[0].value]
         else:
             continue
@@ -114,8 +119,12 @@ def test_no_module_level_cycle():
 
 def test_imports_go_down_only():
     order = {"core": 0, "methods": 1, "api": 2}
-    upward = [(name, target) for name, targets in graph().items() for target in targets
-              if order[layer(target)] > order[layer(name)]]
+    upward = [
+        (name, target)
+        for name, targets in graph().items()
+        for target in targets
+        if order[layer(target)] > order[layer(name)]
+    ]
     assert upward == [], "imports from a lower layer to a higher one"
 
 

@@ -4,6 +4,7 @@ Our attributions come from models loaded with SDPA attention (the method switche
 the call and back); the reference weights from the same random weights loaded with eager attention,
 one unpadded forward per attributed step `p` on the prefix `target[:p]`, reading the query `p - 1`.
 """
+
 import pytest
 import torch
 
@@ -39,14 +40,21 @@ def test_batched_equals_step_by_step(pair, options):
     wrapped, _ = pair
     if options.get("source_attention") and not wrapped.is_encoder_decoder:
         pytest.skip("encoder attention is for encoder-decoders")
-    common = dict(method="attention", show_progress=False, step_scores=["probability"],
-                  attribute_target=wrapped.is_encoder_decoder, **options)
+    common = dict(
+        method="attention",
+        show_progress=False,
+        step_scores=["probability"],
+        attribute_target=wrapped.is_encoder_decoder,
+        **options,
+    )
     batched = wrapped.attribute(*texts(wrapped), **common)
     reference = attribute_reference(wrapped, *texts(wrapped), **common)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)
-        torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7
+        )
     assert wrapped.model.config._attn_implementation == "sdpa"
 
 
@@ -58,8 +66,10 @@ def reference_weights(wrapped, eager, seq, source_attention="cross"):
     sides = {"target": "attentions"}
     if wrapped.is_encoder_decoder:
         source = torch.tensor([t.id for t in seq.source])[None]
-        sides = {"target": "decoder_attentions",
-                 "source": "cross_attentions" if source_attention == "cross" else "encoder_attentions"}
+        sides = {
+            "target": "decoder_attentions",
+            "source": "cross_attentions" if source_attention == "cross" else "encoder_attentions",
+        }
     for side, key in sides.items():
         columns = []
         for p in steps:
@@ -174,7 +184,9 @@ def test_implementation_restored_when_the_forward_fails_and_eager_stays_eager():
         handle.remove()
     assert model.config._attn_implementation == "sdpa"
     eager, tokenizer = tiny_model("gpt2", attn_implementation="eager")
-    instrument.load_model(eager, "attention", tokenizer=tokenizer).attribute(SOURCES[0], DECODER_TARGETS[0], show_progress=False)
+    instrument.load_model(eager, "attention", tokenizer=tokenizer).attribute(
+        SOURCES[0], DECODER_TARGETS[0], show_progress=False
+    )
     assert eager.config._attn_implementation == "eager"
 
 

@@ -21,7 +21,9 @@ TEXTS = {
     "gpt2": ("Hello world", "Hello world, this is a test.", "Hello world, this is a cat."),
     "marian": ("Hello world", "The capital of France is Paris.", "The capital of Germany is Paris."),
 }
-LIBRARY = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), pkg) for pkg in ("instrument", "methods"))
+LIBRARY = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), pkg) for pkg in ("instrument", "methods")
+)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "marian"])
@@ -54,15 +56,51 @@ BAD = [
     (dict(batch_size="big"), ValueError, "batch_size"),
     (dict(batch_size=-1), ValueError, "batch_size"),
     (dict(step_scores=[3]), TypeError, "step_scores"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(0, "a")]), TypeError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[0, 1]), TypeError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(0, 1, 2)]), TypeError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(True, 1)]), TypeError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments="pairs"), TypeError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[[(0, 0)], [(1, 1)]]), ValueError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(-1, 0)]), ValueError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(0, 0), (1, 99)]), ValueError, "contrast_targets_alignments"),
-    (dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(99, 1)]), ValueError, "contrast_targets_alignments"),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(0, "a")]),
+        TypeError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[0, 1]),
+        TypeError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(0, 1, 2)]),
+        TypeError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(True, 1)]),
+        TypeError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments="pairs"),
+        TypeError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[[(0, 0)], [(1, 1)]]),
+        ValueError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(-1, 0)]),
+        ValueError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(0, 0), (1, 99)]),
+        ValueError,
+        "contrast_targets_alignments",
+    ),
+    (
+        dict(attributed_fn="contrast_prob_diff", contrast_targets_alignments=[(99, 1)]),
+        ValueError,
+        "contrast_targets_alignments",
+    ),
     (dict(attributed_fn="kl_divergence"), ValueError, "contrast_force_inputs"),
 ]
 
@@ -90,11 +128,20 @@ def test_bad_method_option_at_load_time():
 def test_kl_divergence_attributed_with_forced_inputs(wrapped):
     arch, model = wrapped
     source, target, contrast = TEXTS[arch]
-    seq = model.attribute(source, target, attributed_fn="kl_divergence", contrast_targets=contrast,
-                          contrast_force_inputs=True, step_scores=["kl_divergence"], show_progress=False)[0]
+    seq = model.attribute(
+        source,
+        target,
+        attributed_fn="kl_divergence",
+        contrast_targets=contrast,
+        contrast_force_inputs=True,
+        step_scores=["kl_divergence"],
+        show_progress=False,
+    )[0]
     assert seq.step_scores["kl_divergence"].shape == (seq.attr_pos_end - seq.attr_pos_start,)
     # As a step score it needs no forcing, and gives the same values.
-    plain = model.attribute(source, target, contrast_targets=contrast, step_scores=["kl_divergence"], show_progress=False)[0]
+    plain = model.attribute(
+        source, target, contrast_targets=contrast, step_scores=["kl_divergence"], show_progress=False
+    )[0]
     torch.testing.assert_close(plain.step_scores["kl_divergence"], seq.step_scores["kl_divergence"])
 
 
@@ -125,11 +172,23 @@ def test_decoder_only_texts():
 
 def _bert_like(cls_name: str, **config):
     tokenizer = tiny_tokenizer("gpt2")
-    kind = {"Bert": transformers.BertConfig, "Roberta": transformers.RobertaConfig, "Electra": transformers.ElectraConfig}
+    kind = {
+        "Bert": transformers.BertConfig,
+        "Roberta": transformers.RobertaConfig,
+        "Electra": transformers.ElectraConfig,
+    }
     config_cls = next(c for prefix, c in kind.items() if cls_name.startswith(prefix))
-    options = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                   max_position_embeddings=260, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
+    options = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=260,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if cls_name.startswith("Electra"):
         options["embedding_size"] = 32
     torch.manual_seed(0)
@@ -139,7 +198,9 @@ def _bert_like(cls_name: str, **config):
     return model, tokenizer
 
 
-@pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "RobertaForMaskedLM", "ElectraForMaskedLM", "BertLMHeadModel", "RobertaForCausalLM"])
+@pytest.mark.parametrize(
+    "cls_name", ["BertForMaskedLM", "RobertaForMaskedLM", "ElectraForMaskedLM", "BertLMHeadModel", "RobertaForCausalLM"]
+)
 def test_bidirectional_models_are_refused(cls_name):
     model, tokenizer = _bert_like(cls_name)
     with pytest.raises(ValueError, match="bidirectional"):
@@ -152,7 +213,9 @@ def test_bert_decoder_is_accepted_and_causal():
     source, target, _ = TEXTS["gpt2"]
     batched = wrapped.attribute(source, target, show_progress=False)[0]
     stepwise = attribute_reference(wrapped, source, target, show_progress=False)[0]  # one prefix forward per step
-    torch.testing.assert_close(batched.target_attributions, stepwise.target_attributions, rtol=1e-4, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(
+        batched.target_attributions, stepwise.target_attributions, rtol=1e-4, atol=1e-6, equal_nan=True
+    )
 
 
 def test_unknown_classes_are_probed():
@@ -202,17 +265,25 @@ def test_decoder_only_positions_as_inseq():
     for start, end in DECODER_POSITIONS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = theirs.attribute(source, target, attr_pos_start=start, attr_pos_end=end, show_progress=False,
-                                        step_scores=["probability"])[0]
-        got = ours.attribute(source, target, attr_pos_start=start, attr_pos_end=end, show_progress=False,
-                             step_scores=["probability"])[0]
+            expected = theirs.attribute(
+                source, target, attr_pos_start=start, attr_pos_end=end, show_progress=False, step_scores=["probability"]
+            )[0]
+        got = ours.attribute(
+            source, target, attr_pos_start=start, attr_pos_end=end, show_progress=False, step_scores=["probability"]
+        )[0]
         where = f"attr_pos_start={start}, attr_pos_end={end}"
         assert (got.attr_pos_start, got.attr_pos_end) == (expected.attr_pos_start, expected.attr_pos_end), where
         # Inseq keeps every target token but cuts the attribution rows at attr_pos_end; here both stop there.
-        assert [(t.token, t.id) for t in got.target] == [(t.token, t.id) for t in expected.target[: expected.attr_pos_end]], where
+        assert [(t.token, t.id) for t in got.target] == [
+            (t.token, t.id) for t in expected.target[: expected.attr_pos_end]
+        ], where
         assert got.target_attributions.shape == expected.target_attributions.shape, where
-        torch.testing.assert_close(got.target_attributions, expected.target_attributions, rtol=1e-4, atol=1e-7, equal_nan=True)
-        torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            got.target_attributions, expected.target_attributions, rtol=1e-4, atol=1e-7, equal_nan=True
+        )
+        torch.testing.assert_close(
+            got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7
+        )
 
 
 def test_decoder_only_refused_positions():
@@ -253,26 +324,40 @@ def test_encoder_decoder_positions_as_inseq(arch):
         # Values on BART only: on Marian, Inseq 0.7.1 under transformers 5 scales the decoder embeddings twice
         # (it passes them pre-scaled, and the decoder scales inputs_embeds too), so its steps after the first differ.
         if arch == "bart":
-            torch.testing.assert_close(got.source_attributions, expected.source_attributions[:, :steps], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(
+                got.source_attributions, expected.source_attributions[:, :steps], rtol=1e-4, atol=1e-7
+            )
         # The target attribution rows stop at attr_pos_end, one per target token.
-        with_target = ours.attribute(source, target, attr_pos_start=start, attr_pos_end=end, attribute_target=True,
-                                     show_progress=False)[0]
+        with_target = ours.attribute(
+            source, target, attr_pos_start=start, attr_pos_end=end, attribute_target=True, show_progress=False
+        )[0]
         assert with_target.target_attributions.shape[:2] == (len(got.target), steps), where
         torch.testing.assert_close(with_target.source_attributions, got.source_attributions)
         if arch == "bart":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                expected = theirs.attribute(source, target, attr_pos_start=start, attr_pos_end=end, attribute_target=True,
-                                            show_progress=False)[0]
-            torch.testing.assert_close(with_target.target_attributions, expected.target_attributions[: got.attr_pos_end, :steps],
-                                       rtol=1e-4, atol=1e-7, equal_nan=True)
+                expected = theirs.attribute(
+                    source, target, attr_pos_start=start, attr_pos_end=end, attribute_target=True, show_progress=False
+                )[0]
+            torch.testing.assert_close(
+                with_target.target_attributions,
+                expected.target_attributions[: got.attr_pos_end, :steps],
+                rtol=1e-4,
+                atol=1e-7,
+                equal_nan=True,
+            )
 
 
 def test_encoder_decoder_refused_positions():
     model, tokenizer = tiny_model("marian")
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     source, target, _ = TEXTS["marian"]
-    for start, end, match in [(0, None, "out of range"), (-100, None, "attr_pos_start=-100"), (None, 1, "out of range"),
-                              (None, -100, "attr_pos_end=-100"), (5, 3, "out of range")]:
+    for start, end, match in [
+        (0, None, "out of range"),
+        (-100, None, "attr_pos_start=-100"),
+        (None, 1, "out of range"),
+        (None, -100, "attr_pos_end=-100"),
+        (5, 3, "out of range"),
+    ]:
         with pytest.raises(ValueError, match=match):
             wrapped.attribute(source, target, attr_pos_start=start, attr_pos_end=end, show_progress=False)

@@ -3,6 +3,7 @@ measured free memory, halved and run again on out-of-memory errors.
 
     pytest tests/test_batching.py -q
 """
+
 import math
 
 import pytest
@@ -22,11 +23,18 @@ def small():
     return instrument.load_model(model, tokenizer=tokenizer)
 
 
-TEXTS = (["The capital of France is", "Hello world", "Good morning!"],
-         ["The capital of France is Paris.", "Hello world, this is a test.", "Good morning! How are you today?"])
+TEXTS = (
+    ["The capital of France is", "Hello world", "Good morning!"],
+    ["The capital of France is Paris.", "Hello world, this is a test.", "Good morning! How are you today?"],
+)
 
 
-def _failing_above(wrapped, monkeypatch, limit: int, error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+def _failing_above(
+    wrapped,
+    monkeypatch,
+    limit: int,
+    error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+):
     """Makes every forward serving more than `limit` rows raise `error()`; returns the row counts seen.
     (A forward serves one row per distinct position it reads: full rows serve several.)"""
     sizes = []
@@ -47,18 +55,24 @@ def assert_same(got, expected):
         torch.testing.assert_close(g.target_attributions, e.target_attributions, equal_nan=True, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("error", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes"),
-    lambda: MemoryError(),
-], ids=["torch-oom", "cpu-allocator", "MemoryError"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes"),
+        lambda: MemoryError(),
+    ],
+    ids=["torch-oom", "cpu-allocator", "MemoryError"],
+)
 def test_auto_batch_size_recovers_from_out_of_memory(small, monkeypatch, error):
     expected = small.attribute(*TEXTS, method="saliency", show_progress=False)
     sizes = _failing_above(small, monkeypatch, 5, error)
     got = small.attribute(*TEXTS, method="saliency", batch_size="auto", show_progress=False)
     assert_same(got, expected)
     assert max(sizes) > 5  # it did run out of memory, and went on with smaller chunks
-    assert sum(size for size in sizes if size <= 5) == sum(e.attr_pos_end - e.attr_pos_start for e in got)  # one forward per row
+    assert sum(size for size in sizes if size <= 5) == sum(
+        e.attr_pos_end - e.attr_pos_start for e in got
+    )  # one forward per row
     assert len(sizes) < 40
 
 
@@ -76,20 +90,33 @@ def test_auto_internal_batch_size_recovers_from_out_of_memory(small, monkeypatch
 
 def test_auto_stops_at_one_with_a_clear_error(small, monkeypatch):
     sizes = _failing_above(small, monkeypatch, 0)
-    with pytest.raises(batching.OutOfMemoryError, match="smallest chunk .*1 row.*Original error: OutOfMemoryError") as info:
-        small.attribute(*TEXTS, method="integrated_gradients", n_steps=8, internal_batch_size="auto", batch_size="auto", show_progress=False)
+    with pytest.raises(
+        batching.OutOfMemoryError, match="smallest chunk .*1 row.*Original error: OutOfMemoryError"
+    ) as info:
+        small.attribute(
+            *TEXTS,
+            method="integrated_gradients",
+            n_steps=8,
+            internal_batch_size="auto",
+            batch_size="auto",
+            show_progress=False,
+        )
     assert isinstance(info.value, torch.OutOfMemoryError) and isinstance(info.value, MemoryError)
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert len(sizes) <= 2 + math.ceil(math.log2(64))
     monkeypatch.undo()
     with pytest.raises(batching.OutOfMemoryError, match="batch_size='auto'"):  # fixed rows: no splitting, a hint
         _failing_above(small, monkeypatch, 0)
-        small.attribute(*TEXTS, method="integrated_gradients", n_steps=8, internal_batch_size="auto", show_progress=False)
+        small.attribute(
+            *TEXTS, method="integrated_gradients", n_steps=8, internal_batch_size="auto", show_progress=False
+        )
 
 
 def test_auto_sizes_chunks_to_the_measured_free_memory(small, monkeypatch):
     """With little free memory, chunks are small; with plenty, one chunk does it all."""
-    options = dict(method="integrated_gradients", n_steps=12, show_progress=False, internal_batch_size="auto", batch_size="auto")
+    options = dict(
+        method="integrated_gradients", n_steps=12, show_progress=False, internal_batch_size="auto", batch_size="auto"
+    )
     expected = small.attribute(*TEXTS, method="integrated_gradients", n_steps=12, show_progress=False)
     sizes = _failing_above(small, monkeypatch, 10**9)
     assert_same(small.attribute(*TEXTS, **options), expected)
@@ -109,7 +136,9 @@ def test_sizes_are_checked_and_memory_is_measured(small):
             small.attribute(*TEXTS, method="saliency", batch_size=bad, show_progress=False)
     assert batching.is_out_of_memory(torch.OutOfMemoryError("x")) and batching.is_out_of_memory(MemoryError())
     assert batching.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert not batching.is_out_of_memory(RuntimeError("shape mismatch")) and not batching.is_out_of_memory(ValueError("out of memory"))
+    assert not batching.is_out_of_memory(RuntimeError("shape mismatch")) and not batching.is_out_of_memory(
+        ValueError("out of memory")
+    )
     free = batching.available_memory([torch.device("cpu")])
     assert free is None or free > 0
     with batching.measure([torch.device("cpu")]) as m:

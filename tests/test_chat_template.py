@@ -1,6 +1,7 @@
 """Chat-template prompts on decoder-only models (Inseq #270/#278): the template writes the BOS token
 itself, so tokenizing its text with special tokens would give two; the attributed ids must be exactly
 the chat-formatted ids followed by the continuation's."""
+
 import copy
 import warnings
 
@@ -40,7 +41,7 @@ def test_chat_prompt_text_attributes_the_chat_ids(chat):
     assert target == tokenizer(prompt + CONTINUATION, add_special_tokens=False)["input_ids"]
     assert seq.attr_pos_start == len(ids) and [t.id for t in seq.source] == ids
     # the same ids given directly
-    full = ids + target[len(ids):]
+    full = ids + target[len(ids) :]
     by_ids = am.attribute(ids, full, show_progress=False, step_scores=["probability"])[0]
     assert [t.id for t in by_ids.target] == target and by_ids.attr_pos_start == len(ids)
     assert by_ids.equals(seq)
@@ -58,11 +59,16 @@ def test_chat_prompt_matches_inseq(chat):
         theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer))
         expected = theirs.attribute(prompt, prompt + CONTINUATION, show_progress=False, step_scores=["probability"])[0]
     seq = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute(
-        prompt, prompt + CONTINUATION, show_progress=False, step_scores=["probability"])[0]
+        prompt, prompt + CONTINUATION, show_progress=False, step_scores=["probability"]
+    )[0]
     assert [t.id for t in seq.target] == [t.id for t in expected.target]
     assert [t.token for t in seq.source] == [t.token for t in expected.source]
-    torch.testing.assert_close(seq.target_attributions, expected.target_attributions, rtol=1e-5, atol=1e-8, equal_nan=True)
-    torch.testing.assert_close(seq.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        seq.target_attributions, expected.target_attributions, rtol=1e-5, atol=1e-8, equal_nan=True
+    )
+    torch.testing.assert_close(
+        seq.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-8
+    )
 
 
 def test_skip_special_tokens_as_inseq(chat):
@@ -72,7 +78,8 @@ def test_skip_special_tokens_as_inseq(chat):
         inseq = pytest.importorskip("inseq")
     model, tokenizer, prompt, ids = chat
     seq = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute(
-        prompt, prompt + CONTINUATION, show_progress=False, skip_special_tokens=True)[0]
+        prompt, prompt + CONTINUATION, show_progress=False, skip_special_tokens=True
+    )[0]
     plain = prompt.replace(tokenizer.bos_token, "")
     assert [t.id for t in seq.target] == tokenizer(plain + CONTINUATION, add_special_tokens=False)["input_ids"]
     assert tokenizer.bos_token_id not in [t.id for t in seq.target]
@@ -81,7 +88,9 @@ def test_skip_special_tokens_as_inseq(chat):
         theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer))
         expected = theirs.attribute(prompt, prompt + CONTINUATION, show_progress=False, skip_special_tokens=True)[0]
     assert [t.id for t in seq.target] == [t.id for t in expected.target]
-    torch.testing.assert_close(seq.target_attributions, expected.target_attributions, rtol=1e-5, atol=1e-8, equal_nan=True)
+    torch.testing.assert_close(
+        seq.target_attributions, expected.target_attributions, rtol=1e-5, atol=1e-8, equal_nan=True
+    )
 
 
 def test_generation_from_a_chat_prompt(chat):
@@ -95,7 +104,9 @@ def test_generation_from_a_chat_prompt(chat):
         assert target[: len(ids)] == ids and target.count(tokenizer.bos_token_id) == 1
         assert seq.attr_pos_start == len(ids) and len(target) == len(ids) + 3
     with torch.no_grad():
-        expected = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0]
+        expected = model.generate(
+            torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[0]
     assert target == expected.tolist()
 
 

@@ -23,11 +23,27 @@ def saved_model(tmp_path_factory):
 
 def test_attribute_saves_shows_and_loads(saved_model, tmp_path, capsys):
     out_path, html_path = tmp_path / "out.safetensors", tmp_path / "out.html"
-    code = main([
-        "attribute", "-m", str(saved_model), "-a", "integrated_gradients", "-i", "Hello world",
-        "-g", "Hello world, this is", "--step_scores", "probability", "-o", str(out_path),
-        "--viz_path", str(html_path), "--attribution_kwargs", '{"n_steps": 4}',
-    ])
+    code = main(
+        [
+            "attribute",
+            "-m",
+            str(saved_model),
+            "-a",
+            "integrated_gradients",
+            "-i",
+            "Hello world",
+            "-g",
+            "Hello world, this is",
+            "--step_scores",
+            "probability",
+            "-o",
+            str(out_path),
+            "--viz_path",
+            str(html_path),
+            "--attribution_kwargs",
+            '{"n_steps": 4}',
+        ]
+    )
     assert code == 0
     shown = capsys.readouterr().out
     assert "Ġis" in shown and "probability" in shown
@@ -41,10 +57,19 @@ def test_attribute_saves_shows_and_loads(saved_model, tmp_path, capsys):
 
 def test_attribute_a_data_set_file(saved_model, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"input": i, "target": t}) for i, t in
-                              [("Hello", "Hello world"), ("The capital", "The capital of France")]))
+    data.write_text(
+        "\n".join(
+            json.dumps({"input": i, "target": t})
+            for i, t in [("Hello", "Hello world"), ("The capital", "The capital of France")]
+        )
+    )
     out_path = tmp_path / "out.json"
-    assert main(["attribute", "-m", str(saved_model), "-f", str(data), "-o", str(out_path), "--hide", "--aggregate_output"]) == 0
+    assert (
+        main(
+            ["attribute", "-m", str(saved_model), "-f", str(data), "-o", str(out_path), "--hide", "--aggregate_output"]
+        )
+        == 0
+    )
     loaded = instrument.FeatureAttributionOutput.load(out_path)
     assert len(loaded) == 2 and loaded[1].target_attributions.dim() == 2
     assert capsys.readouterr().out == ""
@@ -73,32 +98,55 @@ def test_library_errors_give_one_line_and_exit_2(saved_model, capsys):
 
 
 def test_lists_and_help_through_the_console_entry():
-    listed = subprocess.run([sys.executable, "-m", "instrument", "list-methods"], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "instrument", "list-methods"], capture_output=True, text=True, check=True
+    )
     assert "integrated_gradients" in listed.stdout.split()
-    steps = subprocess.run([sys.executable, "-m", "instrument", "list-step-functions"], capture_output=True, text=True, check=True)
+    steps = subprocess.run(
+        [sys.executable, "-m", "instrument", "list-step-functions"], capture_output=True, text=True, check=True
+    )
     assert "contrast_prob_diff" in steps.stdout.split()
-    helped = subprocess.run([sys.executable, "-m", "instrument", "attribute", "--help"], capture_output=True, text=True, check=True)
+    helped = subprocess.run(
+        [sys.executable, "-m", "instrument", "attribute", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--attribution_kwargs" in helped.stdout and "demo-mt" in helped.stdout
 
 
 def test_data_set_with_targets_on_some_lines_forces_those_and_generates_the_rest(saved_model, tmp_path):
     data = tmp_path / "mixed.jsonl"
-    records = [{"input": "Hello", "target": "Hello world"}, {"input": "The capital"},
-               {"input": "Good morning", "target": "Good morning! How"}]
+    records = [
+        {"input": "Hello", "target": "Hello world"},
+        {"input": "The capital"},
+        {"input": "Good morning", "target": "Good morning! How"},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in records))
     out_path = tmp_path / "out.json"
-    argv = ["attribute", "-m", str(saved_model), "-f", str(data), "-o", str(out_path), "--hide",
-            "--generation_kwargs", '{"max_new_tokens": 3, "do_sample": false}']
+    argv = [
+        "attribute",
+        "-m",
+        str(saved_model),
+        "-f",
+        str(data),
+        "-o",
+        str(out_path),
+        "--hide",
+        "--generation_kwargs",
+        '{"max_new_tokens": 3, "do_sample": false}',
+    ]
     assert main(argv) == 0
     loaded = instrument.FeatureAttributionOutput.load(out_path)
     assert loaded.info["input_texts"] == ["Hello", "The capital", "Good morning"]
     model = instrument.load_model(str(saved_model), "saliency")
-    generated = model.attribute("The capital", generation_args={"max_new_tokens": 3, "do_sample": False}, show_progress=False)
+    generated = model.attribute(
+        "The capital", generation_args={"max_new_tokens": 3, "do_sample": False}, show_progress=False
+    )
     expected_texts = ["Hello world", generated.info["generated_texts"][0], "Good morning! How"]
     assert loaded.info["generated_texts"] == expected_texts
     for seq, text in zip(loaded, expected_texts):  # each sequence in file order, with its own target
         assert [t.id for t in seq.target] == model.tokenizer(text)["input_ids"]
-    torch.testing.assert_close(loaded[1].target_attributions, generated[0].target_attributions, rtol=1e-5, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(
+        loaded[1].target_attributions, generated[0].target_attributions, rtol=1e-5, atol=1e-7, equal_nan=True
+    )
 
 
 def test_unknown_model_or_missing_file_give_one_line_and_exit_2(tmp_path, capsys):
@@ -125,8 +173,11 @@ def test_unexpected_error_gives_one_line_with_a_hint_and_debug_shows_the_traceba
 
 
 def test_import_instrument_gives_demo_without_loading_a_model():
-    code = ("import sys, instrument; path = instrument.demo.model_path('demo-mt'); "
-            "assert path is None or path.endswith('demo-mt'); "
-            "assert instrument.demo.alignment_examples(1)[0]; "
-            "assert not any(m.startswith('transformers.models.marian') or m.startswith('transformers.models.gpt2') for m in sys.modules)")
+    code = (
+        "import sys, instrument; path = instrument.demo.model_path('demo-mt'); "
+        "assert path is None or path.endswith('demo-mt'); "
+        "assert instrument.demo.alignment_examples(1)[0]; "
+        "assert not any(m.startswith('transformers.models.marian') or "
+        "m.startswith('transformers.models.gpt2') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -4,6 +4,7 @@ checked against the synthetic tasks' ground truth.
 demo-mt translates word by word with known reordering, so every target word has one true source
 word; demo-lm completes "the capital of X is" with X's capital, so the subject X decides the answer.
 """
+
 import os
 import subprocess
 import sys
@@ -85,8 +86,13 @@ def test_load_model_works_offline():
         "out = mt.attribute(source, skip_special_tokens=True, show_progress=False)\n"
         "assert out.info['generated_texts'] == [target], out.info\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -147,7 +153,9 @@ def test_saliency_puts_the_capital_on_the_subject(lm):
     credits much of the answer to "is", the token right before the answer, which is what makes the
     model name a city at all rather than which one."""
     examples = fact_examples(120, seed=0)
-    out = lm.attribute([p for p, _, _ in examples], [f"{p} {a}" for p, a, _ in examples], batch_size=120, show_progress=False)
+    out = lm.attribute(
+        [p for p, _, _ in examples], [f"{p} {a}" for p, a, _ in examples], batch_size=120, show_progress=False
+    )
     hits = 0
     for (prompt, answer, subject), seq in zip(examples, out.sequence_attributions):
         words = prompt.split()

@@ -33,14 +33,21 @@ def texts_for(model):
 def test_batched_engine_equals_step_by_step_reference(attribution_model, method):
     inputs, targets = texts_for(attribution_model)
     options = METHOD_OPTIONS[method]
-    common = dict(method=method, show_progress=False, step_scores=["probability"], attribute_target=attribution_model.is_encoder_decoder)
+    common = dict(
+        method=method,
+        show_progress=False,
+        step_scores=["probability"],
+        attribute_target=attribution_model.is_encoder_decoder,
+    )
     batched = attribution_model.attribute(inputs, targets, **common, **options)
     reference = attribute_reference(attribution_model, inputs, targets, **common, **options)
     assert len(batched) == len(inputs)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)
-        torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7
+        )
         assert not got.target_attributions[got.attr_pos_start - 1 :].isnan().all()
 
 
@@ -53,7 +60,11 @@ def test_shapes_orientation_and_nan_pattern(arch):
     for seq in out:
         n_steps = seq.attr_pos_end - seq.attr_pos_start
         assert seq.attr_pos_end == len(seq.target)
-        assert seq.target_attributions.shape == (len(seq.target), n_steps, model.config.hidden_size if hasattr(model.config, "hidden_size") else 32)
+        assert seq.target_attributions.shape == (
+            len(seq.target),
+            n_steps,
+            model.config.hidden_size if hasattr(model.config, "hidden_size") else 32,
+        )
         for step in range(n_steps):
             position = seq.attr_pos_start + step
             assert not seq.target_attributions[:position, step].isnan().any()
@@ -64,19 +75,32 @@ def test_shapes_orientation_and_nan_pattern(arch):
             assert seq.target[0].id == model.config.decoder_start_token_id
         else:
             assert seq.source_attributions is None
-            assert [t.token for t in seq.target] == tokenizer.convert_ids_to_tokens(tokenizer(targets[out.sequence_attributions.index(seq)])["input_ids"])
+            assert [t.token for t in seq.target] == tokenizer.convert_ids_to_tokens(
+                tokenizer(targets[out.sequence_attributions.index(seq)])["input_ids"]
+            )
 
 
 def test_layer_methods_add_a_layer_dimension_and_sides():
     model, tokenizer = tiny_model("bart")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
-    out = wrapped.attribute(SOURCES[:1], TRANSLATIONS[:1], method="layer_gradient_x_activation",
-                            target_layers="layers", attribute_target=True, show_progress=False)
+    out = wrapped.attribute(
+        SOURCES[:1],
+        TRANSLATIONS[:1],
+        method="layer_gradient_x_activation",
+        target_layers="layers",
+        attribute_target=True,
+        show_progress=False,
+    )
     seq = out[0]
     assert seq.source_attributions.shape[2:] == (2, 32)  # two encoder layers
     assert seq.target_attributions.shape[2:] == (2, 32)  # two decoder layers
-    single = wrapped.attribute(SOURCES[:1], TRANSLATIONS[:1], method="layer_gradient_x_activation",
-                               target_layer="model.encoder.layers.1", show_progress=False)[0]
+    single = wrapped.attribute(
+        SOURCES[:1],
+        TRANSLATIONS[:1],
+        method="layer_gradient_x_activation",
+        target_layer="model.encoder.layers.1",
+        show_progress=False,
+    )[0]
     assert single.target_attributions is None
     assert_same(single.source_attributions, seq.source_attributions[:, :, 1])
 
@@ -97,9 +121,16 @@ def test_attr_positions_restrict_steps():
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     full = wrapped.attribute(SOURCES[1], DECODER_TARGETS[1], show_progress=False)[0]
-    part = wrapped.attribute(SOURCES[1], DECODER_TARGETS[1], attr_pos_start=full.attr_pos_start + 1,
-                             attr_pos_end=full.attr_pos_end - 1, show_progress=False)[0]
-    assert_same(part.target_attributions, full.target_attributions[: part.attr_pos_end, 1:-1])  # target cut at attr_pos_end
+    part = wrapped.attribute(
+        SOURCES[1],
+        DECODER_TARGETS[1],
+        attr_pos_start=full.attr_pos_start + 1,
+        attr_pos_end=full.attr_pos_end - 1,
+        show_progress=False,
+    )[0]
+    assert_same(
+        part.target_attributions, full.target_attributions[: part.attr_pos_end, 1:-1]
+    )  # target cut at attr_pos_end
 
 
 def test_progress_bar_is_shown_and_can_be_silenced(capsys):
@@ -122,11 +153,20 @@ def test_progress_bar_is_shown_and_can_be_silenced(capsys):
         (lambda m: m.attribute("Hello", "Hello world", attr_pos_start=50), ValueError, "out of range"),
         (lambda m: m.attribute("Hello", "Hello world", attr_pos_end=0), ValueError, "out of range"),
         (lambda m: m.attribute("Hello", "Hello world " * 60), ValueError, "context"),
-        (lambda m: m.attribute("Hello", "Hello world", method="layer_gradient_x_activation", target_layer="transformer.h.9"),
-         ValueError, "Close matches"),
+        (
+            lambda m: m.attribute(
+                "Hello", "Hello world", method="layer_gradient_x_activation", target_layer="transformer.h.9"
+            ),
+            ValueError,
+            "Close matches",
+        ),
         (lambda m: m.attribute("Hello", "Hello world", n_stepz=3), TypeError, "n_stepz"),
         (lambda m: m.attribute("Hello", "Hello world", batch_size=0), ValueError, "batch_size"),
-        (lambda m: m.attribute("Hello", "Hello world", attributed_fn="contrast_prob_diff"), ValueError, "contrast_targets"),
+        (
+            lambda m: m.attribute("Hello", "Hello world", attributed_fn="contrast_prob_diff"),
+            ValueError,
+            "contrast_targets",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, error, match):
@@ -170,7 +210,9 @@ def test_model_unchanged_by_attribution(arch):
 def _count_forwards(model):
     """Batch sizes of the model's forwards, and the handle to remove."""
     sizes = []
-    handle = model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(len(kwargs["input_ids"])), with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
     return sizes, handle
 
 
@@ -185,7 +227,7 @@ def test_gradient_methods_run_one_forward_per_example_and_path_point(arch):
         wrapped.attribute(inputs, targets, method="saliency", show_progress=False)
         assert sizes == [len(inputs)]
         sizes.clear()
-        options = dict(method="integrated_gradients", n_steps=4, internal_batch_size=10 ** 6, show_progress=False)
+        options = dict(method="integrated_gradients", n_steps=4, internal_batch_size=10**6, show_progress=False)
         wrapped.attribute(inputs, targets, **options)
         assert sizes == [4 * len(inputs)]
         sizes.clear()
@@ -217,8 +259,12 @@ def test_cpu_chunks_default_to_a_cache_sized_number_of_tokens():
     from instrument.rows import Example, Rows
     from methods.base import CPU_CHUNK_TOKENS, chunks
 
-    rows = Rows.build([Example(torch.arange(30), 20, 30)], [(0, p) for p in range(20, 30)], pad_id=0)  # 10 rows, width 29
+    rows = Rows.build(
+        [Example(torch.arange(30), 20, 30)], [(0, p) for p in range(20, 30)], pad_id=0
+    )  # 10 rows, width 29
     per_chunk = CPU_CHUNK_TOKENS // (10 * 29)
-    assert [len(c) for c in chunks(50, rows, None)] == [per_chunk] * (50 // per_chunk) + ([50 % per_chunk] if 50 % per_chunk else [])
+    assert [len(c) for c in chunks(50, rows, None)] == [per_chunk] * (50 // per_chunk) + (
+        [50 % per_chunk] if 50 % per_chunk else []
+    )
     assert [len(c) for c in chunks(50, rows, 200)] == [20, 20, 10]  # internal_batch_size counts rows
-    assert [len(c) for c in chunks(50, rows, 10 ** 6)] == [50]
+    assert [len(c) for c in chunks(50, rows, 10**6)] == [50]

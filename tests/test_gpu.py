@@ -1,7 +1,8 @@
 """Attribution on a CUDA device equals attribution on the CPU (same weights, float32), and half-precision models run.
 
-    python -m pytest -q tests/test_gpu.py      # every test here is marked gpu: skipped without CUDA
+python -m pytest -q tests/test_gpu.py      # every test here is marked gpu: skipped without CUDA
 """
+
 import copy
 
 import pytest
@@ -43,8 +44,13 @@ def cpu_and_cuda(request):
 def test_cuda_attribution_equals_cpu(cpu_and_cuda, method):
     arch, on_cpu, on_cuda = cpu_and_cuda
     inputs, targets = TEXTS[arch]
-    options = dict(method=method, show_progress=False, step_scores=["probability"],
-                   attribute_target=on_cpu.is_encoder_decoder, **METHODS[method])
+    options = dict(
+        method=method,
+        show_progress=False,
+        step_scores=["probability"],
+        attribute_target=on_cpu.is_encoder_decoder,
+        **METHODS[method],
+    )
     torch.manual_seed(0)
     expected = on_cpu.attribute(inputs, targets, **options)
     torch.manual_seed(0)
@@ -75,5 +81,6 @@ def test_half_precision_model_on_cuda(dtype):
             assert g.target_attributions.dtype == torch.float32
             assert torch.equal(g.target_attributions.isnan(), e.target_attributions.isnan())
             # Token-level scores (L2 over the hidden size) agree to the half type's rounding, amplified by depth.
-            assert_same(g.target_attributions.nan_to_num().norm(dim=-1), e.target_attributions.nan_to_num().norm(dim=-1),
-                        0.05)
+            assert_same(
+                g.target_attributions.nan_to_num().norm(dim=-1), e.target_attributions.nan_to_num().norm(dim=-1), 0.05
+            )

@@ -2,6 +2,7 @@
 
 The comparisons run Inseq on the same tiny model; Inseq gets its own copy of the tokenizer.
 """
+
 import copy
 import inspect
 import warnings
@@ -62,7 +63,13 @@ def _attributions(seq):
 
 def test_options_in_signature():
     parameters = inspect.signature(instrument.AttributionModel.attribute).parameters
-    for name in ("device", "override_default_attribution", "pretty_progress", "output_step_attributions", "clean_special_chars"):
+    for name in (
+        "device",
+        "override_default_attribution",
+        "pretty_progress",
+        "output_step_attributions",
+        "clean_special_chars",
+    ):
         assert name in parameters
 
 
@@ -90,8 +97,12 @@ def test_output_step_attributions_as_inseq(pair):
 def test_step_attributions_of_examples_with_different_lengths():
     model, tokenizer = tiny_model("gpt2")
     am = instrument.load_model(model, "saliency", tokenizer=tokenizer)
-    out = am.attribute(["Hello world", "The capital"], ["Hello world, this is", "The capital of France is Paris."],
-                       show_progress=False, output_step_attributions=True)
+    out = am.attribute(
+        ["Hello world", "The capital"],
+        ["Hello world, this is", "The capital of France is Paris."],
+        show_progress=False,
+        output_step_attributions=True,
+    )
     lengths = [s.attr_pos_end - s.attr_pos_start for s in out]
     assert len(out.step_attributions) == max(lengths)
     last = out.step_attributions[-1]
@@ -122,10 +133,14 @@ def test_override_default_attribution_as_inseq(pair):
             model.attribute(source, target, method="input_x_gradient", show_progress=False)
         assert ours.attribution_method == theirs.attribution_method.method_name == "saliency"
         for model in (ours, theirs):
-            model.attribute(source, target, method="input_x_gradient", override_default_attribution=True, show_progress=False)
+            model.attribute(
+                source, target, method="input_x_gradient", override_default_attribution=True, show_progress=False
+            )
         assert ours.attribution_method == theirs.attribution_method.method_name == "input_x_gradient"
         with pytest.raises(ValueError):
-            ours.attribute(source, target, method="no_such_method", override_default_attribution=True, show_progress=False)
+            ours.attribute(
+                source, target, method="no_such_method", override_default_attribution=True, show_progress=False
+            )
         assert ours.attribution_method == "input_x_gradient"
         for model in (ours, theirs):
             model.attribute(source, target, method="saliency", override_default_attribution=True, show_progress=False)
@@ -160,8 +175,12 @@ def test_decoder_only_source_is_the_prompt_as_inseq(arch, tmp_path):
     source, target, _ = TEXTS[arch]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer)).attribute(source, target, show_progress=False)[0]
-    seq = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute(source, target, show_progress=False)[0]
+        theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer)).attribute(
+            source, target, show_progress=False
+        )[0]
+    seq = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute(source, target, show_progress=False)[
+        0
+    ]
     assert [t.token for t in seq.source] == [t.token for t in theirs.source]
     assert seq.source == seq.target[: seq.attr_pos_start] and len(seq.source) > 0
     for suffix in ("safetensors", "json"):
@@ -216,8 +235,20 @@ def test_auto_alignments_need_an_aligner(pair):
     ours, _, arch = pair
     source, target, contrast = TEXTS[arch]
     with pytest.raises(ValueError, match="aligner"):
-        ours.attribute(source, target, contrast_targets=contrast, contrast_targets_alignments="auto",
-                       step_scores=["contrast_prob_diff"], show_progress=False)
+        ours.attribute(
+            source,
+            target,
+            contrast_targets=contrast,
+            contrast_targets_alignments="auto",
+            step_scores=["contrast_prob_diff"],
+            show_progress=False,
+        )
     with pytest.raises(TypeError, match="contrast_targets_alignments"):
-        ours.attribute(source, target, contrast_targets=contrast, contrast_targets_alignments=[(1, "x")],
-                       step_scores=["contrast_prob_diff"], show_progress=False)
+        ours.attribute(
+            source,
+            target,
+            contrast_targets=contrast,
+            contrast_targets_alignments=[(1, "x")],
+            step_scores=["contrast_prob_diff"],
+            show_progress=False,
+        )

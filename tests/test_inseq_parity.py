@@ -11,6 +11,7 @@ is checked against Captum directly in test_methods_captum.py.
 Gradient SHAP draws random path points: Captum (under Inseq) with `np.random.uniform`, we with a
 per-row seeded generator. Both are fed the same fixed points here, so the formulas are compared.
 """
+
 import copy
 import functools
 import warnings
@@ -39,10 +40,16 @@ RTOL = 1e-4
 N_STEPS = 8
 # A module in the first block of each architecture, for the layer methods (Inseq takes one; it cannot
 # stack the outputs of OPT's feed-forward, which flattens rows and positions: its whole block there).
-LAYERS = {"gpt2": "transformer.h.0.mlp", "gpt_neox": "gpt_neox.layers.0.mlp", "llama": "model.layers.0.mlp",
-          "qwen2": "model.layers.0.mlp", "opt": "model.decoder.layers.0", "marian": "model.encoder.layers.0.fc2",
-          "t5": "encoder.block.0.layer.1",
-          "bart": "model.encoder.layers.0.fc2"}
+LAYERS = {
+    "gpt2": "transformer.h.0.mlp",
+    "gpt_neox": "gpt_neox.layers.0.mlp",
+    "llama": "model.layers.0.mlp",
+    "qwen2": "model.layers.0.mlp",
+    "opt": "model.decoder.layers.0",
+    "marian": "model.encoder.layers.0.fc2",
+    "t5": "encoder.block.0.layer.1",
+    "bart": "model.encoder.layers.0.fc2",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,8 +77,9 @@ def inseq_run(arch, method, attribute_target, layer=None, **kwargs):
 
 
 def ours_run(arch, method, attribute_target, **kwargs):
-    return fixture(arch)[2].attribute(*texts(arch), method=method, attribute_target=attribute_target,
-                                      show_progress=False, **kwargs)[0]
+    return fixture(arch)[2].attribute(
+        *texts(arch), method=method, attribute_target=attribute_target, show_progress=False, **kwargs
+    )[0]
 
 
 def assert_parity(ours, theirs, attribute_target, arch):
@@ -91,15 +99,22 @@ def assert_parity(ours, theirs, attribute_target, arch):
 
 
 @pytest.mark.parametrize("arch, attribute_target", with_target(ARCHS))
-@pytest.mark.parametrize("method, options", [
-    ("saliency", {}),
-    ("input_x_gradient", {}),
-    ("integrated_gradients", {"n_steps": N_STEPS}),
-    ("deeplift", {}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("saliency", {}),
+        ("input_x_gradient", {}),
+        ("integrated_gradients", {"n_steps": N_STEPS}),
+        ("deeplift", {}),
+    ],
+)
 def test_gradient_methods(method, options, arch, attribute_target):
-    assert_parity(ours_run(arch, method, attribute_target, **options),
-                  inseq_run(arch, method, attribute_target, **options), attribute_target, arch)
+    assert_parity(
+        ours_run(arch, method, attribute_target, **options),
+        inseq_run(arch, method, attribute_target, **options),
+        attribute_target,
+        arch,
+    )
 
 
 ALPHAS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -130,33 +145,54 @@ def test_sequential_integrated_gradients(arch):
     """Inseq's SIG refuses attribute_target=True on encoder-decoders ("All inputs must have the
     same sequential dimension"), so the source side only there."""
     options = {"n_steps": N_STEPS}
-    assert_parity(ours_run(arch, "sequential_integrated_gradients", False, **options),
-                  inseq_run(arch, "sequential_integrated_gradients", False, **options), False, arch)
+    assert_parity(
+        ours_run(arch, "sequential_integrated_gradients", False, **options),
+        inseq_run(arch, "sequential_integrated_gradients", False, **options),
+        False,
+        arch,
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_gradient_x_activation(arch):
     """Inseq's layer methods refuse attribute_target=True."""
     layer = LAYERS[arch]
-    assert_parity(ours_run(arch, "layer_gradient_x_activation", False, target_layer=layer),
-                  inseq_run(arch, "layer_gradient_x_activation", False, layer=layer), False, arch)
+    assert_parity(
+        ours_run(arch, "layer_gradient_x_activation", False, target_layer=layer),
+        inseq_run(arch, "layer_gradient_x_activation", False, layer=layer),
+        False,
+        arch,
+    )
 
 
-@pytest.mark.xfail(strict=True, reason="Inseq 0.7.1 returns all-zero layer IG and layer DeepLIFT attributions with "
-                                       "torch 2.13 / transformers 5 (and drops n_steps); ours are checked against Captum "
-                                       "in test_methods_captum.py")
-@pytest.mark.parametrize("method, options", [("layer_integrated_gradients", {"n_steps": N_STEPS}), ("layer_deeplift", {})])
+@pytest.mark.xfail(
+    strict=True,
+    reason="Inseq 0.7.1 returns all-zero layer IG and layer DeepLIFT attributions with "
+    "torch 2.13 / transformers 5 (and drops n_steps); ours are checked against Captum "
+    "in test_methods_captum.py",
+)
+@pytest.mark.parametrize(
+    "method, options", [("layer_integrated_gradients", {"n_steps": N_STEPS}), ("layer_deeplift", {})]
+)
 def test_layer_integrated_gradients_and_deeplift(method, options):
     layer = LAYERS["gpt2"]
-    assert_parity(ours_run("gpt2", method, False, target_layer=layer, **options),
-                  inseq_run("gpt2", method, False, layer=layer, **options), False, "gpt2")
+    assert_parity(
+        ours_run("gpt2", method, False, target_layer=layer, **options),
+        inseq_run("gpt2", method, False, layer=layer, **options),
+        False,
+        "gpt2",
+    )
 
 
 @pytest.mark.parametrize("arch, attribute_target", with_target(ARCHS))
 def test_attention(arch, attribute_target):
     """Inseq keeps every layer and head: ours with aggregate_fn=None."""
-    assert_parity(ours_run(arch, "attention", attribute_target, aggregate_fn=None),
-                  inseq_run(arch, "attention", attribute_target), attribute_target, arch)
+    assert_parity(
+        ours_run(arch, "attention", attribute_target, aggregate_fn=None),
+        inseq_run(arch, "attention", attribute_target),
+        attribute_target,
+        arch,
+    )
 
 
 @pytest.mark.slow
@@ -168,9 +204,16 @@ def test_discretized_integrated_gradients(arch, attribute_target, tmp_path):
     model, tokenizer, _ = fixture(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = inseq.load_model(model, "discretized_integrated_gradients", tokenizer=copy.deepcopy(tokenizer),
-                                   device="cpu", cache_dir=str(tmp_path))
-        theirs = wrapped.attribute(*texts(arch), attribute_target=attribute_target, show_progress=False, n_steps=N_STEPS)[0]
+        wrapped = inseq.load_model(
+            model,
+            "discretized_integrated_gradients",
+            tokenizer=copy.deepcopy(tokenizer),
+            device="cpu",
+            cache_dir=str(tmp_path),
+        )
+        theirs = wrapped.attribute(
+            *texts(arch), attribute_target=attribute_target, show_progress=False, n_steps=N_STEPS
+        )[0]
     ours = ours_run(arch, "discretized_integrated_gradients", attribute_target, n_steps=N_STEPS)
     assert_parity(ours, theirs, attribute_target, arch)
 
@@ -187,8 +230,9 @@ def test_marian_inseq_forward_differs():
         wrapped = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer), device="cpu")
         theirs = wrapped.attribute(source, target, show_progress=False, step_scores=["probability"])[0]
     theirs = theirs.step_scores["probability"]
-    mine = ours.attribute(source, target, method="saliency", step_scores=["probability"],
-                          show_progress=False)[0].step_scores["probability"]
+    mine = ours.attribute(source, target, method="saliency", step_scores=["probability"], show_progress=False)[
+        0
+    ].step_scores["probability"]
     src = tokenizer(source, return_tensors="pt").input_ids
     tgt = torch.tensor([[model.config.decoder_start_token_id, *tokenizer(text_target=target).input_ids]])
     with torch.no_grad():

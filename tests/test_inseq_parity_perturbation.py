@@ -24,6 +24,7 @@ Ours is given a float64 probability as attributed function (the library's `proba
 function is float32, and differences of ~1e-8 between probabilities of ~3e-3 would carry ~1%
 rounding); Inseq's is computed in the model's dtype.
 """
+
 import copy
 import warnings
 
@@ -61,12 +62,19 @@ def probability64(args):
 def both(arch, method, attribute_target, ours_options=None, inseq_options=None, before_inseq=None):
     model, tokenizer, texts = fixture(arch)
     ours = instrument.load_model(model, tokenizer=tokenizer).attribute(
-        *texts, method=method, attribute_target=attribute_target, show_progress=False, attributed_fn=probability64,
-        **(ours_options or {}))[0]
+        *texts,
+        method=method,
+        attribute_target=attribute_target,
+        show_progress=False,
+        attributed_fn=probability64,
+        **(ours_options or {}),
+    )[0]
     wrapped = inseq.load_model(model, method, tokenizer=copy.deepcopy(tokenizer))
     if before_inseq is not None:
         before_inseq(wrapped)
-    theirs = wrapped.attribute(*texts, attribute_target=attribute_target, show_progress=False, **(inseq_options or {}))[0]
+    theirs = wrapped.attribute(*texts, attribute_target=attribute_target, show_progress=False, **(inseq_options or {}))[
+        0
+    ]
     assert [t.id for t in ours.target] == [t.id for t in theirs.target]
     assert (ours.attr_pos_start, ours.attr_pos_end) == (theirs.attr_pos_start, theirs.attr_pos_end)
     return ours, theirs
@@ -90,13 +98,21 @@ def assert_parity(ours, theirs, rtol=1e-4):
 def test_occlusion_equals_inseq(arch, attribute_target):
     ours, theirs = both(arch, "occlusion", attribute_target)
     assert ours.source_attributions is None or ours.source_attributions.dim() == 2
-    assert_parity(ours.source_attributions.abs() if ours.source_attributions is not None else ours.target_attributions.abs(),
-                  theirs.source_attributions if theirs.source_attributions is not None else theirs.target_attributions)
+    assert_parity(
+        ours.source_attributions.abs() if ours.source_attributions is not None else ours.target_attributions.abs(),
+        theirs.source_attributions if theirs.source_attributions is not None else theirs.target_attributions,
+    )
     if attribute_target:
         ours_target, their_target = ours.target_attributions.abs(), theirs.target_attributions
         assert_parity(ours_target, their_target)  # the decoder start token's row included: 0 in both
-    assert float(ours.target_attributions.nan_to_num().abs().max() if ours.source_attributions is None
-                 else ours.source_attributions.abs().max()) > 0
+    assert (
+        float(
+            ours.target_attributions.nan_to_num().abs().max()
+            if ours.source_attributions is None
+            else ours.source_attributions.abs().max()
+        )
+        > 0
+    )
 
 
 # -- LIME ----------------------------------------------------------------------------------------
@@ -124,8 +140,14 @@ def test_lime_equals_inseq_with_the_same_masks(arch, monkeypatch):
     n_samples, seed = 12, 3
     enc_dec = arch in ENCODER_DECODER
     calls = []
-    ours, theirs = both(arch, "lime", False, {"n_samples": n_samples, "seed": seed}, {"n_samples": n_samples},
-                        before_inseq=lambda _: calls.append(replay_masks(monkeypatch, seed, n_samples, int(not enc_dec))))
+    ours, theirs = both(
+        arch,
+        "lime",
+        False,
+        {"n_samples": n_samples, "seed": seed},
+        {"n_samples": n_samples},
+        before_inseq=lambda _: calls.append(replay_masks(monkeypatch, seed, n_samples, int(not enc_dec))),
+    )
     assert len(calls[0]) == n_samples * (ours.attr_pos_end - ours.attr_pos_start)  # every draw replayed
     side = "source" if enc_dec else "target"
     expected = getattr(theirs, f"{side}_attributions")
@@ -145,7 +167,9 @@ def test_lime_sampling_matches_inseq_statistically():
     lime = Lime(wrapped)
     embeds = torch.randn(1, 40, 4, dtype=torch.float64)
     torch.manual_seed(0)
-    theirs = torch.stack([(lime.perturb_func((embeds,))[0][0] == embeds[0]).all(-1) for _ in range(500)])  # kept [500, 40]
+    theirs = torch.stack(
+        [(lime.perturb_func((embeds,))[0][0] == embeds[0]).all(-1) for _ in range(500)]
+    )  # kept [500, 40]
     ours = token_samples(0, 1, 40, 500, keep_prob=0.7)
     for kept in (theirs, ours):
         replaced = (~kept).double()
@@ -159,8 +183,9 @@ def test_inseq_refuses_lime_on_target_side_of_encoder_decoders_ours_does_not():
     wrapped = inseq.load_model(model, "lime", tokenizer=copy.deepcopy(tokenizer))
     with pytest.raises(NotImplementedError):
         wrapped.attribute(*texts, attribute_target=True, show_progress=False, n_samples=4)
-    ours = instrument.load_model(model, tokenizer=tokenizer).attribute(*texts, method="lime", attribute_target=True,
-                                                                       n_samples=8, show_progress=False)[0]
+    ours = instrument.load_model(model, tokenizer=tokenizer).attribute(
+        *texts, method="lime", attribute_target=True, n_samples=8, show_progress=False
+    )[0]
     assert torch.isfinite(ours.source_attributions).all() and ours.target_attributions.nan_to_num().abs().max() > 0
 
 
@@ -275,12 +300,15 @@ def test_reagent_equals_inseq_statistically(arch, attribute_target, monkeypatch)
     wrapped = inseq.load_model(model, "reagent", tokenizer=copy.deepcopy(tokenizer), **options)
     ours, theirs = [], []
     for seed in range(runs):
-        out = ours_model.attribute(*texts, method="reagent", attribute_target=attribute_target, seed=seed,
-                                   show_progress=False, **options)[0]
+        out = ours_model.attribute(
+            *texts, method="reagent", attribute_target=attribute_target, seed=seed, show_progress=False, **options
+        )[0]
         ours.append(torch.cat([t[..., 0] for t in (out.source_attributions, out.target_attributions) if t is not None]))
         torch.manual_seed(seed)
         out = wrapped.attribute(*texts, attribute_target=attribute_target, show_progress=False)[0]
-        theirs.append(torch.cat([t[..., 0] for t in (out.source_attributions, out.target_attributions) if t is not None]))
+        theirs.append(
+            torch.cat([t[..., 0] for t in (out.source_attributions, out.target_attributions) if t is not None])
+        )
     ours, theirs = torch.stack(ours).double(), torch.stack(theirs).double()  # [runs, tokens, steps]
     assert torch.equal(ours.isnan(), theirs.isnan())
     for scores in (ours, theirs):

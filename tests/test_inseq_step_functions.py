@@ -6,6 +6,7 @@ The functions reproduce in behaviour the custom step function of Inseq's documen
 probability difference from a second forward on `encoder_input_embeds` and a truncated `contrast_ids`)
 and two more that use the other fields: a forward on the prefix embeddings, and a per-step mask.
 """
+
 import copy
 import warnings
 
@@ -50,7 +51,9 @@ def doc_prob_diff(args, contrast_ids, contrast_attention_mask):
 
 def prefix_rerun_logprob(args, **kwargs):
     """log p(target) from a second forward of the model on the prefix embeddings (decoder-only)."""
-    output = args.attribution_model.model(inputs_embeds=args.decoder_input_embeds, attention_mask=args.decoder_attention_mask)
+    output = args.attribution_model.model(
+        inputs_embeds=args.decoder_input_embeds, attention_mask=args.decoder_attention_mask
+    )
     logits = args.attribution_model.output2logits(output)
     return logits.log_softmax(-1).gather(-1, args.target_ids.reshape(-1, 1)).squeeze(-1) + 0.5 * target_prob(args)
 
@@ -64,7 +67,11 @@ def step_weighted_logit(args, weight: float = 1.0):
 
 @pytest.fixture
 def registered(inseq):
-    functions = {"t_doc_prob_diff": doc_prob_diff, "t_prefix_rerun": prefix_rerun_logprob, "t_step_logit": step_weighted_logit}
+    functions = {
+        "t_doc_prob_diff": doc_prob_diff,
+        "t_prefix_rerun": prefix_rerun_logprob,
+        "t_step_logit": step_weighted_logit,
+    }
     for name, fn in functions.items():
         inseq.register_step_function(fn, name, aggregate_map=None, overwrite=True)
         instrument.register_step_function(fn, name, aggregate_map=None, overwrite=True)
@@ -82,7 +89,9 @@ def close(ours, theirs):
 
 
 def both(inseq, model, tokenizer, *args, **kwargs):
-    theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer)).attribute(*args, show_progress=False, **kwargs)
+    theirs = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer)).attribute(
+        *args, show_progress=False, **kwargs
+    )
     ours = instrument.load_model(model, "saliency", tokenizer=tokenizer).attribute(*args, show_progress=False, **kwargs)
     assert len(ours) == len(theirs)
     return ours, theirs
@@ -94,9 +103,18 @@ def test_documented_contrastive_function_on_marian(inseq, registered):
     im = inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tokenizer))
     contrast = im.encode(contrast_text, as_targets=True)
     assert contrast.input_ids.shape[1] == im.encode(target, as_targets=True).input_ids.shape[1]
-    ours, theirs = both(inseq, model, tokenizer, source, target, attributed_fn="t_doc_prob_diff",
-                        step_scores=["t_doc_prob_diff", "t_step_logit"], contrast_ids=contrast.input_ids,
-                        contrast_attention_mask=contrast.attention_mask, weight=0.5)
+    ours, theirs = both(
+        inseq,
+        model,
+        tokenizer,
+        source,
+        target,
+        attributed_fn="t_doc_prob_diff",
+        step_scores=["t_doc_prob_diff", "t_step_logit"],
+        contrast_ids=contrast.input_ids,
+        contrast_attention_mask=contrast.attention_mask,
+        weight=0.5,
+    )
     o, t = ours[0], theirs[0]
     for name in ("t_doc_prob_diff", "t_step_logit"):
         close(o.step_scores[name], t.step_scores[name])
@@ -108,8 +126,16 @@ def test_step_functions_reading_prefix_fields_on_gpt2(inseq, registered):
     model, tokenizer = tiny_model("gpt2")
     inputs, targets = ["Hello world", "The capital"], ["Hello world, this is", "The capital of France"]
     for attributed in ("t_prefix_rerun", "t_step_logit"):
-        ours, theirs = both(inseq, model, tokenizer, inputs, targets, attributed_fn=attributed,
-                            step_scores=["t_prefix_rerun", "t_step_logit"], weight=2.0)
+        ours, theirs = both(
+            inseq,
+            model,
+            tokenizer,
+            inputs,
+            targets,
+            attributed_fn=attributed,
+            step_scores=["t_prefix_rerun", "t_step_logit"],
+            weight=2.0,
+        )
         for o, t in zip(ours, theirs):
             for name in ("t_prefix_rerun", "t_step_logit"):
                 close(o.step_scores[name], t.step_scores[name])
@@ -119,7 +145,9 @@ def test_step_functions_reading_prefix_fields_on_gpt2(inseq, registered):
 def test_step_scores_on_marian_batch(inseq, registered):
     model, tokenizer = inseq_comparable("marian")
     inputs, targets = ["Hello world", "The capital of France"], ["Le chat est", "Das Haus ist wunderbar"]
-    ours, theirs = both(inseq, model, tokenizer, inputs, targets, attributed_fn="t_step_logit", step_scores=["t_step_logit"])
+    ours, theirs = both(
+        inseq, model, tokenizer, inputs, targets, attributed_fn="t_step_logit", step_scores=["t_step_logit"]
+    )
     for o, t in zip(ours, theirs):
         close(o.step_scores["t_step_logit"], t.step_scores["t_step_logit"])
         close(o.source_attributions, t.source_attributions)
@@ -141,6 +169,7 @@ def test_per_step_fields_call_the_function_once_per_step_and_builtins_once():
     def per_step(args):
         calls.append(args.decoder_input_ids.clone())
         return args.decoder_input_ids.sum(-1).float() + args.target_ids
+
     args = StepFunctionArgs(logits, rows.token, None, None, inputs=StepInputs(engine, rows))
     scores = call_step_function(get_step_function(per_step), args, {})
     assert [c.shape for c in calls] == [(1, 3), (1, 4), (1, 5)]
@@ -163,7 +192,9 @@ def test_attribution_model_and_is_attributed_fn_seen_by_a_step_function():
 
     instrument.register_step_function(record, "t_record")
     try:
-        am.attribute("Hello world", "Hello world, this", attributed_fn="t_record", step_scores=["t_record"], show_progress=False)
+        am.attribute(
+            "Hello world", "Hello world, this", attributed_fn="t_record", step_scores=["t_record"], show_progress=False
+        )
     finally:
         _REGISTRY.pop("t_record", None)
     assert {flag for _, flag in seen} == {True, False}
@@ -171,8 +202,10 @@ def test_attribution_model_and_is_attributed_fn_seen_by_a_step_function():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "marian"])
-@pytest.mark.parametrize("method, options", [("integrated_gradients", {"n_steps": 3}), ("occlusion", {}),
-                                             ("sequential_integrated_gradients", {"n_steps": 2})])
+@pytest.mark.parametrize(
+    "method, options",
+    [("integrated_gradients", {"n_steps": 3}), ("occlusion", {}), ("sequential_integrated_gradients", {"n_steps": 2})],
+)
 def test_per_step_function_through_other_methods_scales_the_logit_attributions(arch, method, options):
     """step_weighted_logit at step p is weight * p * logit, so its attributions are weight * p times those
     of the built-in logit, whatever rows (repeated, perturbed) the method scores."""
@@ -181,14 +214,24 @@ def test_per_step_function_through_other_methods_scales_the_logit_attributions(a
     instrument.register_step_function(step_weighted_logit, "t_step_logit", overwrite=True)
     try:
         text = ("Hello world", "Hello world, this is") if arch == "gpt2" else ("Hello world", "Le chat est")
-        ours = am.attribute(*text, attributed_fn="t_step_logit", step_scores=["t_step_logit", "logit"], weight=0.5, show_progress=False)[0]
+        ours = am.attribute(
+            *text, attributed_fn="t_step_logit", step_scores=["t_step_logit", "logit"], weight=0.5, show_progress=False
+        )[0]
         plain = am.attribute(*text, attributed_fn="logit", show_progress=False)[0]
     finally:
         _REGISTRY.pop("t_step_logit", None)
     factor = 0.5 * torch.arange(ours.attr_pos_start, ours.attr_pos_end).float()
-    torch.testing.assert_close(ours.step_scores["t_step_logit"], factor * ours.step_scores["logit"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ours.step_scores["t_step_logit"], factor * ours.step_scores["logit"], rtol=1e-5, atol=1e-6
+    )
     name = "target_attributions" if arch == "gpt2" else "source_attributions"
     scaled, reference = getattr(ours, name), getattr(plain, name)
     factor = factor.view(1, -1, *[1] * (reference.dim() - 2))
     assert torch.nan_to_num(reference).abs().max() > 0
-    torch.testing.assert_close(scaled, factor * reference, rtol=1e-4, atol=1e-6 * float(torch.nan_to_num(reference).abs().max()), equal_nan=True)
+    torch.testing.assert_close(
+        scaled,
+        factor * reference,
+        rtol=1e-4,
+        atol=1e-6 * float(torch.nan_to_num(reference).abs().max()),
+        equal_nan=True,
+    )

@@ -3,6 +3,7 @@ weighting, views, `explain`, Inseq's files in both directions, aggregation names
 
     inseq_out, ours = both("gpt2");  ours.get_scores_dicts() ~ inseq_out.get_scores_dicts()
 """
+
 import copy
 import gzip
 import io
@@ -46,14 +47,20 @@ def both():
             model, tok = tiny_model(arch)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                models[arch] = (inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tok)),
-                                instrument.load_model(model, "saliency", tokenizer=tok))
+                models[arch] = (
+                    inseq.load_model(model, "saliency", tokenizer=copy.deepcopy(tok)),
+                    instrument.load_model(model, "saliency", tokenizer=tok),
+                )
         theirs, ours = models[arch]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results[name] = (
-                theirs.attribute(source, target, step_scores=["probability"], attribute_target=attribute_target, show_progress=False),
-                ours.attribute(source, target, step_scores=["probability"], attribute_target=attribute_target, show_progress=False),
+                theirs.attribute(
+                    source, target, step_scores=["probability"], attribute_target=attribute_target, show_progress=False
+                ),
+                ours.attribute(
+                    source, target, step_scores=["probability"], attribute_target=attribute_target, show_progress=False
+                ),
             )
     return results
 
@@ -73,8 +80,9 @@ def same_scores_dicts(ours, theirs):
             assert ours[field][step].keys() == theirs[field][step].keys(), (field, step)
             for key, value in ours[field][step].items():
                 other = theirs[field][step][key]
-                assert (math.isnan(value) and math.isnan(other)) or math.isclose(value, other, rel_tol=1e-5, abs_tol=1e-7), \
-                    (field, step, key, value, other)
+                assert (math.isnan(value) and math.isnan(other)) or math.isclose(
+                    value, other, rel_tol=1e-5, abs_tol=1e-7
+                ), (field, step, key, value, other)
 
 
 def decoder_only_with_prompt(hidden=(3,), seed=0):
@@ -85,8 +93,13 @@ def decoder_only_with_prompt(hidden=(3,), seed=0):
     for j, position in enumerate(range(3, 6)):
         scores[position:, j] = NAN
     return FeatureAttributionSequenceOutput(
-        source=target[:3], target=target, source_attributions=None, target_attributions=scores,
-        step_scores={"probability": torch.tensor([0.5, 0.25, 0.125])}, attr_pos_start=3, attr_pos_end=6,
+        source=target[:3],
+        target=target,
+        source_attributions=None,
+        target_attributions=scores,
+        step_scores={"probability": torch.tensor([0.5, 0.25, 0.125])},
+        attr_pos_start=3,
+        attr_pos_end=6,
     )
 
 
@@ -99,24 +112,50 @@ def recorder():
 
 def test_inseq_top_level_names_exist():
     inseq = import_inseq()
-    for name in ["show_attributions", "show_granular_attributions", "show_token_attributions", "explain",
-                 "merge_attributions", "list_aggregators", "list_aggregation_functions", "list_step_functions",
-                 "list_feature_attribution_methods", "load_model", "FeatureAttributionOutput", "register_step_function"]:
+    for name in [
+        "show_attributions",
+        "show_granular_attributions",
+        "show_token_attributions",
+        "explain",
+        "merge_attributions",
+        "list_aggregators",
+        "list_aggregation_functions",
+        "list_step_functions",
+        "list_feature_attribution_methods",
+        "load_model",
+        "FeatureAttributionOutput",
+        "register_step_function",
+    ]:
         assert name in inseq.__all__ and name in instrument.__all__ and callable(getattr(instrument, name)), name
-    for name in ["get_scores_dicts", "weight_attributions", "show_granular", "show_tokens", "show", "aggregate", "save"]:
-        assert callable(getattr(FeatureAttributionOutput, name)) and callable(getattr(inseq.FeatureAttributionOutput, name))
+    for name in [
+        "get_scores_dicts",
+        "weight_attributions",
+        "show_granular",
+        "show_tokens",
+        "show",
+        "aggregate",
+        "save",
+    ]:
+        assert callable(getattr(FeatureAttributionOutput, name)) and callable(
+            getattr(inseq.FeatureAttributionOutput, name)
+        )
     for name in ["to", "torch", "numpy", "get_scores_dicts", "weight_attributions", "show_granular", "show_tokens"]:
         assert callable(getattr(FeatureAttributionSequenceOutput, name))
-    assert isinstance(FeatureAttributionSequenceOutput.minimum, property) and isinstance(FeatureAttributionSequenceOutput.maximum, property)
+    assert isinstance(FeatureAttributionSequenceOutput.minimum, property) and isinstance(
+        FeatureAttributionSequenceOutput.maximum, property
+    )
 
 
 def test_explain(capsys):
     inseq = import_inseq()
     import methods
 
-    for identifier, doc in [("saliency", methods.get_method("saliency").__doc__), ("vnorm", instrument.reductions.vnorm.__doc__),
-                            ("subwords", instrument.aggregators.subwords.__doc__),
-                            ("probability", instrument.steps.probability.__doc__)]:
+    for identifier, doc in [
+        ("saliency", methods.get_method("saliency").__doc__),
+        ("vnorm", instrument.reductions.vnorm.__doc__),
+        ("subwords", instrument.aggregators.subwords.__doc__),
+        ("probability", instrument.steps.probability.__doc__),
+    ]:
         instrument.explain(identifier)
         printed = capsys.readouterr().out
         assert doc.strip().splitlines()[0] in printed and identifier in printed
@@ -167,7 +206,9 @@ def test_weight_attributions_matches_inseq(both, case, tmp_path):
 def test_minimum_maximum_numpy_torch_to_match_inseq(both, case):
     theirs, ours = both[case]
     seq, other = copy.deepcopy(ours[0]), copy.deepcopy(theirs[0])
-    assert math.isclose(seq.minimum, other.minimum, abs_tol=1e-9) and math.isclose(seq.maximum, other.maximum, rel_tol=1e-5)
+    assert math.isclose(seq.minimum, other.minimum, abs_tol=1e-9) and math.isclose(
+        seq.maximum, other.maximum, rel_tol=1e-5
+    )
     assert seq.numpy() is seq
     other.numpy()
     field = "target_attributions" if seq.target_attributions is not None else "source_attributions"
@@ -186,8 +227,14 @@ def test_minimum_maximum_by_hand():
     seq = decoder_only_with_prompt(hidden=())
     assert seq.minimum == min(0.0, float(seq.target_attributions.nan_to_num().min()))
     assert seq.maximum == float(seq.target_attributions.nan_to_num().max())
-    positive = FeatureAttributionSequenceOutput([], [TokenWithId("a", 1), TokenWithId("b", 2)], None,
-                                                torch.tensor([[0.5], [NAN]]), attr_pos_start=1, attr_pos_end=2)
+    positive = FeatureAttributionSequenceOutput(
+        [],
+        [TokenWithId("a", 1), TokenWithId("b", 2)],
+        None,
+        torch.tensor([[0.5], [NAN]]),
+        attr_pos_start=1,
+        attr_pos_end=2,
+    )
     assert positive.minimum == 0.0 and positive.maximum == 0.5  # both bounded by 0, as Inseq
 
 
@@ -238,10 +285,18 @@ def test_show_granular_panels(both):
     console = recorder()
     ours.show_granular(slice_dims={2: (0, 2)}, console=console)
     assert "dim 2 = 1" in console.export_text()
-    assert instrument.show_granular_attributions(seq, slice_dims={2: (0, 1)}, display=False, return_html=True).count("<table") == 1
-    layered = FeatureAttributionSequenceOutput([], seq.target, None, torch.randn(len(seq.target), 7, 2, 3),
-                                               attr_pos_start=1, attr_pos_end=8)
-    assert layered.show_granular(show_dim=2, slice_dims={3: (1, 2)}, display=False, return_html=True).count("<table") == 2
+    assert (
+        instrument.show_granular_attributions(seq, slice_dims={2: (0, 1)}, display=False, return_html=True).count(
+            "<table"
+        )
+        == 1
+    )
+    layered = FeatureAttributionSequenceOutput(
+        [], seq.target, None, torch.randn(len(seq.target), 7, 2, 3), attr_pos_start=1, attr_pos_end=8
+    )
+    assert (
+        layered.show_granular(show_dim=2, slice_dims={3: (1, 2)}, display=False, return_html=True).count("<table") == 2
+    )
     with pytest.raises(ValueError, match="slice the other extra dimensions"):
         layered.show_granular(show_dim=2, display=False, return_html=True)
 
@@ -256,9 +311,12 @@ def test_show_attributions_takes_aggregated_sequences(both):
     with pytest.raises(ValueError, match="aggregate first"):
         instrument.show_attributions(ours[0], display=False, return_html=True)
     assert ours.show(aggregator="vnorm", return_html=True, display=False) == ours.aggregate("vnorm").show(
-        aggregate=False, return_html=True, display=False)
+        aggregate=False, return_html=True, display=False
+    )
     scaled = ours.show(min_val=-10.0, max_val=10.0, return_html=True, display=False)  # Inseq's colour bounds
-    assert scaled == instrument.show_attributions(aggregated, min_val=-10.0, max_val=10.0, display=False, return_html=True)
+    assert scaled == instrument.show_attributions(
+        aggregated, min_val=-10.0, max_val=10.0, display=False, return_html=True
+    )
     assert scaled != ours.show(return_html=True, display=False)
 
 
@@ -304,7 +362,9 @@ def same_as_inseq(ours, theirs):
             mine, theirs_ = getattr(seq, name), getattr(other, name)
             assert (mine is None) == (theirs_ is None), name
             if mine is not None:
-                assert torch.equal(mine.isnan(), theirs_.isnan()) and torch.equal(mine.nan_to_num(), theirs_.nan_to_num())
+                assert torch.equal(mine.isnan(), theirs_.isnan()) and torch.equal(
+                    mine.nan_to_num(), theirs_.nan_to_num()
+                )
         assert seq.step_scores.keys() == (other.step_scores or {}).keys()
         for key, value in seq.step_scores.items():
             assert torch.equal(value, other.step_scores[key])
@@ -320,7 +380,14 @@ def test_load_inseq_files(both, case, compress, tmp_path):
     loaded = FeatureAttributionOutput.load(path)
     reference = inseq.FeatureAttributionOutput.load(str(path), decompress=compress)
     same_as_inseq(loaded, reference)
-    for key in ("attribution_method", "attribute_target", "step_scores", "input_texts", "generated_texts", "model_class"):
+    for key in (
+        "attribution_method",
+        "attribute_target",
+        "step_scores",
+        "input_texts",
+        "generated_texts",
+        "model_class",
+    ):
         assert loaded.info[key] == theirs.info[key]
     other_name = tmp_path / "no_extension"
     other_name.write_bytes(path.read_bytes())  # found from the content, not the name
@@ -349,15 +416,23 @@ def test_save_for_inseq(both, case, name, tmp_path):
     same_as_inseq(ours, reloaded)
     assert reloaded.info["step_scores"] == ["probability"] and reloaded.info["attribution_method"] == "saliency"
     # Inseq's own default aggregation of the reloaded file is ours
-    close(reloaded[0].aggregate().target_attributions if ours[0].target_attributions is not None
-          else reloaded[0].aggregate().source_attributions,
-          ours[0].aggregate().target_attributions if ours[0].target_attributions is not None
-          else ours[0].aggregate().source_attributions)
+    close(
+        reloaded[0].aggregate().target_attributions
+        if ours[0].target_attributions is not None
+        else reloaded[0].aggregate().source_attributions,
+        ours[0].aggregate().target_attributions
+        if ours[0].target_attributions is not None
+        else ours[0].aggregate().source_attributions,
+    )
     assert FeatureAttributionOutput.load(path).equals(ours)
     half = ours.save(tmp_path / ("half_" + name), format="inseq", scores_precision="float16")
     halved = inseq.FeatureAttributionOutput.load(str(half), decompress=name.endswith(".gz"))
-    close(halved[0].target_attributions if ours[0].target_attributions is not None else halved[0].source_attributions,
-          (ours[0].target_attributions if ours[0].target_attributions is not None else ours[0].source_attributions).half().float())
+    close(
+        halved[0].target_attributions if ours[0].target_attributions is not None else halved[0].source_attributions,
+        (ours[0].target_attributions if ours[0].target_attributions is not None else ours[0].source_attributions)
+        .half()
+        .float(),
+    )
 
 
 def test_broken_inseq_files(tmp_path, both):
@@ -396,8 +471,12 @@ def my_probability(args):
 def test_callable_step_scores_are_named(tmp_path):
     model, tok = tiny_model("gpt2")
     attribution_model = instrument.load_model(model, "saliency", tokenizer=tok)
-    out = attribution_model.attribute("Hello world", "Hello world, this is", show_progress=False,
-                                      step_scores=[my_probability, "probability", instrument.steps.entropy])
+    out = attribution_model.attribute(
+        "Hello world",
+        "Hello world, this is",
+        show_progress=False,
+        step_scores=[my_probability, "probability", instrument.steps.entropy],
+    )
     seq = out[0]
     assert list(seq.step_scores) == ["my_probability", "probability", "entropy"]
     assert out.info["step_scores"] == ["my_probability", "probability", "entropy"]
@@ -412,7 +491,9 @@ def test_callable_step_scores_are_named(tmp_path):
     assert FeatureAttributionOutput.load(tmp_path / "a.json").equals(out)
     with pytest.raises(ValueError, match="names 'my_probability' twice"):
         attribute_twice = [my_probability, my_probability]
-        attribution_model.attribute("Hello world", "Hello world, this", show_progress=False, step_scores=attribute_twice)
+        attribution_model.attribute(
+            "Hello world", "Hello world, this", show_progress=False, step_scores=attribute_twice
+        )
 
 
 # -- D: aggregation names and merging ------------------------------------------------------------------
@@ -422,10 +503,19 @@ def test_callable_step_scores_are_named(tmp_path):
 def test_aggregation_names_as_inseq(both, case):
     theirs, ours = both[case]
     field = "target_attributions" if ours[0].target_attributions is not None else "source_attributions"
-    for aggregator, kwargs in [("vnorm", {}), (["vnorm"], {}), ("sum", {}), ("mean", {"normalize": False}),
-                               (["vnorm"], {"rescale": True, "normalize": False}), ([("scores", "absmax")], {}),
-                               ("scores", {"aggregate_fn": "sum"})]:
-        close(getattr(ours.aggregate(aggregator, **kwargs)[0], field), getattr(theirs.aggregate(aggregator, **kwargs)[0], field))
+    for aggregator, kwargs in [
+        ("vnorm", {}),
+        (["vnorm"], {}),
+        ("sum", {}),
+        ("mean", {"normalize": False}),
+        (["vnorm"], {"rescale": True, "normalize": False}),
+        ([("scores", "absmax")], {}),
+        ("scores", {"aggregate_fn": "sum"}),
+    ]:
+        close(
+            getattr(ours.aggregate(aggregator, **kwargs)[0], field),
+            getattr(theirs.aggregate(aggregator, **kwargs)[0], field),
+        )
     with pytest.raises(ValueError):
         theirs.aggregate("vnorm", aggregate_fn="sum")
     with pytest.raises(ValueError, match="do not pass aggregate_fn"):
@@ -437,8 +527,10 @@ def test_aggregation_names_as_inseq(both, case):
     with pytest.raises(ValueError, match="either normalize=True or rescale=True"):
         ours.aggregate(["vnorm", "subwords"], normalize=True, rescale=True)
     # rescale=True alone: Inseq refuses it (its normalize defaults to True); we take it as "rescale instead"
-    close(getattr(ours.aggregate("vnorm", rescale=True)[0], field),
-          getattr(theirs.aggregate("vnorm", rescale=True, normalize=False)[0], field))
+    close(
+        getattr(ours.aggregate("vnorm", rescale=True)[0], field),
+        getattr(theirs.aggregate("vnorm", rescale=True, normalize=False)[0], field),
+    )
 
 
 def test_mixed_pipeline_as_inseq(both):
@@ -451,15 +543,19 @@ def test_mixed_pipeline_as_inseq(both):
         if pipeline[1] == "subwords":  # with an explicit function Inseq merges step scores with it too; we keep prod
             close(mine.step_scores["probability"], other.step_scores["probability"])
     # normalize= reaches "scores" through a pipeline, and spans aggregators accept it as Inseq's do
-    close(ours.aggregate(["vnorm", "subwords"], normalize=False)[0].target_attributions,
-          theirs.aggregate(["vnorm", "subwords"], normalize=False, special_chars="Ġ")[0].target_attributions)
+    close(
+        ours.aggregate(["vnorm", "subwords"], normalize=False)[0].target_attributions,
+        theirs.aggregate(["vnorm", "subwords"], normalize=False, special_chars="Ġ")[0].target_attributions,
+    )
     assert ours.aggregate("subwords", normalize=False)[0].equals(ours.aggregate("subwords")[0])
 
 
 def test_merge_keeps_step_scores_per_output(both):
     _, ours = both["encoder_decoder_target"]
     first = copy.deepcopy(ours)
-    second = FeatureAttributionOutput([copy.deepcopy(ours[0])], info={**ours.info, "step_scores": ["entropy"], "exec_time": 1.0})
+    second = FeatureAttributionOutput(
+        [copy.deepcopy(ours[0])], info={**ours.info, "step_scores": ["entropy"], "exec_time": 1.0}
+    )
     second[0].step_scores = {"entropy": torch.ones(7)}
     merged = instrument.merge_attributions([first, second])
     assert merged.info["step_scores"] == [["probability"], ["entropy"]]

@@ -7,6 +7,7 @@ Every op is checked on both paths: the fallback against the formula, the extensi
 shapes, for float32, float16, bfloat16 and float64, through both the AVX2 and the scalar CPU kernels
 (`simd` fixture), and on CUDA when there is a GPU (tests marked `gpu`).
 """
+
 import os
 import subprocess
 import sys
@@ -121,8 +122,13 @@ def test_result_has_no_grad_history(use_extension):
         (torch.zeros(3, 4), torch.zeros(3, 4), [0.5], ValueError, r"must be \[B, L, D\]"),
         (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), [0.5], ValueError, r"must be \[B, L, D\]"),
         (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.float16), [0.5], TypeError, "dtype"),
-        (torch.zeros(2, 3, 4, dtype=torch.int64), torch.zeros(2, 3, 4, dtype=torch.int64), [0.5], TypeError,
-         "floating point"),
+        (
+            torch.zeros(2, 3, 4, dtype=torch.int64),
+            torch.zeros(2, 3, 4, dtype=torch.int64),
+            [0.5],
+            TypeError,
+            "floating point",
+        ),
         (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.tensor([[0.5]]), ValueError, "alphas must be 1-D"),
         (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.tensor([1, 2]), TypeError, "alphas must be floating"),
         (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), ["a"], TypeError, "alphas must be"),
@@ -141,6 +147,7 @@ def test_forcing_the_extension_where_it_cannot_run_raises(native):
 
 
 # ---- interpolate: mask ---------------------------------------------------------------------------------------
+
 
 def random_mask(shape, seed=1, p=0.5):
     return torch.rand(shape[:2], generator=torch.Generator().manual_seed(seed)) < p
@@ -163,9 +170,12 @@ def test_masked_fallback_matches_formula(dtype, shape):
 def test_masked_extension_matches_fallback(simd, dtype, shape, pattern):
     inputs, baselines, alphas = random_case(shape, 7, dtype)
     inputs.view(-1)[0] = -0.0  # a kept input value keeps its sign bit
-    mask = {"random": random_mask(shape), "all": torch.ones(shape[:2], dtype=torch.bool),
-            "none": torch.zeros(shape[:2], dtype=torch.bool),
-            "span": torch.arange(shape[1]).expand(shape[:2]) >= shape[1] // 2}[pattern]
+    mask = {
+        "random": random_mask(shape),
+        "all": torch.ones(shape[:2], dtype=torch.bool),
+        "none": torch.zeros(shape[:2], dtype=torch.bool),
+        "span": torch.arange(shape[1]).expand(shape[:2]) >= shape[1] // 2,
+    }[pattern]
     out = kernels.interpolate(inputs, baselines, alphas, mask, use_extension=True)
     fallback = kernels.interpolate(inputs, baselines, alphas, mask, use_extension=False)
     assert torch.equal(out, fallback)
@@ -180,10 +190,14 @@ def test_masked_extension_matches_fallback(simd, dtype, shape, pattern):
 @pytest.mark.parametrize("use_extension", [None, False])
 def test_mask_forms_and_errors(use_extension):
     inputs, baselines, alphas = random_case((2, 3, 4), 2, torch.float32)
-    as_bool = kernels.interpolate(inputs, baselines, alphas, torch.tensor([[1, 0, 1], [0, 0, 1]]).bool(),
-                                  use_extension=use_extension)
-    for mask in (torch.tensor([[1, 0, 1], [0, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]),
-                 torch.tensor([[1, 0, 1], [0, 0, 1]]).t().contiguous().t()):
+    as_bool = kernels.interpolate(
+        inputs, baselines, alphas, torch.tensor([[1, 0, 1], [0, 0, 1]]).bool(), use_extension=use_extension
+    )
+    for mask in (
+        torch.tensor([[1, 0, 1], [0, 0, 1]]),
+        torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]),
+        torch.tensor([[1, 0, 1], [0, 0, 1]]).t().contiguous().t(),
+    ):
         assert torch.equal(kernels.interpolate(inputs, baselines, alphas, mask, use_extension=use_extension), as_bool)
     with pytest.raises(ValueError, match=r"mask must be \[B, L\] = \(2, 3\)"):
         kernels.interpolate(inputs, baselines, alphas, torch.ones(2, 4, dtype=torch.bool))
@@ -194,6 +208,7 @@ def test_mask_forms_and_errors(use_extension):
 
 
 # ---- accumulate ----------------------------------------------------------------------------------------------
+
 
 def accumulate_case(shape, k, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -331,9 +346,9 @@ def test_finalize_many_layers_equals_each_layer(simd):
 def test_finalize_difference_in_float32_for_half_inputs(native):
     acc = torch.ones(1, 1, 2)
     inputs = torch.tensor([[[1.0, 256.0]]], dtype=torch.bfloat16)
-    baselines = torch.tensor([[[1.0 - 2 ** -8, 255.0]]], dtype=torch.bfloat16)  # 1 - 2^-8 is a bfloat16 number
+    baselines = torch.tensor([[[1.0 - 2**-8, 255.0]]], dtype=torch.bfloat16)  # 1 - 2^-8 is a bfloat16 number
     out = kernels.finalize(acc, inputs, baselines)
-    assert out.tolist() == [[[2 ** -8, 1.0]]]  # in bfloat16 arithmetic 256 - 255 would be exact, 1 - (1 - 2^-8) too
+    assert out.tolist() == [[[2**-8, 1.0]]]  # in bfloat16 arithmetic 256 - 255 would be exact, 1 - (1 - 2^-8) too
     assert torch.equal(out, kernels.finalize(acc, inputs, baselines, use_extension=False))
 
 
@@ -341,12 +356,19 @@ def test_finalize_difference_in_float32_for_half_inputs(native):
 def test_finalize_views_and_empty(use_extension):
     acc, inputs, baselines = finalize_case((2, 6, 5), torch.float16)
     expected = kernels.finalize(acc, inputs, baselines, use_extension=False)
-    got = kernels.finalize(acc.transpose(1, 2).contiguous().transpose(1, 2), inputs.transpose(1, 2).contiguous()
-                           .transpose(1, 2), baselines, use_extension=use_extension)
+    got = kernels.finalize(
+        acc.transpose(1, 2).contiguous().transpose(1, 2),
+        inputs.transpose(1, 2).contiguous().transpose(1, 2),
+        baselines,
+        use_extension=use_extension,
+    )
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     assert kernels.finalize(acc[:0], inputs[:0], baselines[:0], use_extension=use_extension).shape == (0, 6, 5)
-    assert kernels.finalize(acc[..., :0], inputs[..., :0], baselines[..., :0], use_extension=use_extension).shape == \
-        (2, 6, 0)
+    assert kernels.finalize(acc[..., :0], inputs[..., :0], baselines[..., :0], use_extension=use_extension).shape == (
+        2,
+        6,
+        0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -410,14 +432,18 @@ def test_reduce_heads_many_pairs_nan_and_views(simd):
     attn = attention_case((3, 2, 5, 6, 11), torch.float16)
     heads = list(range(5)) * 3 + [1, 2]  # 3 layers x 17 heads: groups of four pairs and a remainder
     for reduce in ("mean", "max"):
-        assert torch.equal(kernels.reduce_heads(attn, None, heads, reduce),
-                           kernels.reduce_heads(attn, None, heads, reduce, use_extension=False))
+        assert torch.equal(
+            kernels.reduce_heads(attn, None, heads, reduce),
+            kernels.reduce_heads(attn, None, heads, reduce, use_extension=False),
+        )
     attn[1, 0, 2, 3, 4] = float("nan")
     for use_extension in (True, False):
         assert kernels.reduce_heads(attn, reduce="max", use_extension=use_extension)[0, 3, 4].isnan()
         assert kernels.reduce_heads(attn, reduce="mean", use_extension=use_extension)[0, 3, 4].isnan()
     permuted = attn.permute(0, 1, 2, 4, 3)  # a non-contiguous view: copied
-    assert torch.equal(kernels.reduce_heads(permuted, [0, 2], [4]), kernels.reduce_heads(permuted.contiguous(), [0, 2], [4]))
+    assert torch.equal(
+        kernels.reduce_heads(permuted, [0, 2], [4]), kernels.reduce_heads(permuted.contiguous(), [0, 2], [4])
+    )
 
 
 @pytest.mark.parametrize(
@@ -466,6 +492,7 @@ def test_direct_calls_to_the_extension_fail_cleanly(native):
 
 # ---- integrated gradients streams its path points ------------------------------------------------------------
 
+
 def test_integrated_gradients_streams_chunks_through_accumulate(monkeypatch):
     """Every chunk's gradients go through accumulate (at most internal_batch_size rows at a time), and the
     result does not depend on the chunking."""
@@ -477,16 +504,20 @@ def test_integrated_gradients_streams_chunks_through_accumulate(monkeypatch):
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
     rows_seen = []
     real = kernels.accumulate
-    monkeypatch.setattr(kernels, "accumulate", lambda acc, grads, weights, **kw: rows_seen.append(grads.shape[0])
-                        or real(acc, grads, weights, **kw))
+    monkeypatch.setattr(
+        kernels,
+        "accumulate",
+        lambda acc, grads, weights, **kw: rows_seen.append(grads.shape[0]) or real(acc, grads, weights, **kw),
+    )
     common = dict(method="integrated_gradients", n_steps=12, show_progress=False)
     chunked = wrapped.attribute("Hello world", "Hello world, this", internal_batch_size=8, **common)[0]
     assert rows_seen and max(rows_seen) <= 8
     seen_chunked = len(rows_seen)
     whole = wrapped.attribute("Hello world", "Hello world, this", **common)[0]
     assert len(rows_seen) > seen_chunked
-    torch.testing.assert_close(chunked.target_attributions, whole.target_attributions, rtol=1e-5, atol=1e-7,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        chunked.target_attributions, whole.target_attributions, rtol=1e-5, atol=1e-7, equal_nan=True
+    )
 
 
 NO_EXT_SCRIPT = """
@@ -513,14 +544,15 @@ print("ok")
 
 def test_no_ext_env_gives_fallback_and_one_notice():
     env = dict(os.environ, INSTRUMENT_NO_EXT="1", PYTHONWARNINGS="default")
-    run = subprocess.run([sys.executable, "-c", NO_EXT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", NO_EXT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
     lines = run.stderr.splitlines()
     notices = [i for i, line in enumerate(lines) if "ExtensionNotice" in line]
     assert len(notices) == 1, run.stderr
     assert "INSTRUMENT_NO_EXT=1" in lines[notices[0]] and "fallback" in lines[notices[0]]
-    assert not lines[notices[0] + 1:notices[0] + 2] or not lines[notices[0] + 1].startswith(" "), "notice spans lines"
+    assert not lines[notices[0] + 1 : notices[0] + 2] or not lines[notices[0] + 1].startswith(" "), "notice spans lines"
 
 
 @pytest.mark.gpu
@@ -644,8 +676,9 @@ def test_cuda_reduce_heads_matches_cpu(dtype, reduce):
         out = kernels.reduce_heads(gpu, layers, heads, reduce, use_extension=True)
         assert torch.equal(out.cpu(), expected)
         assert torch.equal(kernels.reduce_heads(gpu, layers, heads, reduce, use_extension=False).cpu(), expected)
-        assert torch.equal(kernels.reduce_heads([misaligned(layer) for layer in gpu], layers, heads, reduce).cpu(),
-                           expected)
+        assert torch.equal(
+            kernels.reduce_heads([misaligned(layer) for layer in gpu], layers, heads, reduce).cpu(), expected
+        )
     # More (layer, head) pairs than one launch takes (256): launches continue each other's partial results.
     attn = attention_case((3, 2, 4, 6, 16), dtype)
     heads = list(range(4)) * 25  # 3 layers x 100 heads = 300 pairs

@@ -8,6 +8,7 @@ steps of an example in one padded batch; Captum sees one unpadded prefix at a ti
 
 Tolerances: float32, same computation => `rtol=1e-5` and `atol=1e-6 * max|reference|` (see `close`).
 """
+
 import contextlib
 import functools
 
@@ -124,8 +125,12 @@ class Case:
                     stack.callback(handle.remove)
             if self.enc_dec:
                 src_ids = self.source.expand(n, -1) if src_ids is None else src_ids
-                out = self.model(input_ids=src_ids, attention_mask=torch.ones_like(src_ids),
-                                 decoder_input_ids=tgt_ids, decoder_attention_mask=torch.ones_like(tgt_ids))
+                out = self.model(
+                    input_ids=src_ids,
+                    attention_mask=torch.ones_like(src_ids),
+                    decoder_input_ids=tgt_ids,
+                    decoder_attention_mask=torch.ones_like(tgt_ids),
+                )
             else:
                 out = self.model(input_ids=tgt_ids, attention_mask=torch.ones_like(tgt_ids))
         return out.logits[:, -1]
@@ -205,8 +210,6 @@ def check_against(case_, seq, make_captum, attribute_target=False):
             assert seq.target_attributions[p:, j].isnan().all()
 
 
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_saliency(arch):
     c = case(arch)
@@ -222,19 +225,28 @@ def test_input_x_gradient(arch):
 
 
 @pytest.mark.parametrize("rule", ["gausslegendre", "riemann_right"])
-@pytest.mark.parametrize("arch,attribute_target", [("gpt2", False), ("llama", False), ("bart", False), ("bart", True), ("t5", True)])
+@pytest.mark.parametrize(
+    "arch,attribute_target", [("gpt2", False), ("llama", False), ("bart", False), ("bart", True), ("t5", True)]
+)
 def test_integrated_gradients_and_deltas(arch, attribute_target, rule):
     c = case(arch)
     # The integration rule is IG's option "method", which attribute() reserves for the method name:
     # it is given to load_model instead.
     am = instrument.load_model(c.model, "integrated_gradients", tokenizer=c.tok, method=rule, n_steps=8)
-    seq = am.attribute(*c.texts, show_progress=False, attribute_target=attribute_target,
-                       return_convergence_delta=True, step_scores=["probability"])[0]
+    seq = am.attribute(
+        *c.texts,
+        show_progress=False,
+        attribute_target=attribute_target,
+        return_convergence_delta=True,
+        step_scores=["probability"],
+    )[0]
     deltas = []
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target)
         ig = IntegratedGradients(c.prob_fn(p, attribute_target))
-        attributions, delta = ig.attribute(inputs, baselines=baselines, n_steps=8, method=rule, return_convergence_delta=True)
+        attributions, delta = ig.attribute(
+            inputs, baselines=baselines, n_steps=8, method=rule, return_convergence_delta=True
+        )
         for side, ref in zip(c.sides(attribute_target), attributions):
             close(c.ours(seq, j, p, side), ref[0].detach())
         deltas.append(float(delta))
@@ -275,8 +287,9 @@ def test_integrated_gradients_delta_shrinks_with_n_steps(arch):
 def test_deeplift(arch):
     c = case(arch)
     seq = c.attribute("deeplift", attribute_target=c.enc_dec)
-    check_against(c, seq, lambda f, x, b: DeepLift(Module(c.model, f)).attribute(x, baselines=b),
-                  attribute_target=c.enc_dec)
+    check_against(
+        c, seq, lambda f, x, b: DeepLift(Module(c.model, f)).attribute(x, baselines=b), attribute_target=c.enc_dec
+    )
 
 
 def test_deeplift_rescale_rule_matters_on_t5():
@@ -346,8 +359,14 @@ def test_layer_integrated_gradients(arch, name):
     seq = c.attribute("layer_integrated_gradients", target_layer=name, n_steps=8)
     # Captum's baseline for the layer is its output on the baseline ids: the same as ours, the
     # layer's output when the embedding outputs are the baseline (UNK / EOS) embeddings.
-    check_layer(c, seq, lambda f, layer, x, b: LayerIntegratedGradients(f, layer).attribute(
-        x, baselines=b, n_steps=8, method="gausslegendre"), name)
+    check_layer(
+        c,
+        seq,
+        lambda f, layer, x, b: LayerIntegratedGradients(f, layer).attribute(
+            x, baselines=b, n_steps=8, method="gausslegendre"
+        ),
+        name,
+    )
 
 
 @pytest.mark.parametrize("arch,name", LAYER_CASES)
@@ -364,10 +383,13 @@ def test_layer_gradient_x_activation_all_layers_stack_on_dim_2():
     assert seq.target_attributions.shape == (len(c.target), len(c.steps), len(names), 32)
     for j, p in enumerate(c.steps):
         ids, _ = c.ids(p)
-        expected = torch.stack([
-            LayerGradientXActivation(c.ids_fn(p), c.model.get_submodule(name)).attribute(ids)[0].detach()
-            for name in names
-        ], dim=1)
+        expected = torch.stack(
+            [
+                LayerGradientXActivation(c.ids_fn(p), c.model.get_submodule(name)).attribute(ids)[0].detach()
+                for name in names
+            ],
+            dim=1,
+        )
         close(seq.target_attributions[:p, j], expected)
 
 
@@ -388,12 +410,22 @@ CONTRAST = {  # (input, target, contrast target): same token lengths, so the ali
 def test_contrast_prob_diff_integrated_gradients(arch):
     source, target, contrast = CONTRAST[arch]
     c = Case(arch, source, target)
-    contrast_ids = (torch.tensor([c.target[0].item(), *c.tok(text_target=contrast)["input_ids"]]) if c.enc_dec
-                    else torch.tensor(c.tok(contrast)["input_ids"]))
+    contrast_ids = (
+        torch.tensor([c.target[0].item(), *c.tok(text_target=contrast)["input_ids"]])
+        if c.enc_dec
+        else torch.tensor(c.tok(contrast)["input_ids"])
+    )
     assert len(contrast_ids) == len(c.target)
     am = instrument.load_model(c.model, "integrated_gradients", tokenizer=c.tok, n_steps=8, method="riemann_right")
-    seq = am.attribute(source, target, show_progress=False, attributed_fn="contrast_prob_diff",
-                       contrast_targets=contrast, contrast_force_inputs=True, return_convergence_delta=True)[0]
+    seq = am.attribute(
+        source,
+        target,
+        show_progress=False,
+        attributed_fn="contrast_prob_diff",
+        contrast_targets=contrast,
+        contrast_force_inputs=True,
+        return_convergence_delta=True,
+    )[0]
     ours, expected = [], []
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target=False)
@@ -409,7 +441,8 @@ def test_contrast_prob_diff_integrated_gradients(arch):
             return prob(embeds) - contrast_logits.softmax(-1)[:, token]
 
         attributions, delta = IntegratedGradients(f).attribute(
-            inputs, baselines=baselines, n_steps=8, method="riemann_right", return_convergence_delta=True)
+            inputs, baselines=baselines, n_steps=8, method="riemann_right", return_convergence_delta=True
+        )
         ours.append(c.ours(seq, j, p, "source" if c.enc_dec else "target"))
         expected.append(attributions[0][0].detach())
         # deltas: differences of O(1e-3) probabilities, float32 error ~1e-10 (see the IG test)
@@ -430,17 +463,24 @@ def test_target_baseline_keeps_the_decoder_start_token(arch):
     c = case(arch)
     assert int(c.target[0]) == c.model.config.decoder_start_token_id != c.tok.unk_token_id
     ig = c.attribute("integrated_gradients", attribute_target=True, n_steps=8)
-    check_against(c, ig, lambda f, x, b: IntegratedGradients(f).attribute(x, baselines=b, n_steps=8), attribute_target=True)
+    check_against(
+        c, ig, lambda f, x, b: IntegratedGradients(f).attribute(x, baselines=b, n_steps=8), attribute_target=True
+    )
     assert (ig.target_attributions[0] == 0).all()
     deeplift = c.attribute("deeplift", attribute_target=True)
-    check_against(c, deeplift, lambda f, x, b: DeepLift(Module(c.model, f)).attribute(x, baselines=b),
-                  attribute_target=True)
+    check_against(
+        c, deeplift, lambda f, x, b: DeepLift(Module(c.model, f)).attribute(x, baselines=b), attribute_target=True
+    )
     # Layer IG on the embedding modules (its default layers with attribute_target) is IG on their outputs.
     layer_ig = c.attribute("layer_integrated_gradients", attribute_target=True, n_steps=8)
-    check_against(c, layer_ig, lambda f, x, b: IntegratedGradients(f).attribute(x, baselines=b, n_steps=8),
-                  attribute_target=True)
-    rows = Rows.build([Example(target_ids=c.target, start=1, end=len(c.target), source_ids=c.source)],
-                      [(0, len(c.target) - 1)], c.tok.pad_token_id)
+    check_against(
+        c, layer_ig, lambda f, x, b: IntegratedGradients(f).attribute(x, baselines=b, n_steps=8), attribute_target=True
+    )
+    rows = Rows.build(
+        [Example(target_ids=c.target, start=1, end=len(c.target), source_ids=c.source)],
+        [(0, len(c.target) - 1)],
+        c.tok.pad_token_id,
+    )
     for baselines in (None, "pad"):
         _, target_base = c.am.engine.baseline(rows, baselines)
         torch.testing.assert_close(target_base[0, 0], c.tgt_emb(c.target[:1])[0])
@@ -515,7 +555,8 @@ def test_zero_baselines(arch):
     p = c.steps[0]
     inputs, _ = c.embeds(p, c.enc_dec)
     refs = IntegratedGradients(c.prob_fn(p, c.enc_dec)).attribute(
-        inputs, baselines=tuple(torch.zeros_like(x) for x in inputs), n_steps=4)  # Captum's zero baselines
+        inputs, baselines=tuple(torch.zeros_like(x) for x in inputs), n_steps=4
+    )  # Captum's zero baselines
     for side, ref in zip(c.sides(c.enc_dec), refs):
         close(c.ours(zeros, 0, p, side), ref[0].detach())
     with pytest.raises(ValueError, match="baselines"):
@@ -526,10 +567,16 @@ def test_zero_baselines(arch):
 
 
 GRADIENT_METHODS = {
-    "saliency": {}, "input_x_gradient": {}, "integrated_gradients": {"n_steps": 2}, "deeplift": {},
-    "gradient_shap": {"n_samples": 2}, "sequential_integrated_gradients": {"n_steps": 2},
+    "saliency": {},
+    "input_x_gradient": {},
+    "integrated_gradients": {"n_steps": 2},
+    "deeplift": {},
+    "gradient_shap": {"n_samples": 2},
+    "sequential_integrated_gradients": {"n_steps": 2},
     "discretized_integrated_gradients": {"n_steps": 2, "n_neighbors": 5},
-    "layer_integrated_gradients": {"n_steps": 2}, "layer_gradient_x_activation": {}, "layer_deeplift": {},
+    "layer_integrated_gradients": {"n_steps": 2},
+    "layer_gradient_x_activation": {},
+    "layer_deeplift": {},
 }
 
 
@@ -591,8 +638,14 @@ def test_approximation_method_per_call_and_at_load():
 def test_layer_integrated_gradients_approximation_method(arch, name):
     c = case(arch)
     seq = c.attribute("layer_integrated_gradients", target_layer=name, n_steps=8, approximation_method="riemann_right")
-    check_layer(c, seq, lambda f, layer, x, b: LayerIntegratedGradients(f, layer).attribute(
-        x, baselines=b, n_steps=8, method="riemann_right"), name)
+    check_layer(
+        c,
+        seq,
+        lambda f, layer, x, b: LayerIntegratedGradients(f, layer).attribute(
+            x, baselines=b, n_steps=8, method="riemann_right"
+        ),
+        name,
+    )
 
 
 def test_approximation_method_from_the_cli(tmp_path):
@@ -603,9 +656,31 @@ def test_approximation_method_from_the_cli(tmp_path):
     c.model.save_pretrained(directory)
     c.tok.save_pretrained(directory)
     out = tmp_path / "out.json"
-    assert main(["attribute", "-m", str(directory), "-a", "integrated_gradients", "-i", c.texts[0], "-g", c.texts[1],
-                 "--approximation_method", "riemann_trapezoid", "--attribution_kwargs", '{"n_steps": 8}',
-                 "-o", str(out), "--hide"]) == 0
+    assert (
+        main(
+            [
+                "attribute",
+                "-m",
+                str(directory),
+                "-a",
+                "integrated_gradients",
+                "-i",
+                c.texts[0],
+                "-g",
+                c.texts[1],
+                "--approximation_method",
+                "riemann_trapezoid",
+                "--attribution_kwargs",
+                '{"n_steps": 8}',
+                "-o",
+                str(out),
+                "--hide",
+            ]
+        )
+        == 0
+    )
     loaded = instrument.FeatureAttributionOutput.load(out)[0]
     expected = c.attribute("integrated_gradients", n_steps=8, approximation_method="riemann_trapezoid")
-    torch.testing.assert_close(loaded.target_attributions, expected.target_attributions, equal_nan=True, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        loaded.target_attributions, expected.target_attributions, equal_nan=True, rtol=1e-5, atol=1e-9
+    )

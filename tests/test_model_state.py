@@ -11,7 +11,10 @@ import instrument
 
 from tiny_models import tiny_model
 
-TEXTS = {"gpt2": ("Hello world", "Hello world, this is a test."), "marian": ("Hello world", "The capital of France is Paris.")}
+TEXTS = {
+    "gpt2": ("Hello world", "Hello world, this is a test."),
+    "marian": ("Hello world", "The capital of France is Paris."),
+}
 
 
 def flags(model):
@@ -90,13 +93,17 @@ def test_mc_dropout_in_train_mode_equals_eval_mode():
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     torch.manual_seed(0)
-    expected = wrapped.attribute(*TEXTS["gpt2"], step_scores=["mc_dropout_prob_avg", "probability"], show_progress=False)[0]
+    expected = wrapped.attribute(
+        *TEXTS["gpt2"], step_scores=["mc_dropout_prob_avg", "probability"], show_progress=False
+    )[0]
     model.train()
     model.transformer.h[0].eval()
     before = flags(model)
     torch.manual_seed(0)
     got = wrapped.attribute(*TEXTS["gpt2"], step_scores=["mc_dropout_prob_avg", "probability"], show_progress=False)[0]
     assert flags(model) == before
-    torch.testing.assert_close(got.step_scores["mc_dropout_prob_avg"], expected.step_scores["mc_dropout_prob_avg"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.step_scores["mc_dropout_prob_avg"], expected.step_scores["mc_dropout_prob_avg"], rtol=0, atol=0
+    )
     # Dropout really ran in its forwards: the score is not the deterministic probability's.
     assert not torch.allclose(got.step_scores["mc_dropout_prob_avg"], got.step_scores["probability"])

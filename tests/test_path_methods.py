@@ -7,6 +7,7 @@ attribution is `sum_k grad f(c_k) * (c_{k+1} - c_k)` with autograd on one unpadd
 SIG (Enguehard 2023): for each token i, integrated gradients along the path on which only token i
 moves from its baseline to its embedding, summed with the Gauss-Legendre weights, by autograd.
 """
+
 import pytest
 import torch
 
@@ -33,15 +34,22 @@ def wrapped(request):
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 def test_batched_equals_step_by_step(wrapped, method):
     inputs, targets = (SOURCES, TRANSLATIONS) if wrapped.is_encoder_decoder else (SOURCES, DECODER_TARGETS)
-    common = dict(method=method, show_progress=False, step_scores=["probability"],
-                  attribute_target=wrapped.is_encoder_decoder, **METHOD_OPTIONS[method])
+    common = dict(
+        method=method,
+        show_progress=False,
+        step_scores=["probability"],
+        attribute_target=wrapped.is_encoder_decoder,
+        **METHOD_OPTIONS[method],
+    )
     batched = wrapped.attribute(inputs, targets, **common)
     reference = attribute_reference(wrapped, inputs, targets, **common)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)
-        torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7)
-        assert not got.target_attributions[got.attr_pos_start - 1:].isnan().all()
+        torch.testing.assert_close(
+            got.step_scores["probability"], expected.step_scores["probability"], rtol=1e-5, atol=1e-7
+        )
+        assert not got.target_attributions[got.attr_pos_start - 1 :].isnan().all()
 
 
 def grad_at(c, p, attribute_target, points):
@@ -90,7 +98,9 @@ def sig_by_hand(c, p, attribute_target, n_steps, rule="gausslegendre"):
     return result
 
 
-@pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False), ("t5", True)])
+@pytest.mark.parametrize(
+    "arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False), ("t5", True)]
+)
 def test_sig_equals_definition(arch, attribute_target):
     c = Case(arch)
     seq = c.attribute("sequential_integrated_gradients", n_steps=4, attribute_target=attribute_target)
@@ -124,8 +134,12 @@ def test_sig_completeness_per_token():
                 removed = x.clone()
                 removed[0, i] = b[0, i]
                 expected = at_input - f(removed)
-                torch.testing.assert_close(seq.target_attributions[i, j].sum().double(), expected[0].double(),
-                                           rtol=1e-4, atol=1e-6 * float(at_input))
+                torch.testing.assert_close(
+                    seq.target_attributions[i, j].sum().double(),
+                    expected[0].double(),
+                    rtol=1e-4,
+                    atol=1e-6 * float(at_input),
+                )
 
 
 # -- DIG -----------------------------------------------------------------------------------------
@@ -146,8 +160,13 @@ def dig_monotonic(baseline, current, anchor):
 
 def dig_monotonize(baseline, current, anchor, steps):
     ok = dig_monotonic(baseline, current, anchor)
-    return torch.tensor([a if good else x - (x - b) / steps
-                         for good, b, x, a in zip(ok, baseline.tolist(), current.tolist(), anchor.tolist())], dtype=torch.float64)
+    return torch.tensor(
+        [
+            a if good else x - (x - b) / steps
+            for good, b, x, a in zip(ok, baseline.tolist(), current.tolist(), anchor.tolist())
+        ],
+        dtype=torch.float64,
+    )
 
 
 def dig_path_by_hand(features, word, ref, steps, strategy, k, special=False):
@@ -188,15 +207,28 @@ def upscale(points):
     return torch.stack(out + [points[-1]])
 
 
-@pytest.mark.parametrize("arch, attribute_target, strategy, factor", [
-    ("gpt2", False, "greedy", 0), ("llama", False, "maxcount", 1), ("bart", True, "greedy", 0), ("t5", False, "maxcount", 0),
-    ("t5", True, "greedy", 0),
-])
+@pytest.mark.parametrize(
+    "arch, attribute_target, strategy, factor",
+    [
+        ("gpt2", False, "greedy", 0),
+        ("llama", False, "maxcount", 1),
+        ("bart", True, "greedy", 0),
+        ("t5", False, "maxcount", 0),
+        ("t5", True, "greedy", 0),
+    ],
+)
 def test_dig_equals_definition(arch, attribute_target, strategy, factor):
     c = Case(arch)
     steps, k = 5, 12
-    seq = c.attribute("discretized_integrated_gradients", n_steps=steps, n_neighbors=k, strategy=strategy,
-                      factor=factor, attribute_target=attribute_target, return_convergence_delta=True)
+    seq = c.attribute(
+        "discretized_integrated_gradients",
+        n_steps=steps,
+        n_neighbors=k,
+        strategy=strategy,
+        factor=factor,
+        attribute_target=attribute_target,
+        return_convergence_delta=True,
+    )
     embeddings = [c.src_emb, c.tgt_emb] if c.enc_dec else [c.tgt_emb]
     vocab = c.tgt_emb.weight.shape[0]
     features = [emb(torch.arange(vocab)[None])[0].detach().double() for emb in embeddings]
@@ -211,7 +243,7 @@ def test_dig_equals_definition(arch, attribute_target, strategy, factor):
             refs = baseline_ids(c, side_ids, target=side == 1)
             per_token = []
             for word, ref in zip(side_ids.tolist(), refs.tolist()):
-                length = 2 ** factor * (steps - 1) + 1
+                length = 2**factor * (steps - 1) + 1
                 if word == ref:
                     per_token.append(feats[word].expand(length, -1))
                     continue
@@ -233,13 +265,16 @@ def test_dig_equals_definition(arch, attribute_target, strategy, factor):
             f = c.prob_fn(p, attribute_target)
             change = f(*(path[-1][None] for path in paths)) - f(*(path[0][None] for path in paths))
         deltas.append(float(sum(e.sum() for e in expected) - change))
-    torch.testing.assert_close(seq.step_scores["deltas"].double(), torch.tensor(deltas, dtype=torch.float64),
-                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        seq.step_scores["deltas"].double(), torch.tensor(deltas, dtype=torch.float64), rtol=1e-4, atol=1e-9
+    )
 
 
 def test_dig_neighbours_cached_per_model_and_refreshed_when_weights_change():
     model, tokenizer = tiny_model("gpt2")
-    wrapped = instrument.load_model(model, "discretized_integrated_gradients", tokenizer=tokenizer, n_steps=3, n_neighbors=8)
+    wrapped = instrument.load_model(
+        model, "discretized_integrated_gradients", tokenizer=tokenizer, n_steps=3, n_neighbors=8
+    )
     first = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], show_progress=False)[0]
     vocab = Vocabulary.of(model.get_input_embeddings(), model.get_input_embeddings().weight.shape[0])
     assert vocab.neighbours and vocab.paths

@@ -5,6 +5,7 @@ attributed functions, and on these models a source token moves a probability of 
 so in float32 such differences carry ~1e-3 relative rounding noise and batched (padded, full-length)
 and step-by-step forwards would differ by that much. In float64 both paths agree to ~1e-12.
 """
+
 import math
 
 import pytest
@@ -25,15 +26,20 @@ def texts(wrapped):
 
 
 def check_batched_equals_reference(wrapped, method, **options):
-    common = dict(method=method, show_progress=False, step_scores=["probability"],
-                  attribute_target=wrapped.is_encoder_decoder, **options)
+    common = dict(
+        method=method,
+        show_progress=False,
+        step_scores=["probability"],
+        attribute_target=wrapped.is_encoder_decoder,
+        **options,
+    )
     batched = wrapped.attribute(*texts(wrapped), **common)
     reference = attribute_reference(wrapped, *texts(wrapped), **common)
     for got, expected in zip(batched, reference):
         assert_same(got.source_attributions, expected.source_attributions)
         assert_same(got.target_attributions, expected.target_attributions)
         torch.testing.assert_close(got.step_scores["probability"], expected.step_scores["probability"])
-        assert not got.target_attributions[got.attr_pos_start - 1:].isnan().all()
+        assert not got.target_attributions[got.attr_pos_start - 1 :].isnan().all()
     return batched
 
 
@@ -60,11 +66,31 @@ def test_occlusion_batched_equals_step_by_step(wrapped, options):
 OCCLUSION_CAPTUM = [
     # (arch, attribute_target, our options, Captum's sliding windows, strides, UNK baselines)
     ("gpt2", False, {}, ((1, 32),), 1, True),  # the default: UNK baselines, as Inseq
-    ("gpt2", False, {"sliding_window_shapes": (2, 12), "strides": (1, 5), "baselines": None}, ((2, 12),), ((1, 5),), True),
-    ("llama", False, {"sliding_window_shapes": (3, 32), "strides": (2, 32), "baselines": "zeros"}, ((3, 32),), ((2, 32),), False),
+    (
+        "gpt2",
+        False,
+        {"sliding_window_shapes": (2, 12), "strides": (1, 5), "baselines": None},
+        ((2, 12),),
+        ((1, 5),),
+        True,
+    ),
+    (
+        "llama",
+        False,
+        {"sliding_window_shapes": (3, 32), "strides": (2, 32), "baselines": "zeros"},
+        ((3, 32),),
+        ((2, 32),),
+        False,
+    ),
     ("bart", False, {}, ((1, 32),), 1, True),
-    ("bart", True, {"sliding_window_shapes": ((2, 32), (1, 16)), "strides": ((2, 32), (1, 16)), "baselines": "zeros"},
-     ((2, 32), (1, 16)), ((2, 32), (1, 16)), False),
+    (
+        "bart",
+        True,
+        {"sliding_window_shapes": ((2, 32), (1, 16)), "strides": ((2, 32), (1, 16)), "baselines": "zeros"},
+        ((2, 32), (1, 16)),
+        ((2, 32), (1, 16)),
+        False,
+    ),
     ("t5", True, {"baselines": None}, ((1, 32), (1, 32)), 1, True),
 ]
 
@@ -79,8 +105,11 @@ def test_occlusion_equals_captum(arch, attribute_target, options, windows, strid
             continue
         inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id if unk else None)
         expected = CaptumOcclusion(c.prob_fn(p, attribute_target)).attribute(
-            inputs, sliding_window_shapes=windows, strides=(strides,) * len(inputs) if isinstance(strides, int) else strides,
-            baselines=baselines if unk else None)
+            inputs,
+            sliding_window_shapes=windows,
+            strides=(strides,) * len(inputs) if isinstance(strides, int) else strides,
+            baselines=baselines if unk else None,
+        )
         granular = any(window[1] < c.model.config.hidden_size for window in windows)
         for side, ref in zip(sides, expected):
             if not granular:  # every hidden unit of a token has the same score: one per token is stored
@@ -127,8 +156,14 @@ def test_occlusion_bad_options(options, error, match):
 # -- value zeroing -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{}, {"layers": -1, "normalize": True, "perturbations_per_eval": 5},
-                                     {"similarity_metric": "euclidean", "layers": [0]}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"layers": -1, "normalize": True, "perturbations_per_eval": 5},
+        {"similarity_metric": "euclidean", "layers": [0]},
+    ],
+)
 def test_value_zeroing_batched_equals_step_by_step(wrapped, options):
     batched = check_batched_equals_reference(wrapped, "value_zeroing", **options)
     n_layers = 1 if "layers" in options else 2
@@ -149,7 +184,9 @@ class ZeroValue:
         if module is cls.module:
             value = value.clone()
             value[:, :, cls.token] = 0
-        return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sys.modules[type(module).__module__].eager_attention_forward(
+            module, query, key, value, attention_mask, **kwargs
+        )
 
     @classmethod
     def register(cls):
@@ -182,16 +219,24 @@ def value_zeroing_by_hand(arch, seq, layers, metric="cosine"):
     out = {}
     for side, names in modules.items():
         length = len(seq.source) if side == "source" else len(seq.target)
-        grid = torch.full((length, seq.attr_pos_end - seq.attr_pos_start, len(layers)), float("nan"), dtype=torch.float64)
+        grid = torch.full(
+            (length, seq.attr_pos_end - seq.attr_pos_start, len(layers)), float("nan"), dtype=torch.float64
+        )
         for step, p in enumerate(range(seq.attr_pos_start, seq.attr_pos_end)):
-            kwargs = {"decoder_input_ids": target[:p][None], "input_ids": source} if enc_dec else {"input_ids": target[:p][None]}
+            kwargs = (
+                {"decoder_input_ids": target[:p][None], "input_ids": source}
+                if enc_dec
+                else {"input_ids": target[:p][None]}
+            )
             for column, layer in enumerate(layers):
                 # the last block is read after the stack's final norm (the model's last hidden state), as Inseq
                 last = layer % len(blocks) == len(blocks) - 1
                 block = model.get_submodule(blocks[layer].rsplit(".", 2)[0] if last else blocks[layer])
                 attention = model.get_submodule(next(n for n in names if n.startswith(blocks[layer] + ".")))
                 captured = []
-                handle = block.register_forward_hook(lambda m, a, o: captured.append(o if isinstance(o, torch.Tensor) else o[0]))
+                handle = block.register_forward_hook(
+                    lambda m, a, o: captured.append(o if isinstance(o, torch.Tensor) else o[0])
+                )
                 with torch.no_grad():
                     ZeroValue.module = None
                     model(**kwargs)
@@ -212,17 +257,25 @@ def value_zeroing_by_hand(arch, seq, layers, metric="cosine"):
     return out
 
 
-@pytest.mark.parametrize("arch, options", [
-    ("gpt2", {}), ("gpt_neox", {"layers": [-1], "normalize": False}), ("llama", {"similarity_metric": "euclidean"}),
-    ("t5", {"normalize": False, "min_score_threshold": 0}), ("bart", {"layers": [0], "min_score_threshold": 1e-6}),
-    ("opt", {"layers": [-1]}),
-])
+@pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("gpt2", {}),
+        ("gpt_neox", {"layers": [-1], "normalize": False}),
+        ("llama", {"similarity_metric": "euclidean"}),
+        ("t5", {"normalize": False, "min_score_threshold": 0}),
+        ("bart", {"layers": [0], "min_score_threshold": 1e-6}),
+        ("opt", {"layers": [-1]}),
+    ],
+)
 def test_value_zeroing_equals_direct_computation(arch, options):
     model, tokenizer = double_model(arch, attn_implementation="sdpa")  # the method does not need eager
     wrapped = instrument.load_model(model, "value_zeroing", tokenizer=tokenizer)
     inputs, targets = texts(wrapped)
-    out = wrapped.attribute(inputs[:2], targets[:2], show_progress=False, attribute_target=wrapped.is_encoder_decoder, **options)
-    layers = [l % 2 for l in options["layers"]] if options.get("layers") else [0, 1]
+    out = wrapped.attribute(
+        inputs[:2], targets[:2], show_progress=False, attribute_target=wrapped.is_encoder_decoder, **options
+    )
+    layers = [layer % 2 for layer in options["layers"]] if options.get("layers") else [0, 1]
     threshold = options.get("min_score_threshold", 1e-5)
     for seq in out:
         expected = value_zeroing_by_hand(arch, seq, layers, options.get("similarity_metric", "cosine"))
@@ -233,15 +286,23 @@ def test_value_zeroing_equals_direct_computation(arch, options):
                 grid = grid / torch.where(total == 0, torch.ones_like(total), total)
             ours = getattr(seq, f"{side}_attributions")
             assert torch.equal(ours.isnan(), grid.isnan())
-            torch.testing.assert_close(ours.nan_to_num().double(), grid.nan_to_num(), rtol=1e-5, atol=1e-7 * float(grid.nan_to_num().abs().max()))
+            torch.testing.assert_close(
+                ours.nan_to_num().double(),
+                grid.nan_to_num(),
+                rtol=1e-5,
+                atol=1e-7 * float(grid.nan_to_num().abs().max()),
+            )
             assert grid.nan_to_num().abs().max() > 0
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"similarity_metric": "dot"}, "similarity_metric"),
-    ({"layers": 7}, "layers index 7 is out of range"),
-    ({"perturbations_per_eval": -1}, "perturbations_per_eval"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"similarity_metric": "dot"}, "similarity_metric"),
+        ({"layers": 7}, "layers index 7 is out of range"),
+        ({"perturbations_per_eval": -1}, "perturbations_per_eval"),
+    ],
+)
 def test_value_zeroing_bad_options(options, match):
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
@@ -279,12 +340,15 @@ class WeightedLeastSquares:
         return Surrogate()
 
 
-@pytest.mark.parametrize("arch, attribute_target, options", [
-    ("gpt2", False, {}),
-    ("llama", False, {"baselines": None, "kernel_width": 0.5}),
-    ("bart", True, {}),
-    ("t5", False, {"distance_mode": "euclidean", "kernel_width": 3.0}),
-])
+@pytest.mark.parametrize(
+    "arch, attribute_target, options",
+    [
+        ("gpt2", False, {}),
+        ("llama", False, {"baselines": None, "kernel_width": 0.5}),
+        ("bart", True, {}),
+        ("t5", False, {"distance_mode": "euclidean", "kernel_width": 3.0}),
+    ],
+)
 def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, options):
     """Captum's Lime (its sampling loop, interpretable-to-input transform, similarity kernel and
     feature mask handling) fed the token subsets the library drew, with a least-squares surrogate."""
@@ -295,12 +359,16 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
 
     n_samples, seed = 40, 3
     c = Case(arch)
-    seq = c.attribute("lime", variant="captum", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options)
+    seq = c.attribute(
+        "lime", variant="captum", attribute_target=attribute_target, n_samples=n_samples, seed=seed, **options
+    )
     sides = c.sides(attribute_target)
     for j, p in enumerate(c.steps):
         inputs, baselines = c.embeds(p, attribute_target, c.tok.unk_token_id if "baselines" in options else None)
         lengths = [x.shape[1] for x in inputs]
-        bits = torch.cat([token_samples(seed, int(side == "target"), n, n_samples) for side, n in zip(sides, lengths)], dim=1)
+        bits = torch.cat(
+            [token_samples(seed, int(side == "target"), n, n_samples) for side, n in zip(sides, lengths)], dim=1
+        )
 
         def replay(original, **kwargs):
             for k in range(n_samples):
@@ -310,12 +378,21 @@ def test_lime_equals_captum_with_the_same_samples(arch, attribute_target, option
         for x in inputs:
             masks.append((offset + torch.arange(x.shape[1]))[None, :, None].expand_as(x))
             offset += x.shape[1]
-        lime = CaptumLime(c.prob_fn(p, attribute_target), interpretable_model=WeightedLeastSquares(),
-                          similarity_func=get_exp_kernel_similarity_function(options.get("distance_mode", "cosine"),
-                                                                             options.get("kernel_width", 1.0)),
-                          perturb_func=replay)
-        expected = lime.attribute(inputs, baselines=baselines if baselines is not None else tuple(0.0 for _ in inputs),
-                                  feature_mask=tuple(masks), n_samples=n_samples, perturbations_per_eval=8)
+        lime = CaptumLime(
+            c.prob_fn(p, attribute_target),
+            interpretable_model=WeightedLeastSquares(),
+            similarity_func=get_exp_kernel_similarity_function(
+                options.get("distance_mode", "cosine"), options.get("kernel_width", 1.0)
+            ),
+            perturb_func=replay,
+        )
+        expected = lime.attribute(
+            inputs,
+            baselines=baselines if baselines is not None else tuple(0.0 for _ in inputs),
+            feature_mask=tuple(masks),
+            n_samples=n_samples,
+            perturbations_per_eval=8,
+        )
         for side, ref in zip(sides, expected):
             ours = c.ours(seq, j, p, side)
             assert torch.equal(ours, ours[..., :1].expand_as(ours))  # one coefficient per token, repeated
@@ -351,21 +428,26 @@ def test_lime_recovers_a_token_effect_statistically():
     lime_scores = lime.target_attributions[:p, 0, 0]
     occlusion_scores = occlusion.target_attributions[:p, 0]
     assert int(lime_scores.abs().argmax()) == int(occlusion_scores.abs().argmax())
-    assert torch.sign(lime_scores[occlusion_scores.abs().argmax()]) == torch.sign(occlusion_scores[occlusion_scores.abs().argmax()])
+    assert torch.sign(lime_scores[occlusion_scores.abs().argmax()]) == torch.sign(
+        occlusion_scores[occlusion_scores.abs().argmax()]
+    )
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"n_samples": 0}, "n_samples"),
-    ({"variant": "captum", "distance_mode": "manhattan"}, "distance_mode"),
-    ({"variant": "captum", "kernel_width": 0}, "kernel_width"),
-    ({"variant": "sklearn"}, "variant must be"),
-    ({"kernel_width": 2.0}, "kernel_width is an option of variant='captum'"),
-    ({"baselines": None}, "baselines is an option of variant='captum'"),
-    ({"variant": "captum", "mask_prob": 0.5}, "mask_prob is an option of variant='inseq'"),
-    ({"mask_prob": 1.5}, "mask_prob"),
-    ({"alpha": 0}, "alpha"),
-    ({"mask_token": "mask"}, "mask_token"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"n_samples": 0}, "n_samples"),
+        ({"variant": "captum", "distance_mode": "manhattan"}, "distance_mode"),
+        ({"variant": "captum", "kernel_width": 0}, "kernel_width"),
+        ({"variant": "sklearn"}, "variant must be"),
+        ({"kernel_width": 2.0}, "kernel_width is an option of variant='captum'"),
+        ({"baselines": None}, "baselines is an option of variant='captum'"),
+        ({"variant": "captum", "mask_prob": 0.5}, "mask_prob is an option of variant='inseq'"),
+        ({"mask_prob": 1.5}, "mask_prob"),
+        ({"alpha": 0}, "alpha"),
+        ({"mask_token": "mask"}, "mask_token"),
+    ],
+)
 def test_lime_bad_options(options, match):
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
@@ -394,7 +476,11 @@ def reagent_by_hand(c, p, attribute_target, seed, num_probes, max_steps, top_k, 
     rows = Rows.build([example], [(0, p)], c.tok.pad_token_id)
     token = int(c.target[p])
     n_source = len(c.source) if c.enc_dec else 0
-    ids = torch.cat([c.source, c.target[:p]]) if c.enc_dec and attribute_target else (c.source if c.enc_dec else c.target[:p])
+    ids = (
+        torch.cat([c.source, c.target[:p]])
+        if c.enc_dec and attribute_target
+        else (c.source if c.enc_dec else c.target[:p])
+    )
 
     def prob_and_top(new_ids):
         with torch.no_grad():
@@ -417,7 +503,9 @@ def reagent_by_hand(c, p, attribute_target, seed, num_probes, max_steps, top_k, 
             sampled = candidates[torch.randint(len(candidates), (len(ids),), generator=g)]
             replaced_prob, _ = prob_and_top(torch.where(mask, sampled, ids))
             delta = original - replaced_prob
-            logit = logit + torch.logit(torch.where(mask, torch.tensor(delta), torch.tensor(-delta)).double() * 0.5 + 0.5)
+            logit = logit + torch.logit(
+                torch.where(mask, torch.tensor(delta), torch.tensor(-delta)).double() * 0.5 + 0.5
+            )
             importance = logit.softmax(-1)
             keep = torch.zeros(len(ids), dtype=torch.bool)
             keep[torch.argsort(importance, descending=True, stable=True)[:keep_top_n]] = True
@@ -434,14 +522,26 @@ def reagent_by_hand(c, p, attribute_target, seed, num_probes, max_steps, top_k, 
 @pytest.mark.parametrize("arch, attribute_target", [("gpt2", False), ("llama", False), ("bart", True), ("t5", False)])
 def test_reagent_equals_the_algorithm_written_out(arch, attribute_target):
     c = Case(arch)
-    options = dict(seed=7, num_probes=4, max_probe_steps=6, stopping_condition_top_k=25, keep_top_n=2, replacing_ratio=0.4)
+    options = dict(
+        seed=7, num_probes=4, max_probe_steps=6, stopping_condition_top_k=25, keep_top_n=2, replacing_ratio=0.4
+    )
     seq = c.attribute("reagent", attribute_target=attribute_target, **options)
     special = {c.tok.pad_token_id, c.tok.unk_token_id, c.tok.eos_token_id}
     candidates = torch.tensor([t for t in range(c.tgt_emb.weight.shape[0]) if t not in special])
     stops = 0
     for j, p in enumerate(c.steps):
-        expected, stopped = reagent_by_hand(c, p, attribute_target, options["seed"], options["num_probes"], options["max_probe_steps"],
-                                            options["stopping_condition_top_k"], options["keep_top_n"], options["replacing_ratio"], candidates)
+        expected, stopped = reagent_by_hand(
+            c,
+            p,
+            attribute_target,
+            options["seed"],
+            options["num_probes"],
+            options["max_probe_steps"],
+            options["stopping_condition_top_k"],
+            options["keep_top_n"],
+            options["replacing_ratio"],
+            candidates,
+        )
         stops += stopped
         ours = torch.cat([c.ours(seq, j, p, side) for side in c.sides(attribute_target)])
         assert torch.equal(ours, ours[:, :1].expand_as(ours))  # one score per token, repeated over the embedding
@@ -450,14 +550,17 @@ def test_reagent_equals_the_algorithm_written_out(arch, attribute_target):
     assert 0 < stops < len(c.steps) * options["num_probes"]  # some probes stopped early, some ran out of steps
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"keep_top_n": 0}, "keep_ratio"),
-    ({"keep_top_n": 0, "keep_ratio": 1.5}, "keep_ratio"),
-    ({"replacing_ratio": 0}, "replacing_ratio"),
-    ({"num_probes": 0}, "num_probes"),
-    ({"stopping_condition_top_k": 0}, "stopping_condition_top_k"),
-    ({"internal_batch_size": 0}, "internal_batch_size"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"keep_top_n": 0}, "keep_ratio"),
+        ({"keep_top_n": 0, "keep_ratio": 1.5}, "keep_ratio"),
+        ({"replacing_ratio": 0}, "replacing_ratio"),
+        ({"num_probes": 0}, "num_probes"),
+        ({"stopping_condition_top_k": 0}, "stopping_condition_top_k"),
+        ({"internal_batch_size": 0}, "internal_batch_size"),
+    ],
+)
 def test_reagent_bad_options(options, match):
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
@@ -465,26 +568,43 @@ def test_reagent_bad_options(options, match):
         wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, **options)
 
 
-@pytest.mark.parametrize("attributed_fn, kwargs, match", [
-    ("logit", {}, "attributed_fn='logit'"),
-    ("entropy", {}, "attributed_fn='entropy'"),
-    ("probability", {"logprob": True}, "probability in \\[0, 1\\].*attributed_fn='probability'"),
-    (lambda args: args.logits[:, 0] * 0 + 2.0, {}, "probability in \\[0, 1\\].*attributed_fn='<lambda>'"),
-])
+@pytest.mark.parametrize(
+    "attributed_fn, kwargs, match",
+    [
+        ("logit", {}, "attributed_fn='logit'"),
+        ("entropy", {}, "attributed_fn='entropy'"),
+        ("probability", {"logprob": True}, "probability in \\[0, 1\\].*attributed_fn='probability'"),
+        (lambda args: args.logits[:, 0] * 0 + 2.0, {}, "probability in \\[0, 1\\].*attributed_fn='<lambda>'"),
+    ],
+)
 def test_reagent_refuses_attributed_functions_that_are_not_probabilities(attributed_fn, kwargs, match):
     """ReAGent's update takes logit(0.5 +- 0.5 * delta): NaN unless the function is a probability."""
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=match):
-        wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False,
-                          attributed_fn=attributed_fn, **REAGENT, **kwargs)
+        wrapped.attribute(
+            SOURCES[0],
+            DECODER_TARGETS[0],
+            method="reagent",
+            show_progress=False,
+            attributed_fn=attributed_fn,
+            **REAGENT,
+            **kwargs,
+        )
 
 
 def test_reagent_accepts_probabilities_of_contrast_targets():
     model, tokenizer = tiny_model("gpt2")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
-    seq = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], method="reagent", show_progress=False, attributed_fn="contrast_prob",
-                            contrast_targets="Hello world, that", **REAGENT)[0]
+    seq = wrapped.attribute(
+        SOURCES[0],
+        DECODER_TARGETS[0],
+        method="reagent",
+        show_progress=False,
+        attributed_fn="contrast_prob",
+        contrast_targets="Hello world, that",
+        **REAGENT,
+    )[0]
     scores = seq.target_attributions[..., 0]
     assert torch.isfinite(scores.nan_to_num()).all()
     torch.testing.assert_close(scores.nansum(0), torch.ones(scores.shape[1]))  # importance sums to 1 per step
@@ -538,7 +658,9 @@ def test_occlusion_per_token_scores_work_with_aggregation_views_and_files(tmp_pa
     the sum of their absolute values."""
     model, tokenizer = tiny_model("bart")
     wrapped = instrument.load_model(model, tokenizer=tokenizer)
-    out = wrapped.attribute(SOURCES[:2], TRANSLATIONS[:2], method="occlusion", attribute_target=True, show_progress=False)
+    out = wrapped.attribute(
+        SOURCES[:2], TRANSLATIONS[:2], method="occlusion", attribute_target=True, show_progress=False
+    )
     seq = out[0]
     assert seq.source_attributions.shape == (len(seq.source), len(seq.generated))
     assert seq.target_attributions.shape == (len(seq.target), len(seq.generated))

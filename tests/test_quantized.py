@@ -5,6 +5,7 @@ quantizes their linear layers; its CPU backend runs int8 matmuls by dequantizing
 AVX-512, and 4-bit through libbitsandbytes_cpu), saved and reloaded with a `quantization_config`, as
 transformers quantizes only while loading. Their attributions are compared with the float32 model's.
 """
+
 import logging
 
 import pytest
@@ -38,14 +39,28 @@ def float_model(arch: str, hidden: int = 128, layers: int = 4, seed: int = 0):
     import transformers
 
     tokenizer = tiny_tokenizer(arch)
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, attn_implementation="eager")
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+    )
     if arch == "gpt2":
-        config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_inner=4 * hidden, n_positions=256, **common)
+        config = transformers.GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=4, n_inner=4 * hidden, n_positions=256, **common
+        )
     else:
-        config = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                          intermediate_size=4 * hidden, max_position_embeddings=256,
-                                          unk_token_id=tokenizer.unk_token_id, **common)
+        config = transformers.LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=256,
+            unk_token_id=tokenizer.unk_token_id,
+            **common,
+        )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).eval(), tokenizer
 
@@ -58,7 +73,9 @@ def quantized(model, folder, **options):
     model.save_pretrained(folder)
     config = transformers.BitsAndBytesConfig(**options)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu", **kwargs).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu", **kwargs
+    ).eval()
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -81,7 +98,9 @@ def snapshot(model):
     with its dtype and device, parameter classes, requires_grad and grads, training flags, hooks."""
     state = {name: (value.detach().clone(), value.dtype, value.device) for name, value in model.state_dict().items()}
     params = {name: (type(p), p.dtype, p.device, p.requires_grad, p.grad) for name, p in model.named_parameters()}
-    modules = [(m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()]
+    modules = [
+        (m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
+    ]
     return state, params, modules
 
 
@@ -126,14 +145,24 @@ def _contrast(tokenizer, target: str, contrast: str) -> dict:
     """Options attributing the first token where `contrast` differs from `target`, aligned."""
     a, b = tokenizer(target).input_ids, tokenizer(contrast).input_ids
     step = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return dict(contrast_targets=contrast, attr_pos_start=step, attr_pos_end=step + 1, contrast_targets_alignments=[(step, step)])
+    return dict(
+        contrast_targets=contrast,
+        attr_pos_start=step,
+        attr_pos_end=step + 1,
+        contrast_targets_alignments=[(step, step)],
+    )
 
 
 def test_8bit_contrastive_layer_tracing_over_all_layers(pair):
     full, q8 = pair
-    options = dict(method="layer_gradient_x_activation", target_layers="layers", attributed_fn="contrast_prob_diff",
-                   step_scores=["contrast_prob_diff"], show_progress=False,
-                   **_contrast(q8.tokenizer, "The capital of France is Paris.", "The capital of France is Berlin."))
+    options = dict(
+        method="layer_gradient_x_activation",
+        target_layers="layers",
+        attributed_fn="contrast_prob_diff",
+        step_scores=["contrast_prob_diff"],
+        show_progress=False,
+        **_contrast(q8.tokenizer, "The capital of France is Paris.", "The capital of France is Berlin."),
+    )
     before = snapshot(q8.model)
     expected = full.attribute(INPUTS[0], "The capital of France is Paris.", **options)[0]
     got = q8.attribute(INPUTS[0], "The capital of France is Paris.", **options)[0]
@@ -143,27 +172,38 @@ def test_8bit_contrastive_layer_tracing_over_all_layers(pair):
     assert pearson(expected.target_attributions, got.target_attributions) >= MIN_R
     per_layer = got.target_attributions.nan_to_num().sum(-1)  # [positions, 1, layers]: the tracing scores
     assert per_layer.abs().sum() > 0
-    torch.testing.assert_close(got.step_scores["contrast_prob_diff"], expected.step_scores["contrast_prob_diff"], atol=2e-3, rtol=0.1)
+    torch.testing.assert_close(
+        got.step_scores["contrast_prob_diff"], expected.step_scores["contrast_prob_diff"], atol=2e-3, rtol=0.1
+    )
     assert_unchanged(q8.model, before)
 
 
 def test_other_methods_and_trace_run_on_8bit(pair):
     full, q8 = pair
     before = snapshot(q8.model)
-    for method, options in [("input_x_gradient", {}), ("deeplift", {}), ("gradient_shap", {"n_samples": 2}),
-                            ("layer_integrated_gradients", {"n_steps": 3, "target_layers": "mlp"}),
-                            ("occlusion", {})]:
+    for method, options in [
+        ("input_x_gradient", {}),
+        ("deeplift", {}),
+        ("gradient_shap", {"n_samples": 2}),
+        ("layer_integrated_gradients", {"n_steps": 3, "target_layers": "mlp"}),
+        ("occlusion", {}),
+    ]:
         if method not in instrument.list_feature_attribution_methods():
             continue
         out = q8.attribute(INPUTS[1], TARGETS[1], method=method, show_progress=False, **options)[0]
         assert out.target_attributions.dtype == torch.float32
-        assert torch.isfinite(out.target_attributions.nan_to_num()).all() and out.target_attributions.nan_to_num().abs().sum() > 0, method
+        assert (
+            torch.isfinite(out.target_attributions.nan_to_num()).all()
+            and out.target_attributions.nan_to_num().abs().sum() > 0
+        ), method
     grads = {}
     for name, wrapped in (("full", full), ("q8", q8)):
         batch = wrapped.tokenizer([TARGETS[0]], return_tensors="pt")
         with instrument.trace(wrapped.model, "layers", grads=True) as t:
             logits = wrapped.model(**batch).logits
-            torch.autograd.grad(logits[0, -1].log_softmax(-1).max(), [p for p in wrapped.model.parameters() if p.requires_grad][:1])
+            torch.autograd.grad(
+                logits[0, -1].log_softmax(-1).max(), [p for p in wrapped.model.parameters() if p.requires_grad][:1]
+            )
         grads[name] = torch.stack([t.gradients[k].float() for k in t.names])
         assert len(t.names) == len(wrapped.engine.layer_names("layers"))
     assert pearson(grads["full"], grads["q8"]) >= MIN_R
@@ -184,8 +224,12 @@ def test_load_by_path_with_quantization_config():
     _bnb()
     import transformers
 
-    wrapped = instrument.load_model("demo-lm", "saliency", device="cpu",
-                                    model_kwargs={"quantization_config": transformers.BitsAndBytesConfig(load_in_8bit=True)})
+    wrapped = instrument.load_model(
+        "demo-lm",
+        "saliency",
+        device="cpu",
+        model_kwargs={"quantization_config": transformers.BitsAndBytesConfig(load_in_8bit=True)},
+    )
     assert wrapped.model.is_loaded_in_8bit
     assert any(type(m).__name__ == "Linear8bitLt" for m in wrapped.model.modules())
     out = wrapped.attribute("the capital of", "the capital of the", show_progress=False)[0]
@@ -202,12 +246,20 @@ def test_8bit_half_precision_builds_inputs_in_the_first_layers_dtype(tmp_path, m
     assert q8.engine.input_dtype == torch.float16
     seen = []
     real = kernels.interpolate
-    monkeypatch.setattr(kernels, "interpolate", lambda x, base, alphas, **kw: seen.append((x.dtype, base.dtype)) or real(x, base, alphas, **kw))
+    monkeypatch.setattr(
+        kernels,
+        "interpolate",
+        lambda x, base, alphas, **kw: seen.append((x.dtype, base.dtype)) or real(x, base, alphas, **kw),
+    )
     full = instrument.load_model(model, tokenizer=tokenizer)
     for baselines in (None, "zeros", torch.zeros(128)):
-        expected = full.attribute(INPUTS[1], TARGETS[1], method="integrated_gradients", n_steps=4, baselines=baselines, show_progress=False)[0]
+        expected = full.attribute(
+            INPUTS[1], TARGETS[1], method="integrated_gradients", n_steps=4, baselines=baselines, show_progress=False
+        )[0]
         seen.clear()
-        got = q8.attribute(INPUTS[1], TARGETS[1], method="integrated_gradients", n_steps=4, baselines=baselines, show_progress=False)[0]
+        got = q8.attribute(
+            INPUTS[1], TARGETS[1], method="integrated_gradients", n_steps=4, baselines=baselines, show_progress=False
+        )[0]
         assert seen and all(dtypes == (torch.float16, torch.float16) for dtypes in seen)
         assert got.target_attributions.dtype == torch.float32
         assert pearson(expected.target_attributions, got.target_attributions) >= MIN_R
@@ -248,9 +300,21 @@ def test_4bit_runs_the_same_methods(arch, tmp_path):
             module.support_avx512bf16_for_cpu = False
     wrapped = instrument.load_model(q4, tokenizer=tokenizer)
     before = snapshot(q4)
-    for method, options in COMPARED + [("layer_gradient_x_activation", {"target_layers": "layers", "attributed_fn": "contrast_prob_diff",
-                                                                        **_contrast(tokenizer, TARGETS[0], "The capital of France is Berlin.")})]:
+    for method, options in COMPARED + [
+        (
+            "layer_gradient_x_activation",
+            {
+                "target_layers": "layers",
+                "attributed_fn": "contrast_prob_diff",
+                **_contrast(tokenizer, TARGETS[0], "The capital of France is Berlin."),
+            },
+        )
+    ]:
         out = wrapped.attribute(INPUTS[0], TARGETS[0], method=method, show_progress=False, **options)[0]
         values = out.target_attributions
-        assert values.dtype == torch.float32 and torch.isfinite(values.nan_to_num()).all() and values.nan_to_num().abs().sum() > 0
+        assert (
+            values.dtype == torch.float32
+            and torch.isfinite(values.nan_to_num()).all()
+            and values.nan_to_num().abs().sum() > 0
+        )
     assert_unchanged(q4, before)

@@ -1,5 +1,6 @@
 """Module selection (`instrument.selection`): globs by dotted component, architecture aliases, and
 model configs registered for families the built-in rules do not know."""
+
 import copy
 import functools
 import types
@@ -48,7 +49,10 @@ def test_star_is_one_dotted_component_and_double_star_any_number():
     assert select_modules(model, "transformer.h.*") == select_modules(model, "layers")
     assert select_modules(model, "transformer.h.*.mlp") == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
     assert select_modules(model, "transformer.h.?.attn") == ["transformer.h.0.attn", "transformer.h.1.attn"]
-    assert select_modules(model, "transformer.h.[1].mlp.c_*") == ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    assert select_modules(model, "transformer.h.[1].mlp.c_*") == [
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]
     assert select_modules(model, "transformer.h.**") == [n for n in names if n.startswith("transformer.h.")]
     assert select_modules(model, "**.mlp") == [n for n in names if n.endswith(".mlp")]
     assert select_modules(model, "**.c_proj") == [n for n in names if n.endswith(".c_proj")]
@@ -108,7 +112,8 @@ def test_registered_config_resolves_attention_and_value_zeroing(registry):
     with pytest.raises(UnknownModuleError):
         select_modules(model, "attention")
     instrument.register_model_config(
-        "RenamedLlamaForCausalLM", {"self_attention_module": "mixer", "value_vector": "values", "cross_attention_module": None}
+        "RenamedLlamaForCausalLM",
+        {"self_attention_module": "mixer", "value_vector": "values", "cross_attention_module": None},
     )
     assert select_modules(model, "attention") == ["model.layers.0.mixer", "model.layers.1.mixer"]
     assert select_modules(original, "attention") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
@@ -116,11 +121,17 @@ def test_registered_config_resolves_attention_and_value_zeroing(registry):
         model(**batch)
         original(**batch)
     for index in range(2):
-        torch.testing.assert_close(t.activations[f"model.layers.{index}.mixer"],
-                                   reference.activations[f"model.layers.{index}.self_attn"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            t.activations[f"model.layers.{index}.mixer"],
+            reference.activations[f"model.layers.{index}.self_attn"],
+            rtol=0,
+            atol=0,
+        )
     texts = ("The capital of France is", "The capital of France is Paris.")
     ours = instrument.load_model(model, "value_zeroing", tokenizer=tokenizer).attribute(*texts, show_progress=False)
-    expected = instrument.load_model(original, "value_zeroing", tokenizer=tokenizer).attribute(*texts, show_progress=False)
+    expected = instrument.load_model(original, "value_zeroing", tokenizer=tokenizer).attribute(
+        *texts, show_progress=False
+    )
     a, b = ours.sequence_attributions[0].target_attributions, expected.sequence_attributions[0].target_attributions
     assert torch.equal(a.isnan(), b.isnan()) and b.nan_to_num().abs().max() > 0
     torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-7)

@@ -3,6 +3,7 @@ and clear `ValueError`s for truncated, tampered and foreign files.
 
     out.save(tmp_path / "a.safetensors");  FeatureAttributionOutput.load(tmp_path / "a.safetensors").equals(out)
 """
+
 import json
 import struct
 
@@ -29,32 +30,55 @@ def outputs():
     gpt2_model = instrument.load_model(gpt2, "saliency", tokenizer=gpt2_tok)
     bart_model = instrument.load_model(bart, "integrated_gradients", tokenizer=bart_tok, n_steps=4)
     cases = {
-        "decoder_only": gpt2_model.attribute(["Hello world", "The capital"], ["Hello world, this is", "The capital of France"],
-                                             show_progress=False, step_scores=["probability", "entropy"]),
-        "encoder_decoder_target": bart_model.attribute("Hello world", "Le chat.", show_progress=False, attribute_target=True,
-                                                       step_scores=["probability"], return_convergence_delta=True),
+        "decoder_only": gpt2_model.attribute(
+            ["Hello world", "The capital"],
+            ["Hello world, this is", "The capital of France"],
+            show_progress=False,
+            step_scores=["probability", "entropy"],
+        ),
+        "encoder_decoder_target": bart_model.attribute(
+            "Hello world",
+            "Le chat.",
+            show_progress=False,
+            attribute_target=True,
+            step_scores=["probability"],
+            return_convergence_delta=True,
+        ),
         "encoder_decoder_source_only": bart_model.attribute("Hello world", "Le chat.", show_progress=False),
         "layers": instrument.load_model(gpt2, "layer_gradient_x_activation", tokenizer=gpt2_tok).attribute(
-            "Hello world", "Hello world, this is", show_progress=False, target_layers="layers"),
+            "Hello world", "Hello world, this is", show_progress=False, target_layers="layers"
+        ),
     }
     cases["aggregated"] = cases["encoder_decoder_target"].aggregate(["subwords", "scores"])
     weird = FeatureAttributionSequenceOutput(
-        source=[TokenWithId('"q" <b>&\\', 5), TokenWithId("▁ünï\n", 6)], target=[TokenWithId("<pad>", 1), TokenWithId("x", 2)],
+        source=[TokenWithId('"q" <b>&\\', 5), TokenWithId("▁ünï\n", 6)],
+        target=[TokenWithId("<pad>", 1), TokenWithId("x", 2)],
         source_attributions=torch.tensor([[float("inf")], [float("-inf")]]),
         target_attributions=torch.tensor([[float("nan")], [float("nan")]]),
-        step_scores={"my.score": torch.tensor([1e-30])}, sequence_scores={"enc": torch.ones(2, 1, 3)},
-        attr_pos_start=1, attr_pos_end=2,
+        step_scores={"my.score": torch.tensor([1e-30])},
+        sequence_scores={"enc": torch.ones(2, 1, 3)},
+        attr_pos_start=1,
+        attr_pos_end=2,
     )
-    cases["hand_made"] = FeatureAttributionOutput([weird], step_attributions=None, info={
-        "attribution_args": {"baselines": torch.zeros(2, 3), "big": torch.zeros(100), "n": (1, 2)},
-        "nan": float("nan"), "nested": {"a": [1, None, True]}, 3: "int key", "object": object,
-    })
+    cases["hand_made"] = FeatureAttributionOutput(
+        [weird],
+        step_attributions=None,
+        info={
+            "attribution_args": {"baselines": torch.zeros(2, 3), "big": torch.zeros(100), "n": (1, 2)},
+            "nan": float("nan"),
+            "nested": {"a": [1, None, True]},
+            3: "int key",
+            "object": object,
+        },
+    )
     return cases
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("case", ["decoder_only", "encoder_decoder_target", "encoder_decoder_source_only", "layers",
-                                  "aggregated", "hand_made"])
+@pytest.mark.parametrize(
+    "case",
+    ["decoder_only", "encoder_decoder_target", "encoder_decoder_source_only", "layers", "aggregated", "hand_made"],
+)
 def test_round_trip_is_exact(outputs, tmp_path, case, fmt):
     out = outputs[case]
     path = out.save(tmp_path / f"out.{fmt}")
@@ -63,8 +87,11 @@ def test_round_trip_is_exact(outputs, tmp_path, case, fmt):
     for before, after in zip(out.sequence_attributions, loaded.sequence_attributions):
         for name in ("source_attributions", "target_attributions"):
             a, b = getattr(before, name), getattr(after, name)
-            assert (a is None and b is None) or (b.dtype == torch.float32 and torch.equal(a.isnan(), b.isnan())
-                                                  and torch.equal(a.nan_to_num(), b.nan_to_num()))
+            assert (a is None and b is None) or (
+                b.dtype == torch.float32
+                and torch.equal(a.isnan(), b.isnan())
+                and torch.equal(a.nan_to_num(), b.nan_to_num())
+            )
         assert after.step_scores.keys() == before.step_scores.keys()
     if case == "encoder_decoder_target":
         assert "deltas" in loaded[0].step_scores and loaded[0].target_attributions is not None
@@ -81,7 +108,11 @@ def test_info_is_stored_as_json_with_short_reprs(outputs, tmp_path):
     args = loaded.info["attribution_args"]
     assert args["baselines"] == "tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float32)"
     assert args["big"] == "tensor(shape=[100], dtype=torch.float32)" and args["n"] == [1, 2]
-    assert loaded.info["nan"] == "nan" and loaded.info["3"] == "int key" and loaded.info["nested"] == {"a": [1, None, True]}
+    assert (
+        loaded.info["nan"] == "nan"
+        and loaded.info["3"] == "int key"
+        and loaded.info["nested"] == {"a": [1, None, True]}
+    )
     assert loaded.info["object"] == "<class 'object'>"
     assert jsonable(outputs["hand_made"].info) == loaded.info
 
@@ -116,13 +147,27 @@ def _rounded(seq):
     def half(t):
         return None if t is None else t.half().float()
 
-    return FeatureAttributionSequenceOutput(seq.source, seq.target, half(seq.source_attributions), half(seq.target_attributions),
-                                            {k: half(v) for k, v in seq.step_scores.items()}, {}, seq.attr_pos_start, seq.attr_pos_end)
+    return FeatureAttributionSequenceOutput(
+        seq.source,
+        seq.target,
+        half(seq.source_attributions),
+        half(seq.target_attributions),
+        {k: half(v) for k, v in seq.step_scores.items()},
+        {},
+        seq.attr_pos_start,
+        seq.attr_pos_end,
+    )
 
 
 def _scaled(seq, factor):
-    return FeatureAttributionSequenceOutput(seq.source, seq.target, seq.source_attributions * factor, None,
-                                            attr_pos_start=seq.attr_pos_start, attr_pos_end=seq.attr_pos_end)
+    return FeatureAttributionSequenceOutput(
+        seq.source,
+        seq.target,
+        seq.source_attributions * factor,
+        None,
+        attr_pos_start=seq.attr_pos_start,
+        attr_pos_end=seq.attr_pos_end,
+    )
 
 
 def test_overwrite_and_sequence_save(outputs, tmp_path):

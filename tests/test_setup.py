@@ -1,5 +1,6 @@
 """setup.py: an extension that a compiler linked with a static libstdc++ (it would crash on its first
 error message) is detected by its ELF dependencies, rebuilt with the system compiler, or left out."""
+
 import importlib.util
 import os
 import shutil
@@ -11,10 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = '#include <stdexcept>\n#include <string>\nstd::string check(int x) { if (x) throw std::runtime_error("bad " + std::to_string(x)); return "ok"; }\n'
+SOURCE = (
+    "#include <stdexcept>\n#include <string>\n"
+    'std::string check(int x) { if (x) throw std::runtime_error("bad " + std::to_string(x)); return "ok"; }\n'
+)
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
-                                reason="ELF shared libraries built by g++")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="ELF shared libraries built by g++"
+)
 
 
 def load_setup():
@@ -37,7 +42,9 @@ def test_needed_libraries_tell_a_static_libstdcxx(tmp_path):
     (tmp_path / "t.cpp").write_text(SOURCE)
     for static in (False, True):
         compiler = wrapper(tmp_path, f"cxx{int(static)}", static)
-        subprocess.run([str(compiler), "-shared", "-fPIC", "t.cpp", "-o", f"lib{int(static)}.so"], cwd=tmp_path, check=True)
+        subprocess.run(
+            [str(compiler), "-shared", "-fPIC", "t.cpp", "-o", f"lib{int(static)}.so"], cwd=tmp_path, check=True
+        )
     dynamic, static = str(tmp_path / "lib0.so"), str(tmp_path / "lib1.so")
     assert any(n.startswith("libstdc++") for n in setup.needed_libraries(dynamic))
     assert not any(n.startswith("libstdc++") for n in setup.needed_libraries(static))
@@ -50,7 +57,7 @@ def test_needed_libraries_tell_a_static_libstdcxx(tmp_path):
         assert any(n.startswith("libstdc++") for n in setup.needed_libraries(setup.torch_library()))
 
 
-BUILD = textwrap.dedent('''
+BUILD = textwrap.dedent("""
     import importlib.util, sys
     from setuptools import Extension, setup
     from torch.utils.cpp_extension import BuildExtension
@@ -61,15 +68,21 @@ BUILD = textwrap.dedent('''
     setup(name="tiny", ext_modules=[Extension("tiny_ext", ["t.cpp"], language="c++")],
           cmdclass={{"build_ext": module.checked_build_ext(BuildExtension)}},
           script_args=["build_ext", "--inplace"])
-''')
+""")
 
 
 def build(folder: Path, compiler: Path, system_compilers: list) -> subprocess.CompletedProcess:
     (folder / "t.cpp").write_text(SOURCE)
     (folder / "build_tiny.py").write_text(BUILD.format(setup=str(ROOT / "setup.py")))
     env = {**os.environ, "CXX": str(compiler), "MAX_JOBS": "1"}
-    return subprocess.run([sys.executable, "build_tiny.py", *map(str, system_compilers)], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "build_tiny.py", *map(str, system_compilers)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def built(folder: Path) -> list:

@@ -2,6 +2,7 @@
 from the logits of one plain forward pass over the whole text (the logits at position q - 1 predict
 token q). Contrastive ones use a plain forward over the contrastive text, at the aligned position.
 """
+
 import math
 
 import pytest
@@ -13,20 +14,48 @@ from instrument.steps import _REGISTRY
 from tiny_models import tiny_model
 
 BUILTIN = [
-    "logit", "probability", "entropy", "crossentropy", "perplexity", "contrast_logits", "contrast_prob",
-    "contrast_logits_diff", "contrast_prob_diff", "pcxmi", "kl_divergence", "in_context_pvi",
-    "mc_dropout_prob_avg", "top_p_size",
+    "logit",
+    "probability",
+    "entropy",
+    "crossentropy",
+    "perplexity",
+    "contrast_logits",
+    "contrast_prob",
+    "contrast_logits_diff",
+    "contrast_prob_diff",
+    "pcxmi",
+    "kl_divergence",
+    "in_context_pvi",
+    "mc_dropout_prob_avg",
+    "top_p_size",
 ]
-CONTRASTIVE = ["contrast_logits", "contrast_prob", "contrast_logits_diff", "contrast_prob_diff", "pcxmi",
-               "kl_divergence", "in_context_pvi"]
+CONTRASTIVE = [
+    "contrast_logits",
+    "contrast_prob",
+    "contrast_logits_diff",
+    "contrast_prob_diff",
+    "pcxmi",
+    "kl_divergence",
+    "in_context_pvi",
+]
 
 # input, target, contrast target of the same token length, contrast of another length + its alignment
 # (full target-token positions: (target position, contrast position)).
 TEXTS = {
-    "gpt2": ("Hello world", "Hello world, this is", "Hello world, that is",
-             "Hello world, this was", [(6, 6), (7, 7), (8, 8), (9, 10)]),
-    "bart": ("Hello world", "Le chat.", "Le chien",
-             "Le chat", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 5), (7, 6)]),
+    "gpt2": (
+        "Hello world",
+        "Hello world, this is",
+        "Hello world, that is",
+        "Hello world, this was",
+        [(6, 6), (7, 7), (8, 8), (9, 10)],
+    ),
+    "bart": (
+        "Hello world",
+        "Le chat.",
+        "Le chien",
+        "Le chat",
+        [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 5), (7, 6)],
+    ),
 }
 
 
@@ -72,8 +101,14 @@ class Case:
         return self.model(input_ids=ids[None]).logits[0].float()
 
     def scores(self, step_scores, **kwargs):
-        seq = self.am.attribute(self.source_text, self.target_text, method="saliency", show_progress=False,
-                                step_scores=step_scores, **kwargs)[0]
+        seq = self.am.attribute(
+            self.source_text,
+            self.target_text,
+            method="saliency",
+            show_progress=False,
+            step_scores=step_scores,
+            **kwargs,
+        )[0]
         return seq.step_scores
 
     def per_step(self, fn, contrast_ids=None, alignment=None, contrast_source=None):
@@ -83,9 +118,14 @@ class Case:
         values = []
         for p in self.steps:
             q = dict(alignment or {}).get(p, p)
-            values.append(fn(logits[p - 1], int(self.target[p]),
-                             None if clogits is None else clogits[q - 1],
-                             None if contrast_ids is None else int(contrast_ids[q])))
+            values.append(
+                fn(
+                    logits[p - 1],
+                    int(self.target[p]),
+                    None if clogits is None else clogits[q - 1],
+                    None if contrast_ids is None else int(contrast_ids[q]),
+                )
+            )
         return torch.tensor(values)
 
 
@@ -93,24 +133,24 @@ def lp(logits, token):
     return float(logits.log_softmax(-1)[token])
 
 
-HAND = {  # name -> fn(logits, token, contrast logits, contrast token)
-    "logit": lambda l, y, lc, yc: float(l[y]),
-    "probability": lambda l, y, lc, yc: float(l.softmax(-1)[y]),
-    "entropy": lambda l, y, lc, yc: float(-(l.softmax(-1) * l.log_softmax(-1)).sum()),
-    "crossentropy": lambda l, y, lc, yc: -lp(l, y),
-    "perplexity": lambda l, y, lc, yc: 2 ** -lp(l, y),  # Inseq's definition: 2 ** (cross-entropy in nats)
-    "contrast_logits": lambda l, y, lc, yc: float(lc[yc]),
-    "contrast_prob": lambda l, y, lc, yc: float(lc.softmax(-1)[yc]),
-    "contrast_logits_diff": lambda l, y, lc, yc: float(l[y] - lc[yc]),
-    "contrast_prob_diff": lambda l, y, lc, yc: float(l.softmax(-1)[y] - lc.softmax(-1)[yc]),
-    "pcxmi": lambda l, y, lc, yc: -(lp(l, y) - lp(lc, yc)) / math.log(2),  # -log2(p / q)
-    "in_context_pvi": lambda l, y, lc, yc: -lp(l, y) + lp(lc, yc),
-    "kl_divergence": lambda l, y, lc, yc: kl_by_hand(l, lc),
+HAND = {  # name -> fn(logits z, token y, contrast logits lc, contrast token yc)
+    "logit": lambda z, y, lc, yc: float(z[y]),
+    "probability": lambda z, y, lc, yc: float(z.softmax(-1)[y]),
+    "entropy": lambda z, y, lc, yc: float(-(z.softmax(-1) * z.log_softmax(-1)).sum()),
+    "crossentropy": lambda z, y, lc, yc: -lp(z, y),
+    "perplexity": lambda z, y, lc, yc: 2 ** -lp(z, y),  # Inseq's definition: 2 ** (cross-entropy in nats)
+    "contrast_logits": lambda z, y, lc, yc: float(lc[yc]),
+    "contrast_prob": lambda z, y, lc, yc: float(lc.softmax(-1)[yc]),
+    "contrast_logits_diff": lambda z, y, lc, yc: float(z[y] - lc[yc]),
+    "contrast_prob_diff": lambda z, y, lc, yc: float(z.softmax(-1)[y] - lc.softmax(-1)[yc]),
+    "pcxmi": lambda z, y, lc, yc: -(lp(z, y) - lp(lc, yc)) / math.log(2),  # -log2(p / q)
+    "in_context_pvi": lambda z, y, lc, yc: -lp(z, y) + lp(lc, yc),
+    "kl_divergence": lambda z, y, lc, yc: kl_by_hand(z, lc),
 }
 HAND_LOGPROB = {
-    "probability": lambda l, y, lc, yc: lp(l, y),
-    "contrast_prob": lambda l, y, lc, yc: lp(lc, yc),
-    "contrast_prob_diff": lambda l, y, lc, yc: lp(l, y) - lp(lc, yc),
+    "probability": lambda z, y, lc, yc: lp(z, y),
+    "contrast_prob": lambda z, y, lc, yc: lp(lc, yc),
+    "contrast_prob_diff": lambda z, y, lc, yc: lp(z, y) - lp(lc, yc),
 }
 
 
@@ -204,7 +244,9 @@ def test_contrast_sources_on_encoder_decoder():
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (10, 1.0), (0, 0.3), (300, 0.1), (5, 0.9)])
 def test_kl_divergence_top_k_top_p(case, top_k, top_p):
     scores = case.scores(["kl_divergence"], contrast_targets=case.contrast_text, top_k=top_k, top_p=top_p)
-    expected = case.per_step(lambda l, y, lc, yc: kl_by_hand(l, lc, top_k, top_p), contrast_ids=case.ids(case.contrast_text))
+    expected = case.per_step(
+        lambda z, y, lc, yc: kl_by_hand(z, lc, top_k, top_p), contrast_ids=case.ids(case.contrast_text)
+    )
     close(scores["kl_divergence"], expected)
     assert (expected > 0).any()  # zero where the contrast prefix is still the target prefix
 
@@ -212,7 +254,7 @@ def test_kl_divergence_top_k_top_p(case, top_k, top_p):
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.99])
 def test_top_p_size(case, top_p):
     scores = case.scores(["top_p_size"], top_p=top_p)
-    expected = case.per_step(lambda l, y, lc, yc: len(nucleus(l, top_p=top_p)))
+    expected = case.per_step(lambda z, y, lc, yc: len(nucleus(z, top_p=top_p)))
     assert torch.equal(scores["top_p_size"], expected.float())
     assert (expected >= 1).all()
 
@@ -236,7 +278,9 @@ def test_mc_dropout_is_the_z_score_of_noisy_forwards_and_restores_training_flags
     rows = Rows.build([example], [(0, p) for p in case.steps], engine.pad_token_id)
     torch.manual_seed(123)
     with torch.no_grad(), train_mode(case.model):
-        noisy = torch.stack([engine.forward(rows)[0].softmax(-1).gather(1, rows.token[:, None])[:, 0] for _ in range(4)])
+        noisy = torch.stack(
+            [engine.forward(rows)[0].softmax(-1).gather(1, rows.token[:, None])[:, 0] for _ in range(4)]
+        )
     expected = (scores["probability"] - noisy.mean(0)) / noisy.std(0)
     close(scores["mc_dropout_prob_avg"], expected, atol=1e-4)
     with pytest.raises(ValueError, match="n_mcd_steps"):
@@ -253,11 +297,13 @@ def test_each_as_attributed_fn(case, name):
     # Inseq does, rather than return zeros.
     if name == "top_p_size" or (not case.enc_dec and name in ("contrast_logits", "contrast_prob")):
         with pytest.raises(ValueError, match=f"attributed_fn '{name}'"):
-            case.am.attribute(case.source_text, case.target_text, method="saliency", show_progress=False,
-                              attributed_fn=name, **kwargs)
+            case.am.attribute(
+                case.source_text, case.target_text, method="saliency", show_progress=False, attributed_fn=name, **kwargs
+            )
         return
-    seq = case.am.attribute(case.source_text, case.target_text, method="saliency", show_progress=False,
-                            attributed_fn=name, **kwargs)[0]
+    seq = case.am.attribute(
+        case.source_text, case.target_text, method="saliency", show_progress=False, attributed_fn=name, **kwargs
+    )[0]
     attributions = seq.source_attributions if case.enc_dec else seq.target_attributions
     visible = attributions[~attributions.isnan().all(-1)] if not case.enc_dec else attributions
     assert visible.numel() > 0 and torch.isfinite(visible).all()
@@ -279,16 +325,23 @@ def test_register_custom_step_function(case):
     instrument.register_step_function(top_logit, "test_top_logit")
     try:
         assert "test_top_logit" in instrument.list_step_functions()
-        seq = case.am.attribute(case.source_text, case.target_text, method="saliency", show_progress=False,
-                                step_scores=["test_top_logit"], attributed_fn="test_top_logit", shift=1.5)[0]
-        close(seq.step_scores["test_top_logit"], case.per_step(lambda l, y, lc, yc: float(l.max()) + 1.5))
+        seq = case.am.attribute(
+            case.source_text,
+            case.target_text,
+            method="saliency",
+            show_progress=False,
+            step_scores=["test_top_logit"],
+            attributed_fn="test_top_logit",
+            shift=1.5,
+        )[0]
+        close(seq.step_scores["test_top_logit"], case.per_step(lambda z, y, lc, yc: float(z.max()) + 1.5))
         attributions = seq.source_attributions if case.enc_dec else seq.target_attributions
         assert torch.nan_to_num(attributions).abs().max() > 0
         with pytest.raises(ValueError, match="exists"):
             instrument.register_step_function(twice_top_logit, "test_top_logit")
         instrument.register_step_function(twice_top_logit, "test_top_logit", overwrite=True)
         scores = case.scores(["test_top_logit"])
-        close(scores["test_top_logit"], case.per_step(lambda l, y, lc, yc: 2 * float(l.max())))
+        close(scores["test_top_logit"], case.per_step(lambda z, y, lc, yc: 2 * float(z.max())))
     finally:
         _REGISTRY.pop("test_top_logit", None)
     with pytest.raises(ValueError, match="exists"):

@@ -296,5 +296,3 @@ def test_inputs_device_and_dtype_options():
         handle.remove()
     assert t.activations["gpt_neox.layers.1"].dtype == torch.float16
     assert torch.equal(t.inputs["gpt_neox.layers.1"], seen["in"].detach().half())
-
-

@@ -1,5 +1,6 @@
 """`instrument.trace` at its edges: argument checks, stop_at inside loops, gradients that never come,
 and what nested traces and user hooks see (globs and model configs: test_selection.py)."""
+
 import warnings
 
 import pytest
@@ -24,25 +25,32 @@ def hook_counts(model):
 # -- B. bad arguments -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda m: instrument.trace("gpt2", "layers"), TypeError, "model must be a torch.nn.Module, got str"),
-    (lambda m: instrument.trace(m, "layers", grad=True), TypeError, "unknown option 'grad' .did you mean 'grads'"),
-    (lambda m: instrument.trace(m, "layers", stopat="lm_head"), TypeError, "unknown option 'stopat'"),
-    (lambda m: instrument.trace(m, 3), TypeError, "modules: .*not int"),
-    (lambda m: instrument.trace(m, ["layers", 3.5]), TypeError, "modules: .*not float"),
-    (lambda m: instrument.trace(m, "layers", reduce="nrm"), ValueError, "Unknown reduction 'nrm'"),
-    (lambda m: instrument.trace(m, "layers", reduce=2), TypeError, "reduce must be"),
-    (lambda m: instrument.trace(m, patch={"lm_haed": 0.0}), UnknownModuleError, "patch: No module matches 'lm_haed'"),
-    (lambda m: instrument.trace(m, patch=["lm_head"]), TypeError, "patch must be a dict"),
-    (lambda m: instrument.trace(m, patch={"lm_head": "zero"}), TypeError, r"patch\['lm_head'\] must be"),
-    (lambda m: instrument.trace(m, stop_at="lm_haed"), UnknownModuleError, "stop_at: No module matches"),
-    (lambda m: instrument.trace(m, stop_at="layers"), ValueError, "stop_at must select one module"),
-    (lambda m: instrument.trace(m, stop_at=m), ValueError, "stop_at: the model itself"),
-    (lambda m: instrument.trace(m, "layers", grads="yes"), TypeError, "grads must be True or False"),
-    (lambda m: instrument.trace(m, "layers", output=1.5), TypeError, "output must be"),
-    (lambda m: instrument.trace(m, "layers", dtype="float16"), TypeError, "dtype must be a torch.dtype"),
-    (lambda m: instrument.trace(m, "layers", device="gpu7"), ValueError, "device: 'gpu7'"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: instrument.trace("gpt2", "layers"), TypeError, "model must be a torch.nn.Module, got str"),
+        (lambda m: instrument.trace(m, "layers", grad=True), TypeError, "unknown option 'grad' .did you mean 'grads'"),
+        (lambda m: instrument.trace(m, "layers", stopat="lm_head"), TypeError, "unknown option 'stopat'"),
+        (lambda m: instrument.trace(m, 3), TypeError, "modules: .*not int"),
+        (lambda m: instrument.trace(m, ["layers", 3.5]), TypeError, "modules: .*not float"),
+        (lambda m: instrument.trace(m, "layers", reduce="nrm"), ValueError, "Unknown reduction 'nrm'"),
+        (lambda m: instrument.trace(m, "layers", reduce=2), TypeError, "reduce must be"),
+        (
+            lambda m: instrument.trace(m, patch={"lm_haed": 0.0}),
+            UnknownModuleError,
+            "patch: No module matches 'lm_haed'",
+        ),
+        (lambda m: instrument.trace(m, patch=["lm_head"]), TypeError, "patch must be a dict"),
+        (lambda m: instrument.trace(m, patch={"lm_head": "zero"}), TypeError, r"patch\['lm_head'\] must be"),
+        (lambda m: instrument.trace(m, stop_at="lm_haed"), UnknownModuleError, "stop_at: No module matches"),
+        (lambda m: instrument.trace(m, stop_at="layers"), ValueError, "stop_at must select one module"),
+        (lambda m: instrument.trace(m, stop_at=m), ValueError, "stop_at: the model itself"),
+        (lambda m: instrument.trace(m, "layers", grads="yes"), TypeError, "grads must be True or False"),
+        (lambda m: instrument.trace(m, "layers", output=1.5), TypeError, "output must be"),
+        (lambda m: instrument.trace(m, "layers", dtype="float16"), TypeError, "dtype must be a torch.dtype"),
+        (lambda m: instrument.trace(m, "layers", device="gpu7"), ValueError, "device: 'gpu7'"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors_and_touch_nothing(call, error, match):
     model, _ = tiny_model("gpt2")
     before = hook_counts(model)
@@ -99,7 +107,10 @@ def test_stop_at_restores_a_patched_forward_exceptions_included():
             assert model(**batch) is None
             1 / 0
     assert model.__dict__["forward"] is users_forward
-    with instrument.trace(model, stop_at="transformer.h.0"), instrument.trace(model, stop_at="transformer.h.1") as inner:
+    with (
+        instrument.trace(model, stop_at="transformer.h.0"),
+        instrument.trace(model, stop_at="transformer.h.1") as inner,
+    ):
         assert model(**batch) is None
     assert "transformer.h.1" not in inner.activations  # the outer trace stopped first
     assert model.__dict__["forward"] is users_forward
@@ -179,10 +190,14 @@ def test_nested_traces_and_user_hooks_capture_what_the_next_module_receives():
         logits = nn.functional.linear(args[0], model.lm_head.weight, model.lm_head.bias)
         received["grad"] = torch.autograd.grad(logits.sum(), args[0], retain_graph=True)[0]
 
-    handles = [model.lm_head.register_forward_pre_hook(head_input),
-               model.transformer.ln_f.register_forward_hook(lambda m, a, out: out * 3)]  # before the traces
+    handles = [
+        model.lm_head.register_forward_pre_hook(head_input),
+        model.transformer.ln_f.register_forward_hook(lambda m, a, out: out * 3),
+    ]  # before the traces
     try:
-        with instrument.trace(model, "transformer.ln_f", grads=True, patch={"transformer.ln_f": lambda x: x * 2}) as outer:
+        with instrument.trace(
+            model, "transformer.ln_f", grads=True, patch={"transformer.ln_f": lambda x: x * 2}
+        ) as outer:
             with instrument.trace(model, "transformer.ln_f", patch={"transformer.ln_f": lambda x: x + 1}) as inner:
                 # A user hook registered after both traces still runs before they capture.
                 handles.append(model.transformer.ln_f.register_forward_hook(lambda m, a, out: out - 5))

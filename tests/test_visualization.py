@@ -3,6 +3,7 @@
 
     out.show(console=Console(record=True, width=80)); console.export_text()  # labels and numbers intact
 """
+
 import html.parser
 import io
 import math
@@ -24,7 +25,7 @@ from instrument.views.labels import format_score
 from tiny_models import tiny_model
 
 NAN = float("nan")
-MARKUP_TOKENS = ["[/", "[bold]x", "[/red]", "[link=http://x]y", "\\[", ":smile:", "<b>&amp;", '"q\'', "a\nb"]
+MARKUP_TOKENS = ["[/", "[bold]x", "[/red]", "[link=http://x]y", "\\[", ":smile:", "<b>&amp;", "\"q'", "a\nb"]
 
 
 def recorder(width):
@@ -39,8 +40,13 @@ def decoder_only(labels, seed=0, prompt=2):
     for j, q in enumerate(range(prompt, n)):
         scores[q:, j] = NAN
     return FeatureAttributionSequenceOutput(
-        source=[], target=[TokenWithId(t, i) for i, t in enumerate(labels)], source_attributions=None,
-        target_attributions=scores, step_scores={"probability": torch.rand(n - prompt)}, attr_pos_start=prompt, attr_pos_end=n,
+        source=[],
+        target=[TokenWithId(t, i) for i, t in enumerate(labels)],
+        source_attributions=None,
+        target_attributions=scores,
+        step_scores={"probability": torch.rand(n - prompt)},
+        attr_pos_start=prompt,
+        attr_pos_end=n,
     )
 
 
@@ -48,8 +54,12 @@ def decoder_only(labels, seed=0, prompt=2):
 def real():
     model, tok = tiny_model("bart")
     return instrument.load_model(model, "saliency", tokenizer=tok).attribute(
-        ["Hello world", "The cat."], ["Le chat.", "Das [/Haus] <b>"], show_progress=False, attribute_target=True,
-        step_scores=["probability"])
+        ["Hello world", "The cat."],
+        ["Le chat.", "Das [/Haus] <b>"],
+        show_progress=False,
+        attribute_target=True,
+        step_scores=["probability"],
+    )
 
 
 # -- console ----------------------------------------------------------------------------------------
@@ -108,9 +118,9 @@ def test_console_long_sequence_is_split_not_mangled():
         for row in table["rows"]:
             label, cells = row[0], row[1:]
             if label == "probability":
-                expected = [format_score(v) for v in seq.step_scores["probability"][column:column + width].tolist()]
+                expected = [format_score(v) for v in seq.step_scores["probability"][column : column + width].tolist()]
             else:
-                values = scores[labels.index(label), column:column + width].tolist()
+                values = scores[labels.index(label), column : column + width].tolist()
                 expected = [format_score(v) for v in values if not math.isnan(v)]
             assert cells == expected, (label, cells, expected)
         assert [row[0] for row in table["rows"]] == labels + ["probability"]
@@ -141,8 +151,9 @@ def test_console_markup_tokens_are_literal():
 
 def test_show_needs_2d_without_aggregation():
     seq = decoder_only(["a", "b", "c"])
-    seq3d = FeatureAttributionSequenceOutput([], seq.target, None, seq.target_attributions[..., None].repeat(1, 1, 4),
-                                             attr_pos_start=2, attr_pos_end=3)
+    seq3d = FeatureAttributionSequenceOutput(
+        [], seq.target, None, seq.target_attributions[..., None].repeat(1, 1, 4), attr_pos_start=2, attr_pos_end=3
+    )
     with pytest.raises(ValueError, match="aggregate first"):
         seq3d.show(aggregate=False, console=recorder(80))
     seq3d.show(console=recorder(80))  # default: aggregated with "scores"
@@ -251,16 +262,31 @@ def test_headless_chromium_renders_the_tables(real, tmp_path):
     if chromium is None:
         if os.environ.get("INSTRUMENT_REQUIRE_CHROMIUM"):
             pytest.fail("INSTRUMENT_REQUIRE_CHROMIUM is set but chromium is not installed (/usr/bin/chromium)")
-        pytest.skip("chromium is not installed (/usr/bin/chromium); apt-get install chromium, "
-                    "or set INSTRUMENT_REQUIRE_CHROMIUM=1 to fail instead of skipping")
+        pytest.skip(
+            "chromium is not installed (/usr/bin/chromium); apt-get install chromium, "
+            "or set INSTRUMENT_REQUIRE_CHROMIUM=1 to fail instead of skipping"
+        )
     shown = merge_attributions([real, FeatureAttributionOutput([decoder_only(MARKUP_TOKENS, prompt=3)])])
     page = shown.save_html(tmp_path / "view.html")
     profile = tmp_path / "profile"
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     parsed = parse(result.stdout)  # the DOM after parsing and rendering: tables, cells and labels intact
     check_tables(parsed, shown.aggregate())
-    assert parsed.tables[-1]["rows"][:len(MARKUP_TOKENS)] == [t.replace("\n", "\\n") for t in MARKUP_TOKENS]
+    assert parsed.tables[-1]["rows"][: len(MARKUP_TOKENS)] == [t.replace("\n", "\\n") for t in MARKUP_TOKENS]

@@ -13,6 +13,7 @@
 
 Both were trained by `scripts/train_demo_models.py` on the generators in `instrument.demo.tasks`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -18,6 +18,7 @@ Everything here is deterministic: the lexicons come from a fixed seed through `r
 only (the one method whose sequence Python keeps stable across versions), and the split between
 training and held-out sentences is a CRC32 hash of the source text.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,20 @@ import zlib
 from dataclasses import dataclass
 
 __all__ = [
-    "FACT_TEMPLATES", "LEXICON_SEED", "POS_SIZES", "Fact", "Rng", "facts", "fact_prompt", "is_held_out", "lexicon", "lm_corpus",
-    "random_source", "sample_translations", "translation_example", "vocabulary",
+    "FACT_TEMPLATES",
+    "LEXICON_SEED",
+    "POS_SIZES",
+    "Fact",
+    "Rng",
+    "facts",
+    "fact_prompt",
+    "is_held_out",
+    "lexicon",
+    "lm_corpus",
+    "random_source",
+    "sample_translations",
+    "translation_example",
+    "vocabulary",
 ]
 
 LEXICON_SEED = 20240607
@@ -158,7 +171,9 @@ def translation_example(sentence) -> tuple[str, str, list[tuple[int, int]]]:
     target = [
         w
         for part in ("subject", "object", "pp", "adv", "verb")
-        for w in (_oumi_noun_phrase(sentence.get(part, [])) if part in ("subject", "object", "pp") else sentence.get(part, []))
+        for w in (
+            _oumi_noun_phrase(sentence.get(part, [])) if part in ("subject", "object", "pp") else sentence.get(part, [])
+        )
     ]
     position = {w: i for i, w in enumerate(source)}
     alignment = [(j, position[w]) for j, w in enumerate(target)]
@@ -203,7 +218,10 @@ def _place(rng: Rng, ends) -> str:
 def facts() -> tuple[Fact, ...]:
     """The fixed set of facts the demo LM is trained on. Some countries are two words, e.g. "north X"
     next to "X": then the capital depends on both words."""
-    rng, taken = Rng(f"{LEXICON_SEED}-facts"), set(COUNTRY_PREFIXES) | {"the", "capital", "of", "is", "a", "city", "in", "people", "speak"}
+    rng, taken = (
+        Rng(f"{LEXICON_SEED}-facts"),
+        set(COUNTRY_PREFIXES) | {"the", "capital", "of", "is", "a", "city", "in", "people", "speak"},
+    )
     languages = _words(rng, N_LANGUAGES, lambda r: _place(r, ["ish", "ese", "ic", "an", "i"]), taken)
     countries: list[str] = []
     while len(countries) < N_COUNTRIES:

@@ -10,6 +10,7 @@ JSON document both of our formats hold), `safetensors_format` and `json_format` 
 go), `inseq_format` (Inseq's JSON, read and written), `json_values` (values as standard JSON),
 `problems` (the error a bad file raises).
 """
+
 from instrument.files.saving import FORMATS, load, save
 
 __all__ = ["FORMATS", "load", "save"]

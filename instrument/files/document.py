@@ -12,6 +12,7 @@ sequence with its tokens (`[token, id]` pairs), `attr_pos_start`, `attr_pos_end`
 (`put` when saving, `get` when loading). Loading checks every entry against the others and raises
 `InvalidFile` naming the problem.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -43,8 +44,9 @@ def stored_for_saving(key: str, value: Any, precision: str, stacklevel: int) -> 
         stored = stored.to(PRECISIONS[precision])
     stored = stored.contiguous().clone()
     if stored.is_floating_point() and bool((stored.isinf() & value.detach().cpu().isfinite()).any()):
-        warnings.warn(f"{key} has values beyond the {precision} range; they are saved as infinite",
-                      stacklevel=stacklevel)
+        warnings.warn(
+            f"{key} has values beyond the {precision} range; they are saved as infinite", stacklevel=stacklevel
+        )
     return stored
 
 
@@ -55,6 +57,7 @@ def tensor_spec(tensor: torch.Tensor) -> dict:
 
 def to_document(out: FeatureAttributionOutput, put: Callable[[str, torch.Tensor], dict], precision: str) -> dict:
     """The document of `out`; `put(key, stored_tensor)` stores each tensor and returns its entry."""
+
     def tensor(key, value):
         # the warning points at the caller of `save` (stored_for_saving, tensor, to_document, the format, save)
         return None if value is None else put(key, stored_for_saving(key, value, precision, stacklevel=6))
@@ -74,23 +77,33 @@ def to_document(out: FeatureAttributionOutput, put: Callable[[str, torch.Tensor]
                 entry[name][str(key)] = tensor(f"seq{i}.{name}.{key}", value)
         sequences.append(entry)
     return {
-        "format": FORMAT, "version": VERSION, "scores_precision": precision,
-        "info": jsonable(out.info), "step_attributions": jsonable(out.step_attributions), "sequences": sequences,
+        "format": FORMAT,
+        "version": VERSION,
+        "scores_precision": precision,
+        "info": jsonable(out.info),
+        "step_attributions": jsonable(out.step_attributions),
+        "sequences": sequences,
     }
 
 
 def from_document(doc: Any, get: Callable[[dict, str], torch.Tensor]) -> FeatureAttributionOutput:
-    """The output `doc` describes; `get(entry, where)` returns a tensor entry's values. InvalidFile if anything is off."""
-    expect(isinstance(doc, dict) and doc.get("format") == FORMAT,
-           f"not a seq-instrument attribution file (expected format {FORMAT!r})")
-    expect(doc.get("version") == VERSION,
-           f"unsupported version {doc.get('version')!r} (this library reads version {VERSION})")
+    """The output `doc` describes; `get(entry, where)` returns a tensor entry's values. InvalidFile if anything is
+    off."""
+    expect(
+        isinstance(doc, dict) and doc.get("format") == FORMAT,
+        f"not a seq-instrument attribution file (expected format {FORMAT!r})",
+    )
+    expect(
+        doc.get("version") == VERSION,
+        f"unsupported version {doc.get('version')!r} (this library reads version {VERSION})",
+    )
     expect(doc.get("scores_precision") in PRECISIONS, f"unknown scores_precision {doc.get('scores_precision')!r}")
     expect(isinstance(doc.get("info"), dict), "'info' must be an object")
     expect(isinstance(doc.get("sequences"), list), "'sequences' must be a list")
     return FeatureAttributionOutput(
         [_sequence(entry, i, get) for i, entry in enumerate(doc["sequences"])],
-        step_attributions=doc.get("step_attributions"), info=doc["info"],
+        step_attributions=doc.get("step_attributions"),
+        info=doc["info"],
     )
 
 
@@ -98,13 +111,21 @@ def _tokens(entry: dict, name: str, where: str) -> list[TokenWithId]:
     tokens = entry.get(name)
     expect(isinstance(tokens, list), f"{where}.{name} must be a list of [token, id] pairs")
     for pair in tokens:
-        expect(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], int)
-               and not isinstance(pair[1], bool), f"{where}.{name}: {pair!r} is not a [token, id] pair")
+        expect(
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], int)
+            and not isinstance(pair[1], bool),
+            f"{where}.{name}: {pair!r} is not a [token, id] pair",
+        )
     return [TokenWithId(token, token_id) for token, token_id in tokens]
 
 
 def _is_aggregator_step(step: Any) -> bool:
-    return isinstance(step, str) or (isinstance(step, list) and len(step) == 2 and all(isinstance(v, str) for v in step))
+    return isinstance(step, str) or (
+        isinstance(step, list) and len(step) == 2 and all(isinstance(v, str) for v in step)
+    )
 
 
 def _sequence(entry: Any, i: int, get) -> FeatureAttributionSequenceOutput:
@@ -113,8 +134,10 @@ def _sequence(entry: Any, i: int, get) -> FeatureAttributionSequenceOutput:
     tokens = {name: _tokens(entry, name, where) for name in TOKEN_FIELDS}
     source, target = tokens["source"], tokens["target"]
     start, end = entry.get("attr_pos_start"), entry.get("attr_pos_end")
-    expect(all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) and 0 <= start <= end <= len(target),
-           f"{where}: attr_pos_start={start!r}, attr_pos_end={end!r} do not fit a target of {len(target)} tokens")
+    expect(
+        all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) and 0 <= start <= end <= len(target),
+        f"{where}: attr_pos_start={start!r}, attr_pos_end={end!r} do not fit a target of {len(target)} tokens",
+    )
     n_steps = end - start
 
     def tensor(spec, name):
@@ -122,20 +145,28 @@ def _sequence(entry: Any, i: int, get) -> FeatureAttributionSequenceOutput:
             return None
         expect(isinstance(spec, dict), f"{where}.{name} must be an object or null")
         shape, dtype = spec.get("shape"), spec.get("dtype")
-        expect(isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
-               f"{where}.{name}: bad shape {shape!r}")
+        expect(
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
+            f"{where}.{name}: bad shape {shape!r}",
+        )
         expect(dtype in DTYPES, f"{where}.{name}: unsupported dtype {dtype!r}")
         value = get(spec, f"{where}.{name}")
-        expect(list(value.shape) == shape and value.dtype == DTYPES[dtype],
-               f"{where}.{name}: the stored tensor is {value.dtype} {list(value.shape)}, the metadata says {dtype} {shape}")
+        expect(
+            list(value.shape) == shape and value.dtype == DTYPES[dtype],
+            f"{where}.{name}: the stored tensor is {value.dtype} {list(value.shape)}, "
+            f"the metadata says {dtype} {shape}",
+        )
         return value.float() if value.dtype == torch.float16 else value
 
     fields: dict[str, Any] = {name: tensor(entry.get(name), name) for name in TENSOR_FIELDS}
     for name, rows in (("source_attributions", len(source)), ("target_attributions", len(target))):
         value = fields[name]
-        expect(value is None or (value.dim() >= 2 and value.shape[0] == rows and value.shape[1] == n_steps),
-               f"{where}.{name} has shape {None if value is None else list(value.shape)}, expected [{rows}, {n_steps}, ...] "
-               f"({rows} tokens, {n_steps} attributed steps)")
+        expect(
+            value is None or (value.dim() >= 2 and value.shape[0] == rows and value.shape[1] == n_steps),
+            f"{where}.{name} has shape {None if value is None else list(value.shape)}, "
+            f"expected [{rows}, {n_steps}, ...] "
+            f"({rows} tokens, {n_steps} attributed steps)",
+        )
     for name in DICT_FIELDS:
         specs = entry.get(name)
         expect(isinstance(specs, dict), f"{where}.{name} must be an object")
@@ -144,10 +175,14 @@ def _sequence(entry: Any, i: int, get) -> FeatureAttributionSequenceOutput:
     for k, v in fields["step_scores"].items():
         expect(list(v.shape) == [n_steps], f"{where}.step_scores.{k} has shape {list(v.shape)}, expected [{n_steps}]")
     default = entry.get("default_aggregator")
-    expect(default is None or isinstance(default, str)
-           or (isinstance(default, list) and all(map(_is_aggregator_step, default))),
-           f"{where}.default_aggregator must be an aggregator name or a list of names or (aggregator, function) pairs")
+    expect(
+        default is None
+        or isinstance(default, str)
+        or (isinstance(default, list) and all(map(_is_aggregator_step, default))),
+        f"{where}.default_aggregator must be an aggregator name or a list of names or (aggregator, function) pairs",
+    )
     if isinstance(default, list):
         default = [x if isinstance(x, str) else tuple(x) for x in default]
-    return FeatureAttributionSequenceOutput(**tokens, attr_pos_start=start, attr_pos_end=end, _aggregator=default, **fields)
-
+    return FeatureAttributionSequenceOutput(
+        **tokens, attr_pos_start=start, attr_pos_end=end, _aggregator=default, **fields
+    )

@@ -10,6 +10,7 @@ Nothing is imported or evaluated from the class names: they are only checked. In
 target rows up to `attr_pos_end`; the missing rows are read as NaN (no step sees them).
 `step_attributions` are neither written nor read (a warning says so).
 """
+
 from __future__ import annotations
 
 import base64
@@ -60,8 +61,10 @@ def to_inseq_document(out: FeatureAttributionOutput, precision: str) -> dict:
     sequences = []
     for i, seq in enumerate(out.sequence_attributions):
         attributes = {
-            "attr_pos_end": int(seq.attr_pos_end), "attr_pos_start": int(seq.attr_pos_start),
-            "source": tokens(seq.source), "target": tokens(seq.target),
+            "attr_pos_end": int(seq.attr_pos_end),
+            "attr_pos_start": int(seq.attr_pos_start),
+            "source": tokens(seq.source),
+            "target": tokens(seq.target),
         }
         for name in TENSOR_FIELDS:
             attributes[name] = tensor(f"seq{i}.{name}", getattr(seq, name))
@@ -73,18 +76,29 @@ def to_inseq_document(out: FeatureAttributionOutput, precision: str) -> dict:
         sequences.append(_inseq_object(_inseq_class(seq), attributes))
     if out.step_attributions is not None:
         warnings.warn("step_attributions are not saved in Inseq's format", stacklevel=3)
-    return _inseq_object("FeatureAttributionOutput", {
-        "info": jsonable(out.info), "sequence_attributions": sequences, "step_attributions": None,
-    })
+    return _inseq_object(
+        "FeatureAttributionOutput",
+        {
+            "info": jsonable(out.info),
+            "sequence_attributions": sequences,
+            "step_attributions": None,
+        },
+    )
 
 
 def _inseq_attributes(obj: Any, cls_suffix: str, where: str) -> dict:
-    expect(isinstance(obj, dict) and isinstance(obj.get("__instance_type__"), list)
-           and len(obj["__instance_type__"]) == 2 and all(isinstance(x, str) for x in obj["__instance_type__"]),
-           f"{where}: not an Inseq object (no [module, class] '__instance_type__')")
+    expect(
+        isinstance(obj, dict)
+        and isinstance(obj.get("__instance_type__"), list)
+        and len(obj["__instance_type__"]) == 2
+        and all(isinstance(x, str) for x in obj["__instance_type__"]),
+        f"{where}: not an Inseq object (no [module, class] '__instance_type__')",
+    )
     module, cls = obj["__instance_type__"]
-    expect(module.split(".")[0] == "inseq" and cls.endswith(cls_suffix),
-           f"{where}: expected an Inseq {cls_suffix}, found {module}.{cls}")
+    expect(
+        module.split(".")[0] == "inseq" and cls.endswith(cls_suffix),
+        f"{where}: expected an Inseq {cls_suffix}, found {module}.{cls}",
+    )
     expect(isinstance(obj.get("attributes"), dict), f"{where}: no 'attributes' object")
     return obj["attributes"]
 
@@ -111,7 +125,9 @@ def _inseq_ndarray(spec: dict, where: str) -> torch.Tensor:
     import numpy as np
 
     shape, dtype, data = spec.get("shape"), spec.get("dtype"), spec["__ndarray__"]
-    expect(isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape), f"{where}: bad shape {shape!r}")
+    expect(
+        isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape), f"{where}: bad shape {shape!r}"
+    )
     expect(isinstance(dtype, str) and dtype in INSEQ_NUMPY_DTYPES, f"{where}: unsupported dtype {dtype!r}")
     try:
         if isinstance(data, str):
@@ -177,6 +193,12 @@ def from_inseq_document(doc: dict) -> FeatureAttributionOutput:
         warnings.warn("This Inseq file holds step_attributions; they are not loaded", stacklevel=3)
     tensors: dict[int, torch.Tensor] = {}
     entries = [_inseq_sequence(item, f"sequence {i}", tensors) for i, item in enumerate(sequences)]
-    document = {"format": FORMAT, "version": VERSION, "scores_precision": "float32", "info": info,
-                "step_attributions": None, "sequences": entries}
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "scores_precision": "float32",
+        "info": info,
+        "step_attributions": None,
+        "sequences": entries,
+    }
     return from_document(document, lambda spec, where: tensors[spec["id"]])

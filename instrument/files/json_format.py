@@ -7,6 +7,7 @@
 A tensor entry holds its values as nested lists in `"data"`; NaN is `null`, infinities are the
 strings `"Infinity"` / `"-Infinity"` (see `json_values`), so any JSON reader takes the file.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,6 +25,7 @@ def json_document(out: FeatureAttributionOutput, precision: str) -> dict:
 
 def from_json_document(document: Any) -> FeatureAttributionOutput:
     """The output a parsed `.json` file describes; InvalidFile for a foreign or damaged document."""
+
     def get(spec, where):
         expect("data" in spec, f"{where}: no 'data'")
         return decode_values(spec["data"], spec["shape"], DTYPES[spec["dtype"]], where)

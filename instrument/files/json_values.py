@@ -8,6 +8,7 @@
 `tensor(shape=..., dtype=...)`, with their values when small); tuples become lists. Tensor values
 are nested lists: NaN is `null`, infinities the strings `"Infinity"` / `"-Infinity"`.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,6 +54,7 @@ def jsonable(value: Any) -> Any:
 
 def encode_values(tensor: torch.Tensor) -> Any:
     """The values of `tensor` as nested lists (a number for a 0-d tensor); NaN is None, infinities strings."""
+
     def number(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")

@@ -1,7 +1,7 @@
 """The one error of a bad attribution file, raised deep in a reader and reported by `load` with the path.
 
-    expect(isinstance(document, dict), "'info' must be an object")   # raises InvalidFile otherwise
-    # load() turns it into ValueError(f"{path}: 'info' must be an object")
+expect(isinstance(document, dict), "'info' must be an object")   # raises InvalidFile otherwise
+# load() turns it into ValueError(f"{path}: 'info' must be an object")
 """
 
 

@@ -9,6 +9,7 @@ tensor entry of the document names its key (`"key"`). The document is one JSON s
 safetensors metadata under `"seq_instrument"`, next to `"format"` and `"version"`. Loading checks that
 every tensor is described exactly once.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,11 @@ def safetensors_writer(out: FeatureAttributionOutput, precision: str) -> Callabl
         return {**tensor_spec(value), "key": key}
 
     document = to_document(out, put, precision)
-    metadata = {"format": FORMAT, "version": str(VERSION),
-                METADATA_KEY: json.dumps(document, ensure_ascii=False, allow_nan=False)}
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        METADATA_KEY: json.dumps(document, ensure_ascii=False, allow_nan=False),
+    }
 
     def write(path: str) -> None:
         save_file(tensors, path, metadata=metadata)
@@ -60,9 +64,11 @@ def load_safetensors(path: Path) -> FeatureAttributionOutput:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata, keys = handle.metadata() or {}, list(handle.keys())
-            expect(metadata.get("format") == FORMAT and METADATA_KEY in metadata,
-                   f"not a seq-instrument attribution file (no {METADATA_KEY!r} metadata of format {FORMAT!r}; "
-                   f"tensors: {sorted(keys)[:5]})")
+            expect(
+                metadata.get("format") == FORMAT and METADATA_KEY in metadata,
+                f"not a seq-instrument attribution file (no {METADATA_KEY!r} metadata of format {FORMAT!r}; "
+                f"tensors: {sorted(keys)[:5]})",
+            )
             stored = {key: handle.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise InvalidFile(f"not a readable safetensors file ({error})") from None

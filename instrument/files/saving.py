@@ -8,6 +8,7 @@
 `load` finds the format from the content: safetensors, our JSON or Inseq's JSON, each JSON gzipped or
 not, and raises `ValueError` naming the file and the problem for truncated, tampered or foreign files.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -51,12 +52,18 @@ def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> N
         raise
 
 
-def save(out: FeatureAttributionOutput | FeatureAttributionSequenceOutput, path: str | os.PathLike,
-         scores_precision: str = "float32", overwrite: bool = False, format: str | None = None,
-         compress: bool | None = None) -> Path:
+def save(
+    out: FeatureAttributionOutput | FeatureAttributionSequenceOutput,
+    path: str | os.PathLike,
+    scores_precision: str = "float32",
+    overwrite: bool = False,
+    format: str | None = None,
+    compress: bool | None = None,
+) -> Path:
     """`save(out, "attr.safetensors")`; returns the path.
 
-    `format`: "safetensors", "json" (ours, portable) or "inseq" (Inseq's JSON, which `inseq.FeatureAttributionOutput.load`
+    `format`: "safetensors", "json" (ours, portable) or "inseq" (Inseq's JSON, which
+    `inseq.FeatureAttributionOutput.load`
     reads); by default "json" for `.json` / `.json.gz` paths, else "safetensors". JSON formats are gzipped when
     `compress=True` or the path ends in `.gz` (Inseq reads those with `load(path, decompress=True)`).
     `scores_precision="float16"` stores floating-point tensors as float16 (values beyond ±65504 become

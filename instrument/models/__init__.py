@@ -1,8 +1,9 @@
 """`load_model`: wrap a Hugging Face model (object, local directory or hub name) for attribution.
 
-    model = instrument.load_model("path/to/model", "integrated_gradients", n_steps=20)
-    out = model.attribute("Hello world")
+model = instrument.load_model("path/to/model", "integrated_gradients", n_steps=20)
+out = model.attribute("Hello world")
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,25 +40,37 @@ def load_model(
 
     model_kwargs, tokenizer_kwargs = dict(model_kwargs or {}), dict(tokenizer_kwargs or {})
     if not isinstance(model, str) and model_kwargs.get("quantization_config") is not None:
-        raise ValueError("model_kwargs={'quantization_config': ...} applies when loading by name or path; "
-                         "load the model object with from_pretrained(..., quantization_config=...) instead")
+        raise ValueError(
+            "model_kwargs={'quantization_config': ...} applies when loading by name or path; "
+            "load the model object with from_pretrained(..., quantization_config=...) instead"
+        )
     if isinstance(model, str):
         if model_kwargs.get("quantization_config") is not None and device is not None:
             model_kwargs.setdefault("device_map", str(device))  # quantized weights are placed while loading
         name = _demo_path(model) or model
-        config = transformers.AutoConfig.from_pretrained(name, **{k: v for k, v in model_kwargs.items() if k == "trust_remote_code"})
+        config = transformers.AutoConfig.from_pretrained(
+            name, **{k: v for k, v in model_kwargs.items() if k == "trust_remote_code"}
+        )
         auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
         model = auto.from_pretrained(name, **model_kwargs)
         tokenizer = tokenizer or name
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a Hugging Face PreTrainedModel, a directory or a hub name, not {type(model).__name__}")
+        raise TypeError(
+            f"model must be a Hugging Face PreTrainedModel, a directory or a hub name, not {type(model).__name__}"
+        )
     if tokenizer is None:
         tokenizer = getattr(model.config, "_name_or_path", None)
         if not tokenizer:
             raise ValueError("Pass tokenizer=... : the model does not say where its tokenizer is")
     if isinstance(tokenizer, str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, **tokenizer_kwargs)
-    placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    placed = (
+        getattr(model, "hf_device_map", None) is not None
+        or getattr(model, "hf_quantizer", None) is not None
+        or getattr(model, "is_quantized", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(model, "is_loaded_in_4bit", False)
+    )
     if device is not None and not placed:
         model = model.to(device)
     wrapper = EncoderDecoderModel if getattr(model.config, "is_encoder_decoder", False) else DecoderOnlyModel

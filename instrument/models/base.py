@@ -1,8 +1,9 @@
 """`AttributionModel.attribute`: Inseq's entry point, on the batched engine.
 
-    model = instrument.load_model(hf_model, "saliency", tokenizer=tokenizer)
-    out = model.attribute("The capital of France is", step_scores=["probability"])
+model = instrument.load_model(hf_model, "saliency", tokenizer=tokenizer)
+out = model.attribute("The capital of France is", step_scores=["probability"])
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,8 +24,14 @@ from instrument.step_args import output2logits
 from instrument.steps import get_step_function, step_functions_by_name
 from methods.registry import get_method
 
-CONTRAST_ARGS = ("contrast_targets", "contrast_sources", "contrast_ids", "contrast_attention_mask", "contrast_targets_alignments",
-                 "contrast_force_inputs")
+CONTRAST_ARGS = (
+    "contrast_targets",
+    "contrast_sources",
+    "contrast_ids",
+    "contrast_attention_mask",
+    "contrast_targets_alignments",
+    "contrast_force_inputs",
+)
 
 
 class AttributionModel:
@@ -59,13 +66,17 @@ class AttributionModel:
     def encode_sources(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[torch.Tensor] | None:
         raise NotImplementedError
 
-    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str], add_special_tokens: bool = True) -> list[torch.Tensor]:
+    def encode_targets(
+        self, input_texts: Sequence[str], texts: Sequence[str], add_special_tokens: bool = True
+    ) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def default_start(self, input_text: str, target_ids: torch.Tensor, add_special_tokens: bool = True) -> int:
         raise NotImplementedError
 
-    def generate(self, input_texts: Sequence[str], target_prefixes, generation_args: dict, add_special_tokens: bool = True) -> list[torch.Tensor]:
+    def generate(
+        self, input_texts: Sequence[str], target_prefixes, generation_args: dict, add_special_tokens: bool = True
+    ) -> list[torch.Tensor]:
         raise NotImplementedError
 
     # -- attribution ----------------------------------------------------------------------------
@@ -130,21 +141,32 @@ class AttributionModel:
         step_kwargs = {k: v for k, v in kwargs.items() if k not in method_cls.params}
         _check_step_kwargs(step_kwargs, [step, *scorers.values()])
         if attribute_target and not self.is_encoder_decoder:
-            warnings.warn("attribute_target is ignored on decoder-only models: the whole prefix is always attributed", stacklevel=2)
+            warnings.warn(
+                "attribute_target is ignored on decoder-only models: the whole prefix is always attributed",
+                stacklevel=2,
+            )
         attribute_target = attribute_target or not self.is_encoder_decoder
         batching.check_size("batch_size", batch_size)
 
         if targets is None or generate_from_target_prefix:
-            target_ids = self.generate(inputs, targets, dict(generation_args or {}), add_special_tokens=not skip_special_tokens)
+            target_ids = self.generate(
+                inputs, targets, dict(generation_args or {}), add_special_tokens=not skip_special_tokens
+            )
             targets = [self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in target_ids]
         else:
             target_ids = self.encode_targets(inputs, targets, add_special_tokens=not skip_special_tokens)
-        examples = self._examples(inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=not skip_special_tokens)
+        examples = self._examples(
+            inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=not skip_special_tokens
+        )
 
         batch_size = batch_size or len(examples)
         run = AttributionRun(self.engine, examples, attributor, step, scorers, step_kwargs, attribute_target)
-        run.attribute_all(batch_size, reference=reference, show_progress=show_progress, label=f"Attributing with {method_name}")
-        sequences = [validation.cut_at_end(seq) for seq in run.collected.sequences(self._tokens)]  # as in Inseq, nothing past attr_pos_end
+        run.attribute_all(
+            batch_size, reference=reference, show_progress=show_progress, label=f"Attributing with {method_name}"
+        )
+        sequences = [
+            validation.cut_at_end(seq) for seq in run.collected.sequences(self._tokens)
+        ]  # as in Inseq, nothing past attr_pos_end
         info = {
             "attribution_method": method_name,
             "attributed_fn": getattr(step, "identifier", str(attributed_fn)),
@@ -166,16 +188,29 @@ class AttributionModel:
         }
         return FeatureAttributionOutput(sequences, info=info)
 
-    def _examples(self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=True) -> list[Example]:
+    def _examples(
+        self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=True
+    ) -> list[Example]:
         sources = self.encode_sources(inputs, add_special_tokens=add_special_tokens)
-        contrast_ids, contrast_sources, alignments = self._contrast(inputs, step_kwargs, len(inputs), add_special_tokens)
+        contrast_ids, contrast_sources, alignments = self._contrast(
+            inputs, step_kwargs, len(inputs), add_special_tokens
+        )
         limit = _context_length(self.model.config)
         examples = []
         for b, ids in enumerate(target_ids):
-            start, end = validation.positions(b, attr_pos_start, attr_pos_end, len(ids), self.default_start(inputs[b], ids, add_special_tokens), self.is_encoder_decoder)
+            start, end = validation.positions(
+                b,
+                attr_pos_start,
+                attr_pos_end,
+                len(ids),
+                self.default_start(inputs[b], ids, add_special_tokens),
+                self.is_encoder_decoder,
+            )
             for name, seq in (("target", ids), ("source", sources[b] if sources is not None else None)):
                 if seq is not None and limit is not None and len(seq) > limit:
-                    raise ValueError(f"Example {b}: the {name} has {len(seq)} tokens, more than the model's context of {limit}")
+                    raise ValueError(
+                        f"Example {b}: the {name} has {len(seq)} tokens, more than the model's context of {limit}"
+                    )
             example = Example(target_ids=ids, start=start, end=end, source_ids=None if sources is None else sources[b])
             if contrast_ids is not None or contrast_sources is not None:
                 example.contrast_ids = contrast_ids[b] if contrast_ids is not None else ids
@@ -198,14 +233,23 @@ class AttributionModel:
             contrast_ids = [row[m.bool()] for row, m in zip(ids, mask)]
         if kwargs.get("contrast_sources") is not None:
             if not self.is_encoder_decoder:
-                raise ValueError("contrast_sources is for encoder-decoder models; on decoder-only models give the whole contrastive text in contrast_targets")
-            contrast_sources = self.encode_sources(_as_list(kwargs["contrast_sources"], "contrast_sources"), add_special_tokens)
+                raise ValueError(
+                    "contrast_sources is for encoder-decoder models; "
+                    "on decoder-only models give the whole contrastive text in contrast_targets"
+                )
+            contrast_sources = self.encode_sources(
+                _as_list(kwargs["contrast_sources"], "contrast_sources"), add_special_tokens
+            )
         for name, value in (("contrast targets", contrast_ids), ("contrast sources", contrast_sources)):
             if value is not None and len(value) != count:
                 raise ValueError(f"{len(value)} {name} for {count} input texts; give one per input")
         if kwargs.get("contrast_targets_alignments") is not None and contrast_ids is None:
             raise ValueError("contrast_targets_alignments needs contrast_targets (or contrast_ids)")
-        return contrast_ids, contrast_sources, inseq_options.parse_alignments(kwargs.get("contrast_targets_alignments"), count)
+        return (
+            contrast_ids,
+            contrast_sources,
+            inseq_options.parse_alignments(kwargs.get("contrast_targets_alignments"), count),
+        )
 
     def _alignment(self, b, pairs, start, end, length, contrast_length) -> dict[int, int]:
         """Inseq's alignment of the attributed positions to contrast positions, missing ones filled from the right.
@@ -219,7 +263,9 @@ class AttributionModel:
             warnings.warn(
                 f"Example {b}: the contrast target has {contrast_length} tokens and the target {length}, and no "
                 "contrast_targets_alignments were given: attributed positions are aligned to the contrast's last "
-                "positions, right to left (Inseq's rule)", UserWarning, stacklevel=5,
+                "positions, right to left (Inseq's rule)",
+                UserWarning,
+                stacklevel=5,
             )
         return inseq_options.fill_alignment(pairs, start, end, contrast_length)
 

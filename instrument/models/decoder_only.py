@@ -1,8 +1,9 @@
 """Decoder-only (`*ForCausalLM`) models: the target text continues the input text.
 
-    model = DecoderOnlyModel(gpt2, tokenizer, "saliency")
-    model.attribute("The capital of France is", "The capital of France is Paris")
+model = DecoderOnlyModel(gpt2, tokenizer, "saliency")
+model.attribute("The capital of France is", "The capital of France is Paris")
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,7 +31,9 @@ class DecoderOnlyModel(AttributionModel):
             ids = ids[1:]
         return torch.tensor(ids, dtype=torch.long)
 
-    def encode_targets(self, input_texts: Sequence[str], texts: Sequence[str], add_special_tokens: bool = True) -> list[torch.Tensor]:
+    def encode_targets(
+        self, input_texts: Sequence[str], texts: Sequence[str], add_special_tokens: bool = True
+    ) -> list[torch.Tensor]:
         for index, (prompt, text) in enumerate(zip(input_texts, texts)):
             if isinstance(prompt, TokenIds) and isinstance(text, TokenIds):
                 if not torch.equal(text.ids[: len(prompt.ids)], prompt.ids):
@@ -52,16 +55,26 @@ class DecoderOnlyModel(AttributionModel):
             )
         return max(len(prompt), 1)
 
-    def generate(self, input_texts, target_prefixes, generation_args: dict, add_special_tokens: bool = True) -> list[torch.Tensor]:
-        prompts = [self._ids(text, add_special_tokens) for text in (target_prefixes if target_prefixes is not None else input_texts)]
+    def generate(
+        self, input_texts, target_prefixes, generation_args: dict, add_special_tokens: bool = True
+    ) -> list[torch.Tensor]:
+        prompts = [
+            self._ids(text, add_special_tokens)
+            for text in (target_prefixes if target_prefixes is not None else input_texts)
+        ]
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])  # left padding
         mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]).long() for p in prompts])
         generation_args.setdefault("pad_token_id", pad)
         with torch.no_grad():
-            sequences = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **generation_args).cpu()
-        return [torch.cat([p, _until_eos(row[width:], self.tokenizer.eos_token_id, pad)]) for p, row in zip(prompts, sequences)]
+            sequences = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **generation_args
+            ).cpu()
+        return [
+            torch.cat([p, _until_eos(row[width:], self.tokenizer.eos_token_id, pad)])
+            for p, row in zip(prompts, sequences)
+        ]
 
 
 def _until_eos(ids: torch.Tensor, eos: int | None, pad: int | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ Also here: prompts given as token ids (`TokenIds`, e.g. from `tokenizer.apply_ch
 completion of partial `contrast_targets_alignments` (`fill_alignment`) and the scoring of a contrastive
 attributed function on the original inputs (`on_original_inputs`), each as Inseq 0.7 defines it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,13 @@ from instrument.outputs import FeatureAttributionStepOutput, TokenWithId
 from instrument.steps import StepFunction, call_step_function, get_step_function
 from methods.registry import get_method
 
-OPTIONS = ("device", "override_default_attribution", "pretty_progress", "output_step_attributions", "clean_special_chars")
+OPTIONS = (
+    "device",
+    "override_default_attribution",
+    "pretty_progress",
+    "output_step_attributions",
+    "clean_special_chars",
+)
 
 
 class TokenIds(str):
@@ -60,8 +67,16 @@ def inseq_call_options(attribute):
     signature = inspect.signature(attribute)
 
     @functools.wraps(attribute)
-    def wrapper(self, *args, device=None, override_default_attribution: bool = False, pretty_progress: bool = True,
-                output_step_attributions: bool = False, clean_special_chars: bool = False, **kwargs):
+    def wrapper(
+        self,
+        *args,
+        device=None,
+        override_default_attribution: bool = False,
+        pretty_progress: bool = True,
+        output_step_attributions: bool = False,
+        clean_special_chars: bool = False,
+        **kwargs,
+    ):
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
         method = arguments.get("method")
@@ -71,8 +86,10 @@ def inseq_call_options(attribute):
                 self.attribution_method, self.method_kwargs = method, {}
         _prepare_texts(self, arguments)
         options = arguments.get("kwargs", {})
-        if arguments.get("attributed_fn") is not None and not options.get("contrast_force_inputs") and any(
-            options.get(name) is not None for name in ("contrast_targets", "contrast_ids", "contrast_sources")
+        if (
+            arguments.get("attributed_fn") is not None
+            and not options.get("contrast_force_inputs")
+            and any(options.get(name) is not None for name in ("contrast_targets", "contrast_ids", "contrast_sources"))
         ):
             if get_step_function(arguments["attributed_fn"]).needs_contrast or callable(arguments["attributed_fn"]):
                 warn_original_inputs()
@@ -80,14 +97,19 @@ def inseq_call_options(attribute):
             out = attribute(*bound.args, **bound.kwargs)
         if clean_special_chars:
             for seq in out.sequence_attributions:
-                seq.source, seq.target = clean_tokens(self.tokenizer, seq.source), clean_tokens(self.tokenizer, seq.target)
+                seq.source, seq.target = (
+                    clean_tokens(self.tokenizer, seq.source),
+                    clean_tokens(self.tokenizer, seq.target),
+                )
         out.info["output_step_attributions"] = bool(output_step_attributions)
         if output_step_attributions:
             out.step_attributions = step_outputs(out.sequence_attributions)
         return out
 
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
-             for name, value in zip(OPTIONS, (None, False, True, False, False))]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+        for name, value in zip(OPTIONS, (None, False, True, False, False))
+    ]
     parameters = list(signature.parameters.values())
     wrapper.__signature__ = signature.replace(parameters=parameters[:-1] + extra + parameters[-1:])
     return wrapper
@@ -110,7 +132,9 @@ def _on_device(model, device):
         return
     hf = model.model
     if getattr(hf, "hf_device_map", None) is not None or getattr(hf, "hf_quantizer", None) is not None:
-        raise ValueError("device=... cannot move a model loaded with a device_map or quantized; it stays where it was loaded")
+        raise ValueError(
+            "device=... cannot move a model loaded with a device_map or quantized; it stays where it was loaded"
+        )
     hf.to(device)
     try:
         yield
@@ -119,10 +143,13 @@ def _on_device(model, device):
 
 
 def _as_ids(value) -> list[torch.Tensor] | None:
-    """Token ids given for one example (1-D tensor, list of ints) or several (2-D tensor, list of those); None for texts."""
+    """Token ids given for one example (1-D tensor, list of ints) or several (2-D tensor, list of those); None for
+    texts."""
     if isinstance(value, str) or value is None:
         return None
-    if hasattr(value, "keys") and "input_ids" in value:  # apply_chat_template(..., tokenize=True) returns a BatchEncoding
+    if (
+        hasattr(value, "keys") and "input_ids" in value
+    ):  # apply_chat_template(..., tokenize=True) returns a BatchEncoding
         value = value["input_ids"]
     if isinstance(value, torch.Tensor):
         return [value] if value.dim() == 1 else list(value) if value.dim() == 2 else None
@@ -139,9 +166,13 @@ def _prepare_texts(model, arguments: dict) -> None:
     inputs, targets = _as_ids(arguments.get("input_texts")), _as_ids(arguments.get("generated_texts"))
     if inputs is not None:
         if model.is_encoder_decoder:
-            raise TypeError("input_texts must be texts on encoder-decoder models; token ids are accepted for decoder-only prompts")
+            raise TypeError(
+                "input_texts must be texts on encoder-decoder models; token ids are accepted for decoder-only prompts"
+            )
         if arguments.get("generated_texts") is not None and targets is None:
-            raise TypeError("With input_texts given as token ids, give generated_texts as token ids too (prompt ids first)")
+            raise TypeError(
+                "With input_texts given as token ids, give generated_texts as token ids too (prompt ids first)"
+            )
         decode = functools.partial(model.tokenizer.decode, skip_special_tokens=False)
         arguments["input_texts"] = [TokenIds(decode(ids.tolist()), ids) for ids in inputs]
         if targets is not None:
@@ -188,17 +219,21 @@ def step_outputs(sequences) -> list[FeatureAttributionStepOutput]:
             return _stack(picked)
 
         step_scores = {
-            name: _stack([seq.step_scores[name][k : k + 1] if present[b] else None for b, seq in enumerate(sequences)]).reshape(-1)
+            name: _stack(
+                [seq.step_scores[name][k : k + 1] if present[b] else None for b, seq in enumerate(sequences)]
+            ).reshape(-1)
             for name in sequences[0].step_scores
         }
-        steps.append(FeatureAttributionStepOutput(
-            source_attributions=column("source_attributions"),
-            target_attributions=column("target_attributions", position),
-            step_scores=step_scores,
-            source=[list(seq.source) for seq in sequences],
-            prefix=[list(seq.target[: position[b]]) for b, seq in enumerate(sequences)],
-            target=[[seq.target[position[b]]] if present[b] else [] for b, seq in enumerate(sequences)],
-        ))
+        steps.append(
+            FeatureAttributionStepOutput(
+                source_attributions=column("source_attributions"),
+                target_attributions=column("target_attributions", position),
+                step_scores=step_scores,
+                source=[list(seq.source) for seq in sequences],
+                prefix=[list(seq.target[: position[b]]) for b, seq in enumerate(sequences)],
+                target=[[seq.target[position[b]]] if present[b] else [] for b, seq in enumerate(sequences)],
+            )
+        )
     return steps
 
 
@@ -250,7 +285,9 @@ def parse_alignments(raw, count: int) -> list[list[tuple[int, int]] | None]:
                 "contrast_targets_alignments='auto' needs Inseq's word aligner model (sentence-transformers/LaBSE), "
                 "which this library does not download or run; pass (target position, contrast position) pairs instead"
             )
-        raise ValueError(f"Unknown contrast_targets_alignments {raw!r}: give (target position, contrast position) pairs")
+        raise ValueError(
+            f"Unknown contrast_targets_alignments {raw!r}: give (target position, contrast position) pairs"
+        )
     raw = list(raw)
     nested = bool(raw) and all(isinstance(x, (list, tuple)) and (not x or isinstance(x[0], (list, tuple))) for x in raw)
     per_example = raw if nested else [raw] * count

@@ -8,6 +8,7 @@ examples, attributed batch of rows after batch of rows into an accumulator.
 `AttributionModel.attribute` builds it and hands `attribute_rows` to `instrument.batching.run_rows`
 (memory-aware chunks, retried on out-of-memory errors), or calls it on fixed batches of rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,23 +43,35 @@ class AttributionRun:
     def __post_init__(self):
         self.collected = Accumulator(self.examples)
 
-    def attribute_all(self, batch_size: int | str, *, reference: bool = False, show_progress: bool = True, label: str = "") -> None:
+    def attribute_all(
+        self, batch_size: int | str, *, reference: bool = False, show_progress: bool = True, label: str = ""
+    ) -> None:
         """Attributes every row: in memory-aware chunks when `batch_size` or the method's
         `internal_batch_size` is "auto", else `batch_size` examples at a time (`reference`: one
         row at a time, one prefix forward per step and example, as Inseq)."""
         examples = self.examples
         internal_auto = batching.is_auto(self.method.defaults.get("internal_batch_size"))
         auto = not reference and (batching.is_auto(batch_size) or internal_auto)
-        units = [] if auto else [[(b, p)] for b, e in enumerate(examples) for p in e.positions] if reference else [
-            [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
-            for start in range(0, len(examples), batch_size)
-        ]
+        units = (
+            []
+            if auto
+            else [[(b, p)] for b, e in enumerate(examples) for p in e.positions]
+            if reference
+            else [
+                [(b, p) for b in range(start, min(start + batch_size, len(examples))) for p in examples[b].positions]
+                for start in range(0, len(examples), batch_size)
+            ]
+        )
         with Progress(disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
             task = progress.add_task(label, total=sum(len(e.positions) for e in examples) if auto else len(units))
             if auto:  # memory-aware chunks, halved and run again on out-of-memory errors (instrument/batching.py)
                 batching.run_rows(
-                    examples, self.attribute_rows, devices=batching.model_devices(self.engine.model), batch_size=batch_size,
-                    internal_auto=internal_auto, progress=lambda n: progress.advance(task, n),
+                    examples,
+                    self.attribute_rows,
+                    devices=batching.model_devices(self.engine.model),
+                    batch_size=batch_size,
+                    internal_auto=internal_auto,
+                    progress=lambda n: progress.advance(task, n),
                 )
             for pairs in units:
                 self.attribute_rows(pairs)
@@ -70,9 +83,18 @@ class AttributionRun:
         engine = self.engine
         batch = sorted({b for b, _ in pairs})
         local = {b: i for i, b in enumerate(batch)}
-        rows = Rows.build([self.examples[b] for b in batch], [(local[b], p) for b, p in pairs], engine.pad_token_id).to(engine.device)
-        request = Request(engine, rows, self.score, self.attribute_target, needs_logits=bool(self.scorers),
-                          attributed_fn=self.attributed_fn.identifier, auto=auto)
+        rows = Rows.build([self.examples[b] for b in batch], [(local[b], p) for b, p in pairs], engine.pad_token_id).to(
+            engine.device
+        )
+        request = Request(
+            engine,
+            rows,
+            self.score,
+            self.attribute_target,
+            needs_logits=bool(self.scorers),
+            attributed_fn=self.attributed_fn.identifier,
+            auto=auto,
+        )
         result = self.method.attribute(request, **self.method.defaults)
         if self.method.attributes_inputs and not self.attribute_target:
             result.target = None
@@ -81,7 +103,10 @@ class AttributionRun:
             with torch.no_grad():
                 logits = result.logits if result.logits is not None else engine.logits(rows)
                 source = engine.embed(rows)[0]
-                scores = {name: score_rows(engine, fn, rows, logits, self.step_kwargs, source) for name, fn in self.scorers.items()}
+                scores = {
+                    name: score_rows(engine, fn, rows, logits, self.step_kwargs, source)
+                    for name, fn in self.scorers.items()
+                }
         self.collected.add(batch, rows, result, scores)
 
     def score(self, rows: Rows, logits: torch.Tensor, source_embeds, target_embeds) -> torch.Tensor:
@@ -89,4 +114,6 @@ class AttributionRun:
         # Inseq scores a contrastive attributed function on the original inputs unless told otherwise
         step = self.attributed_fn
         fn = step if self.step_kwargs.get("contrast_force_inputs") else inseq_options.on_original_inputs(step, rows)
-        return score_rows(self.engine, fn, rows, logits, self.step_kwargs, source_embeds, target_embeds, is_attributed_fn=True)
+        return score_rows(
+            self.engine, fn, rows, logits, self.step_kwargs, source_embeds, target_embeds, is_attributed_fn=True
+        )

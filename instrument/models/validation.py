@@ -5,6 +5,7 @@
 
 Everything here raises one `ValueError` or `TypeError` naming the argument at fault.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,10 @@ def check_causal(model: nn.Module, is_encoder_decoder: bool) -> None:
     config = model.config
     if _needs_is_decoder(cls) and not getattr(config, "is_decoder", False):
         raise ValueError(
-            f"{name} has bidirectional attention unless config.is_decoder=True: each step would see the tokens after it. "
-            f"Load it with is_decoder=True (e.g. from_pretrained(..., is_decoder=True)) or use a causal LM or an encoder-decoder"
+            f"{name} has bidirectional attention unless config.is_decoder=True: "
+            f"each step would see the tokens after it. "
+            f"Load it with is_decoder=True (e.g. from_pretrained(..., is_decoder=True)) "
+            f"or use a causal LM or an encoder-decoder"
         )
     if name in _causal_lm_classes() or name.endswith(("ForCausalLM", "LMHeadModel")):
         return
@@ -80,7 +83,8 @@ def check_causal(model: nn.Module, is_encoder_decoder: bool) -> None:
 def _bidirectional(name: str) -> ValueError:
     return ValueError(
         f"{name} is not a causal decoder or an encoder-decoder: its attention is bidirectional, so each step would see "
-        f"the tokens after it and the attributions would be wrong. Load a *ForCausalLM or *ForConditionalGeneration model"
+        f"the tokens after it and the attributions would be wrong. "
+        f"Load a *ForCausalLM or *ForConditionalGeneration model"
     )
 
 
@@ -126,8 +130,10 @@ def _probe_is_causal(model: nn.Module) -> bool:
         with torch.no_grad(), eval_mode(model):
             logits = model(input_ids=ids).logits.float()
     except Exception as error:  # noqa: BLE001 - any failure means we cannot tell
-        raise ValueError(f"Could not check that {type(model).__name__} has causal attention ({error}); "
-                         "load a *ForCausalLM or *ForConditionalGeneration model") from error
+        raise ValueError(
+            f"Could not check that {type(model).__name__} has causal attention ({error}); "
+            "load a *ForCausalLM or *ForConditionalGeneration model"
+        ) from error
     first = logits[:, :2]
     scale = first.abs().max().clamp_min(1e-6)
     return bool(((first[0] - first[1]).abs().max() / scale) < 1e-4)
@@ -180,7 +186,10 @@ def check_alignments(raw: Any, count: int) -> None:
         return
     what = "contrast_targets_alignments"
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) and not isinstance(raw, torch.Tensor):
-        raise TypeError(f"{what} must be a list of (target position, contrast position) pairs, or one such list per example; got {raw!r}")
+        raise TypeError(
+            f"{what} must be a list of (target position, contrast position) pairs, "
+            f"or one such list per example; got {raw!r}"
+        )
     raw = raw.tolist() if isinstance(raw, torch.Tensor) else list(raw)
     if not raw:
         return
@@ -188,11 +197,16 @@ def check_alignments(raw: Any, count: int) -> None:
         per_example = [raw]
     elif all(isinstance(item, (list, tuple)) and all(_is_pair(pair) for pair in item) for item in raw):
         if len(raw) != count:
-            raise ValueError(f"{what} has {len(raw)} lists of pairs for {count} examples; give one per example, or one list for all")
+            raise ValueError(
+                f"{what} has {len(raw)} lists of pairs for {count} examples; give one per example, or one list for all"
+            )
         per_example = raw
     else:
         bad = next(item for item in raw if not _is_pair(item))
-        raise TypeError(f"{what} must be (target position, contrast position) pairs of integers, or one list of pairs per example; got {bad!r}")
+        raise TypeError(
+            f"{what} must be (target position, contrast position) pairs of integers, "
+            f"or one list of pairs per example; got {bad!r}"
+        )
     for pairs in per_example:
         for t, c in pairs:
             if t < 0 or c < 0:
@@ -216,7 +230,9 @@ def check_alignment_range(index: int, alignment: Any, target_length: int, contra
             )
 
 
-def positions(index: int, start: int | None, end: int | None, length: int, first: int, is_encoder_decoder: bool) -> tuple[int, int]:
+def positions(
+    index: int, start: int | None, end: int | None, length: int, first: int, is_encoder_decoder: bool
+) -> tuple[int, int]:
     """The attributed target positions `[start, end)` of example `index`, as Inseq 0.7.1 reads them.
 
     `length`: target tokens (the prompt included on decoder-only models, the decoder start token on
@@ -265,4 +281,3 @@ def cut_at_end(sequence):
     if sequence.target_attributions is not None:
         sequence.target_attributions = sequence.target_attributions[:end]
     return sequence
-

@@ -18,10 +18,19 @@ one example's table holds), `prepare` (which 2-D sequences are shown), `console`
 (the two renderings), `heatmap` (`show`, `save_html`), `granular` (`show_granular`), `tokens`
 (`show_tokens`), `inseq_functions` (Inseq's module-level `show_*` functions).
 """
+
 from instrument.views.granular import show_granular
 from instrument.views.heatmap import repr_html, save_html, show
 from instrument.views.inseq_functions import show_attributions, show_granular_attributions, show_token_attributions
 from instrument.views.tokens import show_tokens
 
-__all__ = ["repr_html", "save_html", "show", "show_attributions", "show_granular", "show_granular_attributions",
-           "show_token_attributions", "show_tokens"]
+__all__ = [
+    "repr_html",
+    "save_html",
+    "show",
+    "show_attributions",
+    "show_granular",
+    "show_granular_attributions",
+    "show_token_attributions",
+    "show_tokens",
+]

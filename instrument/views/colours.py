@@ -1,10 +1,11 @@
 """The colour scales of the views: diverging red/blue for attributions, green/amber for step-score highlights.
 
-    colour(0.5, scale=1.0)               # (238, 146, 146): halfway from white to red
-    colour(float("nan"), 1.0)            # None: the cell stays blank
-    text_colour((220, 38, 38))           # "white" on a dark background
-    bounds_scale(-2.0, 1.0)              # 2.0: colours saturate at the larger magnitude
+colour(0.5, scale=1.0)               # (238, 146, 146): halfway from white to red
+colour(float("nan"), 1.0)            # None: the cell stays blank
+text_colour((220, 38, 38))           # "white" on a dark background
+bounds_scale(-2.0, 1.0)              # 2.0: colours saturate at the larger magnitude
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ def highlight_colour(value: float, scale: float) -> tuple[int, int, int] | None:
 
 
 def text_colour(background: tuple[int, int, int] | None) -> str:
-    """"white" on dark backgrounds, else "black" (by perceived luminance)."""
+    """ "white" on dark backgrounds, else "black" (by perceived luminance)."""
     if background is None:
         return "black"
     red, green, blue = background

@@ -1,8 +1,9 @@
 """The console view: rich heatmap tables, split into several tables when the steps do not fit the width.
 
-    from rich.console import Console
-    show_console(prepared(out, aggregate=True), Console(width=100), step_score_highlight="probability")
+from rich.console import Console
+show_console(prepared(out, aggregate=True), Console(width=100), step_score_highlight="probability")
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,18 +39,27 @@ def _rich_tables(grid: Grid, title: str, width: int, max_columns: int | None):
         for index, (_, rows) in enumerate(grid.sections):
             for row_index, (label, values) in enumerate(rows):
                 last_of_section = row_index == len(rows) - 1 and (index < len(grid.sections) - 1 or bool(grid.scores))
-                table.add_row(Text(label), *(cell(v, grid.scale) for v in values[first:end]), end_section=last_of_section)
+                table.add_row(
+                    Text(label), *(cell(v, grid.scale) for v in values[first:end]), end_section=last_of_section
+                )
         for name, values in grid.scores:
             scale = largest_magnitude(values)
             highlighted = name == grid.highlight_name
-            table.add_row(Text(name, style="italic"),
-                          *(cell(v, scale) if highlighted else Text(format_score(v)) for v in values[first:end]))
+            table.add_row(
+                Text(name, style="italic"),
+                *(cell(v, scale) if highlighted else Text(format_score(v)) for v in values[first:end]),
+            )
         yield table
 
 
-def show_console(sequences: Sequence[FeatureAttributionSequenceOutput], console=None, step_score_highlight=None,
-                 max_columns: int | None = None, titles: Sequence[str] | None = None,
-                 scales: Sequence[float | None] | None = None) -> None:
+def show_console(
+    sequences: Sequence[FeatureAttributionSequenceOutput],
+    console=None,
+    step_score_highlight=None,
+    max_columns: int | None = None,
+    titles: Sequence[str] | None = None,
+    scales: Sequence[float | None] | None = None,
+) -> None:
     """Prints one heatmap table (or several, for many steps) per example to `console`."""
     from rich.console import Console
 

@@ -1,8 +1,9 @@
 """`show_granular` (Inseq's): the unaggregated scores, one heatmap per index of the extra dimensions.
 
-    show_granular(out, slice_dims={2: (0, 4)})                 # hidden units 0..3: four heatmaps per example
-    show_granular(out, show_dim=2, slice_dims={3: (0, 1)})     # only dimension 2, dimension 3 at index 0
+show_granular(out, slice_dims={2: (0, 4)})                 # hidden units 0..3: four heatmaps per example
+show_granular(out, show_dim=2, slice_dims={3: (0, 1)})     # only dimension 2, dimension 3 at index 0
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,8 +21,9 @@ def _is_int_in(value, low: int, high: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and low <= value < high
 
 
-def panels(seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim: int | None,
-           slice_dims: dict | None) -> list[tuple[str, FeatureAttributionSequenceOutput]]:
+def panels(
+    seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim: int | None, slice_dims: dict | None
+) -> list[tuple[str, FeatureAttributionSequenceOutput]]:
     """2-D views of `seq`: one per index combination of the extra dimensions (after `slice_dims`)."""
     tensors = {name: getattr(seq, name) for name in TENSOR_FIELDS if getattr(seq, name) is not None}
     if not tensors:
@@ -42,12 +44,16 @@ def panels(seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim: 
             raise ValueError(f"show_dim must be an extra dimension (2..{ndim - 1}), got {show_dim!r}")
         others = [d for d in range(2, ndim) if d != show_dim and shape[d] != 1]
         if others:
-            raise ValueError(f"With show_dim={show_dim}, slice the other extra dimensions {others} to one index "
-                             "with slice_dims={dim: (i, i + 1)}")
+            raise ValueError(
+                f"With show_dim={show_dim}, slice the other extra dimensions {others} to one index "
+                "with slice_dims={dim: (i, i + 1)}"
+            )
     for dim in range(2, ndim):
         if shape[dim] > max_show_size:
-            raise ValueError(f"Dimension {dim} has {shape[dim]} entries, more than max_show_size={max_show_size}: "
-                             f"pass slice_dims={{{dim}: (0, {max_show_size})}} or a larger max_show_size")
+            raise ValueError(
+                f"Dimension {dim} has {shape[dim]} entries, more than max_show_size={max_show_size}: "
+                f"pass slice_dims={{{dim}: (0, {max_show_size})}} or a larger max_show_size"
+            )
     views = []
     for index in itertools.product(*(range(n) for n in shape[2:])):
         label = ", ".join(f"dim {d} = {i}" for d, i in zip(range(2, ndim), index) if show_dim in (None, d))
@@ -56,9 +62,17 @@ def panels(seq: FeatureAttributionSequenceOutput, max_show_size: int, show_dim: 
     return views
 
 
-def show_granular(obj, min_val: float | None = None, max_val: float | None = None, max_show_size: int = 20,
-                  show_dim: int | None = None, slice_dims: dict | None = None, display: bool = True,
-                  return_html: bool = False, console=None) -> str | None:
+def show_granular(
+    obj,
+    min_val: float | None = None,
+    max_val: float | None = None,
+    max_show_size: int = 20,
+    show_dim: int | None = None,
+    slice_dims: dict | None = None,
+    display: bool = True,
+    return_html: bool = False,
+    console=None,
+) -> str | None:
     """`show_granular(out, slice_dims={2: (0, 4)})`: the unaggregated scores, one heatmap per index of
     the extra dimensions (2: hidden or layer, ...), on one colour scale per example (or `min_val`/`max_val`).
 

@@ -6,6 +6,7 @@
 
 The console and HTML renderings both draw a `Grid`; it checks that the sequence is 2-D.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ def check_two_dimensional(seq: FeatureAttributionSequenceOutput, view: str, advi
     for name in TENSOR_FIELDS:
         value = getattr(seq, name)
         if value is not None and value.dim() != 2:
-            raise ValueError(f"{name} has shape {tuple(value.shape)}; {view} needs one score per token and step: {advice}")
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}; {view} needs one score per token and step: {advice}"
+            )
 
 
 def check_step_score(seq: FeatureAttributionSequenceOutput, step_score_highlight: str | None) -> None:
@@ -32,15 +35,18 @@ def check_step_score(seq: FeatureAttributionSequenceOutput, step_score_highlight
 class Grid:
     """What one example shows: column labels, (label, values) rows per section, and the colour scale."""
 
-    def __init__(self, seq: FeatureAttributionSequenceOutput, step_score_highlight: str | None = None,
-                 scale: float | None = None):
+    def __init__(
+        self, seq: FeatureAttributionSequenceOutput, step_score_highlight: str | None = None, scale: float | None = None
+    ):
         check_two_dimensional(seq, "show", "aggregate first (e.g. .aggregate('scores')) or pass aggregate=True")
         check_step_score(seq, step_score_highlight)
         self.columns = [token_label(t.token) for t in seq.generated]
         self.sections: list[tuple[str, list[tuple[str, list[float]]]]] = []
         self.dtype = torch.float32
-        for title, tokens, values in (("source", seq.source, seq.source_attributions),
-                                      ("target", seq.target, seq.target_attributions)):
+        for title, tokens, values in (
+            ("source", seq.source, seq.source_attributions),
+            ("target", seq.target, seq.target_attributions),
+        ):
             if values is not None:
                 self.dtype = values.dtype
                 rows = values.detach().cpu().double().tolist()

@@ -1,9 +1,10 @@
 """`show`: the heatmap of every example, in the console or as HTML; `save_html` writes it as a page.
 
-    show(out)                                          # rich tables, aggregated with "scores"
-    html = show(out, return_html=True, aggregate="subwords", step_score_highlight="probability")
-    save_html(out, "attributions.html", overwrite=True)
+show(out)                                          # rich tables, aggregated with "scores"
+html = show(out, return_html=True, aggregate="subwords", step_score_highlight="probability")
+save_html(out, "attributions.html", overwrite=True)
 """
+
 from __future__ import annotations
 
 import html
@@ -17,9 +18,16 @@ from instrument.views.html_tables import display_in_notebook, html_document, to_
 from instrument.views.prepare import prepared
 
 
-def show(obj, return_html: bool = False, aggregate: bool | str | list = True, display: bool = True,
-         step_score_highlight: str | None = None, console=None, max_columns: int | None = None,
-         **aggregate_kwargs) -> str | None:
+def show(
+    obj,
+    return_html: bool = False,
+    aggregate: bool | str | list = True,
+    display: bool = True,
+    step_score_highlight: str | None = None,
+    console=None,
+    max_columns: int | None = None,
+    **aggregate_kwargs,
+) -> str | None:
     """`show(out)` prints heatmaps; `show(out, return_html=True)` returns the HTML instead.
 
     `aggregate=True` applies "scores" (reducing every extra dimension, options in `aggregate_kwargs`);
@@ -49,14 +57,26 @@ def show(obj, return_html: bool = False, aggregate: bool | str | list = True, di
     return None
 
 
-def save_html(obj, path: str | os.PathLike, overwrite: bool = False, aggregate: bool | str | list = True,
-              step_score_highlight: str | None = None, **aggregate_kwargs) -> Path:
+def save_html(
+    obj,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    aggregate: bool | str | list = True,
+    step_score_highlight: str | None = None,
+    **aggregate_kwargs,
+) -> Path:
     """`save_html(out, "attr.html")`: a standalone HTML page of `show(out, return_html=True)`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists already; pass overwrite=True to replace it")
-    body = show(obj, return_html=True, aggregate=aggregate, display=False, step_score_highlight=step_score_highlight,
-                **aggregate_kwargs)
+    body = show(
+        obj,
+        return_html=True,
+        aggregate=aggregate,
+        display=False,
+        step_score_highlight=step_score_highlight,
+        **aggregate_kwargs,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html_document(body), encoding="utf-8")
     return path

@@ -1,9 +1,10 @@
 """The HTML view: one self-contained `<table>` per example (inline styles only, no script), and a page around them.
 
-    html = to_html(prepared(out, aggregate=True), step_score_highlight="probability")
-    Path("attributions.html").write_text(html_document(html))
-    display_in_notebook(html)            # shown when IPython is running, else nothing happens
+html = to_html(prepared(out, aggregate=True), step_score_highlight="probability")
+Path("attributions.html").write_text(html_document(html))
+display_in_notebook(html)            # shown when IPython is running, else nothing happens
 """
+
 from __future__ import annotations
 
 import html
@@ -19,7 +20,9 @@ from instrument.views.labels import exact, format_score
 CELL_STYLE = "padding:2px 6px;border:1px solid #ddd;text-align:right;font-variant-numeric:tabular-nums"
 HEAD_STYLE = "padding:2px 6px;border:1px solid #ddd;background:#f4f4f4;white-space:pre;font-weight:600"
 ROW_STYLE = "padding:2px 6px;border:1px solid #ddd;text-align:left;white-space:pre;font-weight:600;background:#fafafa"
-TABLE_STYLE = "border-collapse:collapse;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;margin:0 0 16px 0"
+TABLE_STYLE = (
+    "border-collapse:collapse;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;margin:0 0 16px 0"
+)
 
 
 def _td(value: float, scale: float, dtype: torch.dtype) -> str:
@@ -28,8 +31,12 @@ def _td(value: float, scale: float, dtype: torch.dtype) -> str:
     return f'<td style="{style}" title="{exact(value, dtype)}">{html.escape(format_score(value))}</td>'
 
 
-def html_table(seq: FeatureAttributionSequenceOutput, title: str, step_score_highlight: str | None = None,
-               scale: float | None = None) -> str:
+def html_table(
+    seq: FeatureAttributionSequenceOutput,
+    title: str,
+    step_score_highlight: str | None = None,
+    scale: float | None = None,
+) -> str:
     """One `<table>`: a header row of generated tokens, then a `<tbody>` per section of rows."""
     grid = Grid(seq, step_score_highlight, scale)
     escape = html.escape
@@ -38,11 +45,15 @@ def html_table(seq: FeatureAttributionSequenceOutput, title: str, step_score_hig
         background = grid.highlight[i] if grid.highlight else None
         extra = f";background-color:rgb{background};color:{text_colour(background)}" if background else ""
         token = seq.generated[i]
-        head.append(f'<th scope="col" style="{HEAD_STYLE}{extra}" title="{escape(token.token)} (id {token.id})">'
-                    f"{escape(column)}</th>")
-    parts = [f'<table class="seq-instrument-attributions" style="{TABLE_STYLE}">',
-             f'<caption style="text-align:left;font-weight:600;padding:4px 0">{escape(title)}</caption>',
-             f'<thead><tr><th style="{HEAD_STYLE}"></th>{"".join(head)}</tr></thead>']
+        head.append(
+            f'<th scope="col" style="{HEAD_STYLE}{extra}" title="{escape(token.token)} (id {token.id})">'
+            f"{escape(column)}</th>"
+        )
+    parts = [
+        f'<table class="seq-instrument-attributions" style="{TABLE_STYLE}">',
+        f'<caption style="text-align:left;font-weight:600;padding:4px 0">{escape(title)}</caption>',
+        f'<thead><tr><th style="{HEAD_STYLE}"></th>{"".join(head)}</tr></thead>',
+    ]
     for section, rows in grid.sections:
         parts.append(f'<tbody class="{section}" style="border-top:2px solid #888">')
         for label, values in rows:
@@ -65,16 +76,21 @@ def html_block(tables: Sequence[str]) -> str:
     return '<div class="seq-instrument">\n' + "\n".join(tables) + "\n</div>"
 
 
-def to_html(sequences: Sequence[FeatureAttributionSequenceOutput], step_score_highlight: str | None = None,
-            scale: float | None = None) -> str:
+def to_html(
+    sequences: Sequence[FeatureAttributionSequenceOutput],
+    step_score_highlight: str | None = None,
+    scale: float | None = None,
+) -> str:
     """A `<div>` with one table per example; every style is inline, nothing external, no script."""
     return html_block([html_table(seq, f"Example {i}", step_score_highlight, scale) for i, seq in enumerate(sequences)])
 
 
 def html_document(body: str, title: str = "Attributions") -> str:
     """A standalone page around `body`."""
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def display_in_notebook(text: str) -> None:

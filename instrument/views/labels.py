@@ -1,9 +1,10 @@
 """How one score or one token is written in a view.
 
-    format_score(0.25), format_score(1.5e-05), format_score(float("nan"))   # "0.250", "1.50e-05", ""
-    token_label("a\\nb")                                                      # "a\\\\nb": one line
-    exact(0.1, torch.float16)                                                 # "0.1" (read back as float16)
+format_score(0.25), format_score(1.5e-05), format_score(float("nan"))   # "0.250", "1.50e-05", ""
+token_label("a\\nb")                                                      # "a\\\\nb": one line
+exact(0.1, torch.float16)                                                 # "0.1" (read back as float16)
 """
+
 from __future__ import annotations
 
 import math

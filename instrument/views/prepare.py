@@ -1,9 +1,10 @@
 """Which 2-D sequences a view shows: the sequences of what it was given, aggregated as asked.
 
-    sequences_of(out)                         # [seq0, seq1, ...] (a single sequence: [seq])
-    prepared(out, aggregate=True)             # each aggregated with its default pipeline, then "scores"
-    prepared(out, aggregate="subwords")       # "subwords", then "scores" while more than 2-D
+sequences_of(out)                         # [seq0, seq1, ...] (a single sequence: [seq])
+prepared(out, aggregate=True)             # each aggregated with its default pipeline, then "scores"
+prepared(out, aggregate="subwords")       # "subwords", then "scores" while more than 2-D
 """
+
 from __future__ import annotations
 
 from instrument.aggregators import aggregate_sequence
@@ -17,7 +18,9 @@ def sequences_of(obj) -> list[FeatureAttributionSequenceOutput]:
         return list(obj.sequence_attributions)
     if isinstance(obj, FeatureAttributionSequenceOutput):
         return [obj]
-    raise TypeError(f"Expected a FeatureAttributionOutput or FeatureAttributionSequenceOutput, got {type(obj).__name__}")
+    raise TypeError(
+        f"Expected a FeatureAttributionOutput or FeatureAttributionSequenceOutput, got {type(obj).__name__}"
+    )
 
 
 def flattened_sequences(attributions) -> list[FeatureAttributionSequenceOutput]:
@@ -35,11 +38,13 @@ def prepared(obj, aggregate: bool | str | list, **aggregate_kwargs) -> list[Feat
     if aggregate is True:
         return [default_view(seq, **aggregate_kwargs) for seq in sequences]
     sequences = [aggregate_sequence(seq, aggregate, **aggregate_kwargs) for seq in sequences]
-    return [aggregate_sequence(seq, "scores", keep_layers=False) if attribution_dims(seq) > 2 else seq for seq in sequences]
+    return [
+        aggregate_sequence(seq, "scores", keep_layers=False) if attribution_dims(seq) > 2 else seq for seq in sequences
+    ]
 
 
 def default_view(seq: FeatureAttributionSequenceOutput, **aggregate_kwargs) -> FeatureAttributionSequenceOutput:
-    """"scores" over every extra dimension, or the sequence's own default pipeline when it has one
+    """ "scores" over every extra dimension, or the sequence's own default pipeline when it has one
     (`weight_attributions` leaves an empty one: already 2-D, shown as it is)."""
     if seq._aggregator is None:
         return aggregate_sequence(seq, "scores", keep_layers=False, **aggregate_kwargs)

@@ -1,8 +1,9 @@
 """`show_tokens` (Inseq's): the text, each generated token followed by its attributed tokens coloured by score.
 
-    show_tokens(out, step_score_highlight="probability", wrap_after=10)        # console
-    html = show_tokens(out, return_html=True, replace_char={"Ġ": " "})          # click a token to unfold it
+show_tokens(out, step_score_highlight="probability", wrap_after=10)        # console
+html = show_tokens(out, return_html=True, replace_char={"Ġ": " "})          # click a token to unfold it
 """
+
 from __future__ import annotations
 
 import html
@@ -28,7 +29,8 @@ def _token_texts(tokens, replace_char: dict | None) -> list[str]:
 
 
 def breaks_after(texts: list[str], wrap_after) -> list[bool]:
-    """Where a line ends: every `wrap_after` tokens (an int), or after tokens equal to it (a string) or in it (a list)."""
+    """Where a line ends: every `wrap_after` tokens (an int), or after tokens equal to it (a string) or in it (a
+    list)."""
     if wrap_after is None:
         return [False] * len(texts)
     if isinstance(wrap_after, bool) or not isinstance(wrap_after, (int, str, list, tuple)):
@@ -81,15 +83,21 @@ def tokens_html(number: int, rows, wrap_after, step_score_highlight) -> str:
         return f'<span style="{style}" title="{escape(title)}">{escape(text)}</span>'
 
     font = "font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;margin:0 0 16px 0"
-    out = [f'<div class="seq-instrument-tokens" style="{font}">',
-           f"<p><b>Example {number}: {escape(_heading(step_score_highlight))}</b></p>"]
+    out = [
+        f'<div class="seq-instrument-tokens" style="{font}">',
+        f"<p><b>Example {number}: {escape(_heading(step_score_highlight))}</b></p>",
+    ]
     for token, background, parts in rows:
         out.append(f"<details><summary>{span(token, background, token)}</summary>")
         for title, cells in parts:
             breaks = breaks_after([t for t, _, _ in cells], wrap_after)
-            body = "".join(span(text, cell_background, exact(score, torch.float32)) + ("<br>" if line_ends else "")
-                           for (text, score, cell_background), line_ends in zip(cells, breaks))
-            out.append(f'<p><i style="color:#888">{escape(title)} attributions for "{escape(token)}":</i><br>{body}</p>')
+            body = "".join(
+                span(text, cell_background, exact(score, torch.float32)) + ("<br>" if line_ends else "")
+                for (text, score, cell_background), line_ends in zip(cells, breaks)
+            )
+            out.append(
+                f'<p><i style="color:#888">{escape(title)} attributions for "{escape(token)}":</i><br>{body}</p>'
+            )
         out.append("</details>")
     out.append("</div>")
     return "\n".join(out)
@@ -119,10 +127,20 @@ def tokens_console(console, number: int, rows, wrap_after, step_score_highlight)
             console.print(text)
 
 
-def show_tokens(obj, min_val: float | None = None, max_val: float | None = None, display: bool = True,
-                return_html: bool = False, replace_char: dict | None = None, wrap_after=None,
-                step_score_highlight: str | None = None, aggregator=None, do_aggregation: bool = True,
-                console=None, **aggregate_kwargs) -> str | None:
+def show_tokens(
+    obj,
+    min_val: float | None = None,
+    max_val: float | None = None,
+    display: bool = True,
+    return_html: bool = False,
+    replace_char: dict | None = None,
+    wrap_after=None,
+    step_score_highlight: str | None = None,
+    aggregator=None,
+    do_aggregation: bool = True,
+    console=None,
+    **aggregate_kwargs,
+) -> str | None:
     """`show_tokens(out, step_score_highlight="probability")`: each generated token, then its source and
     target tokens coloured by attribution score (HTML: click a generated token to unfold them).
 
@@ -132,12 +150,18 @@ def show_tokens(obj, min_val: float | None = None, max_val: float | None = None,
     """
     sequences = sequences_of(obj)
     if do_aggregation:
-        sequences = [default_view(seq, **aggregate_kwargs) if aggregator is None
-                     else seq.aggregate(aggregator, **aggregate_kwargs) for seq in sequences]
+        sequences = [
+            default_view(seq, **aggregate_kwargs)
+            if aggregator is None
+            else seq.aggregate(aggregator, **aggregate_kwargs)
+            for seq in sequences
+        ]
     scale = bounds_scale(min_val, max_val)
     if scale is None:
         scale = max([max(abs(seq.minimum), abs(seq.maximum)) for seq in sequences], default=0.0)
-    rendered = [(number, token_rows(seq, replace_char, scale, step_score_highlight)) for number, seq in enumerate(sequences)]
+    rendered = [
+        (number, token_rows(seq, replace_char, scale, step_score_highlight)) for number, seq in enumerate(sequences)
+    ]
     if return_html:
         text = html_block([tokens_html(number, rows, wrap_after, step_score_highlight) for number, rows in rendered])
         if display:
