@@ -71,7 +71,7 @@ class FeatureAttributionSequenceOutput:
 
         seq.aggregate(["subwords", "scores"])   # default: "scores" (vnorm over hidden, normalized)
         """
-        from instrument.aggregators import aggregate_sequence
+        from instrument.aggregation import aggregate_sequence
 
         return aggregate_sequence(self, aggregator, aggregate_fn, **kwargs)
 
@@ -369,7 +369,7 @@ class FeatureAttributionOutput:
 
         out.aggregate("subwords").aggregate()   # words, then one normalized score per word
         """
-        from instrument.aggregators import aggregate_output
+        from instrument.aggregation import aggregate_output
 
         return aggregate_output(self, aggregator, aggregate_fn, **kwargs)
 

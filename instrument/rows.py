@@ -61,7 +61,7 @@ class Rows:
     source_mask: torch.Tensor | None = None
     contrast: "Rows | None" = None
     contrast_uses_source_ids: bool = False
-    copy: torch.Tensor | None = None  # which block of `repeat` a row is in (None: one block)
+    block: torch.Tensor | None = None  # which block of `repeat` a row is in (None: one block)
 
     @classmethod
     def build(cls, examples: Sequence[Example], pairs: Sequence[tuple[int, int]], pad_id: int) -> "Rows":
@@ -100,12 +100,12 @@ class Rows:
         values = {
             name: value.repeat(times, *([1] * (value.dim() - 1)))
             for name, value in self.tensors().items()
-            if name != "copy"
+            if name != "block"
         }
         contrast = self.contrast.repeat(times) if self.contrast is not None else None
-        copy = self.example.new_zeros(len(self)) if self.copy is None else self.copy
-        blocks = torch.arange(times, device=copy.device).repeat_interleave(len(self))
-        return replace(self, **values, contrast=contrast, copy=blocks * (int(copy.max()) + 1) + copy.repeat(times))
+        block = self.example.new_zeros(len(self)) if self.block is None else self.block
+        blocks = torch.arange(times, device=block.device).repeat_interleave(len(self))
+        return replace(self, **values, contrast=contrast, block=blocks * (int(block.max()) + 1) + block.repeat(times))
 
     def take(self, index: torch.Tensor) -> "Rows":
         """The rows at `index` (a 1-D index tensor), in that order; the padded width is kept."""
@@ -187,7 +187,7 @@ def full_rows(rows: Rows) -> FullRows:
         fr = full_rows(rows)
         logits = fr.gather(engine.forward_steps(fr.full, fr.positions)[0])   # [R, V], as engine.forward(rows)[0]
     """
-    groups = rows.example.tolist() if rows.copy is None else list(zip(rows.example.tolist(), rows.copy.tolist()))
+    groups = rows.example.tolist() if rows.block is None else list(zip(rows.example.tolist(), rows.block.tolist()))
     positions = rows.position.tolist()
     longest: dict[Any, int] = {}
     for r, (g, p) in enumerate(zip(groups, positions)):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import instrument
-from instrument.aggregators import list_aggregators
+from instrument.aggregation import list_aggregators
 from instrument.merging import merge_attributions
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId, copy_replace
 from instrument.reductions import get_aggregation_function, list_aggregation_functions, register_aggregation_function

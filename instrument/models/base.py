@@ -136,10 +136,10 @@ class AttributionModel:
         if "include_eos_baseline" in method_cls.params:
             method_options["include_eos_baseline"] = include_eos_baseline
         attributor = method_cls(**{**defaults, **method_options})
-        step = get_step_function(attributed_fn or "probability")
+        attributed = get_step_function(attributed_fn or "probability")
         scorers = step_functions_by_name(step_scores)
         step_kwargs = {k: v for k, v in kwargs.items() if k not in method_cls.params}
-        _check_step_kwargs(step_kwargs, [step, *scorers.values()])
+        _check_step_kwargs(step_kwargs, [attributed, *scorers.values()])
         if attribute_target and not self.is_encoder_decoder:
             warnings.warn(
                 "attribute_target is ignored on decoder-only models: the whole prefix is always attributed",
@@ -160,7 +160,7 @@ class AttributionModel:
         )
 
         batch_size = batch_size or len(examples)
-        run = AttributionRun(self.engine, examples, attributor, step, scorers, step_kwargs, attribute_target)
+        run = AttributionRun(self.engine, examples, attributor, attributed, scorers, step_kwargs, attribute_target)
         run.attribute_all(
             batch_size, reference=reference, show_progress=show_progress, label=f"Attributing with {method_name}"
         )
@@ -169,7 +169,7 @@ class AttributionModel:
         ]  # as in Inseq, nothing past attr_pos_end
         info = {
             "attribution_method": method_name,
-            "attributed_fn": getattr(step, "identifier", str(attributed_fn)),
+            "attributed_fn": getattr(attributed, "identifier", str(attributed_fn)),
             "model_name": self.model_name,
             "model_class": type(self.model).__name__,
             "tokenizer_class": type(self.tokenizer).__name__,
@@ -303,10 +303,10 @@ def _context_length(config) -> int | None:
     return None
 
 
-def _check_step_kwargs(kwargs: dict, steps) -> None:
+def _check_step_kwargs(kwargs: dict, functions) -> None:
     accepted = set(CONTRAST_ARGS)
-    for step in steps:
-        params = inspect.signature(step.fn).parameters
+    for function in functions:
+        params = inspect.signature(function.fn).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return
         accepted |= set(list(params)[1:])

@@ -112,8 +112,9 @@ class AttributionRun:
     def score(self, rows: Rows, logits: torch.Tensor, source_embeds, target_embeds) -> torch.Tensor:
         """The attributed function's value per row (`Request.score`)."""
         # Inseq scores a contrastive attributed function on the original inputs unless told otherwise
-        step = self.attributed_fn
-        fn = step if self.step_kwargs.get("contrast_force_inputs") else inseq_options.on_original_inputs(step, rows)
+        fn = self.attributed_fn
+        if not self.step_kwargs.get("contrast_force_inputs"):
+            fn = inseq_options.on_original_inputs(fn, rows)
         return score_rows(
             self.engine, fn, rows, logits, self.step_kwargs, source_embeds, target_embeds, is_attributed_fn=True
         )

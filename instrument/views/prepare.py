@@ -7,7 +7,7 @@ prepared(out, aggregate="subwords")       # "subwords", then "scores" while more
 
 from __future__ import annotations
 
-from instrument.aggregators import aggregate_sequence
+from instrument.aggregation import aggregate_sequence
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput
 from instrument.sequence_fields import TENSOR_FIELDS
 
