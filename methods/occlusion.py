@@ -106,9 +106,11 @@ class Occlusion(AttributionMethod):
             }
             stride = {side: _pair(v, "strides", hidden[side], 1) for side, v in _per_side(strides, sides).items()}
             for side in sides:
-                window, step = windows[side], stride[side]
-                if step[0] > window[0] or step[1] > window[1]:
-                    raise ValueError(f"strides {step} cannot be larger than the sliding window {window} (as in Captum)")
+                window, side_stride = windows[side], stride[side]
+                if side_stride[0] > window[0] or side_stride[1] > window[1]:
+                    raise ValueError(
+                        f"strides {side_stride} cannot be larger than the sliding window {window} (as in Captum)"
+                    )
                 shortest = int(side_lengths(rows, side).min())
                 if window[0] > shortest:
                     raise ValueError(

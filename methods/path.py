@@ -186,20 +186,20 @@ def monotonic(baseline: torch.Tensor, current: torch.Tensor, anchor: torch.Tenso
     )
 
 
-def monotonize(baseline: torch.Tensor, current: torch.Tensor, anchor: torch.Tensor, steps: int) -> torch.Tensor:
-    """The anchor with its non-monotonic dimensions moved to `current - (current - baseline) / steps`."""
+def monotonize(baseline: torch.Tensor, current: torch.Tensor, anchor: torch.Tensor, n_points: int) -> torch.Tensor:
+    """The anchor with its non-monotonic dimensions moved to `current - (current - baseline) / n_points`."""
     ok = monotonic(baseline, current, anchor)
-    return torch.where(ok, anchor, current - (1.0 / steps) * (current - baseline))
+    return torch.where(ok, anchor, current - (1.0 / n_points) * (current - baseline))
 
 
-def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str, n_neighbors: int) -> list[int]:
-    """DIG's anchor words from `word` towards the baseline word `ref` for a path of `steps` points
-    (`steps - 1` ids, `word` first; the baseline closes the path)."""
+def word_path(vocab: Vocabulary, word: int, ref: int, n_points: int, strategy: str, n_neighbors: int) -> list[int]:
+    """DIG's anchor words from `word` towards the baseline word `ref` for a path of `n_points` points
+    (`n_points - 1` ids, `word` first; the baseline closes the path)."""
     features = vocab.features
     baseline = features[ref].double()
     path = [word]
     current = word
-    for _ in range(steps - 2):
+    for _ in range(n_points - 2):
         if current == ref:
             path.append(ref)
             continue
@@ -211,7 +211,7 @@ def word_path(vocab: Vocabulary, word: int, ref: int, steps: int, strategy: str,
             continue
         anchors = features[candidates].double()
         if strategy == "greedy":
-            moved = monotonize(baseline, features[current].double(), anchors, steps)
+            moved = monotonize(baseline, features[current].double(), anchors, n_points)
             score = (anchors - moved).norm(dim=1)
         else:  # maxcount: fewest non-monotonic dimensions first
             score = -monotonic(baseline, features[current].double(), anchors).sum(1).double()
@@ -227,22 +227,22 @@ def monotonic_path(
     vocab: Vocabulary,
     word: int,
     ref: int,
-    steps: int,
+    n_points: int,
     strategy: str,
     n_neighbors: int,
     factor: int,
     special: bool = False,
 ) -> torch.Tensor:
-    """DIG's interpolation points `[2 ** factor * (steps - 1) + 1, H]` for one token, from the
+    """DIG's interpolation points `[2 ** factor * (n_points - 1) + 1, H]` for one token, from the
     baseline (first) to the token's embedding (last); cached per vocabulary."""
-    key = (word, ref, steps, strategy, n_neighbors, factor, special)
+    key = (word, ref, n_points, strategy, n_neighbors, factor, special)
     if key not in vocab.paths:
         features = vocab.features
         # A special token takes no detour through the vocabulary: it sits at its baseline, then at itself.
-        ids = [word] * (steps - 1) if special else word_path(vocab, word, ref, steps, strategy, n_neighbors)
+        ids = [word] * (n_points - 1) if special else word_path(vocab, word, ref, n_points, strategy, n_neighbors)
         points = [features[ids[0]].double()]
         for nxt in ids[1:]:
-            points.append(monotonize(features[ref].double(), points[-1], features[nxt].double(), steps))
+            points.append(monotonize(features[ref].double(), points[-1], features[nxt].double(), n_points))
         points.append(features[ref].double())
         path = torch.stack(points[::-1])
         for _ in range(factor):
