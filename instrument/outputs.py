@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from instrument.view_methods import Views
+
 RUNTIME_INFO = ("exec_time",)  # `info` measured, not chosen: summed by `merge_attributions`, ignored by `equals`
 
 
@@ -39,7 +41,7 @@ class TokenWithId:
 
 
 @dataclass(eq=False)
-class FeatureAttributionSequenceOutput:
+class FeatureAttributionSequenceOutput(Views):
     """Attributions of one example.
 
     Rows of `source_attributions` are source tokens, of `target_attributions` target tokens (for a
@@ -214,90 +216,6 @@ class FeatureAttributionSequenceOutput:
             self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress
         )
 
-    # -- views (instrument.views) ---------------------------------------------------------------
-
-    def show(
-        self,
-        return_html: bool = False,
-        aggregate: Any = True,
-        display: bool = True,
-        step_score_highlight: str | None = None,
-        console: Any = None,
-        **kwargs,
-    ) -> str | None:
-        """Heatmap of this example in the console, or its HTML with `return_html=True`.
-
-        seq.show(step_score_highlight="probability")
-        """
-        from instrument.views.heatmap import show
-
-        return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
-
-    def show_granular(
-        self,
-        min_val: float | None = None,
-        max_val: float | None = None,
-        max_show_size: int = 20,
-        show_dim: int | None = None,
-        slice_dims: dict | None = None,
-        display: bool = True,
-        return_html: bool = False,
-        console: Any = None,
-    ) -> str | None:
-        """Heatmaps of the unaggregated scores: one per index of the extra (hidden, layer) dimensions.
-
-        seq.show_granular(slice_dims={2: (0, 4)})   # hidden units 0..3 of a [tokens, steps, hidden] tensor
-        """
-        from instrument.views.granular import show_granular
-
-        return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
-
-    def show_tokens(
-        self,
-        min_val: float | None = None,
-        max_val: float | None = None,
-        display: bool = True,
-        return_html: bool = False,
-        replace_char: dict | None = None,
-        wrap_after: Any = None,
-        step_score_highlight: str | None = None,
-        aggregator: Any = None,
-        do_aggregation: bool = True,
-        console: Any = None,
-        **kwargs,
-    ) -> str | None:
-        """The text, each generated token followed by its attributed tokens coloured by score.
-
-        seq.show_tokens(step_score_highlight="probability", wrap_after=10)
-        """
-        from instrument.views.tokens import show_tokens
-
-        return show_tokens(
-            self,
-            min_val,
-            max_val,
-            display,
-            return_html,
-            replace_char,
-            wrap_after,
-            step_score_highlight,
-            aggregator,
-            do_aggregation,
-            console,
-            **kwargs,
-        )
-
-    def save_html(self, path, overwrite: bool = False, **kwargs):
-        """Writes `show(return_html=True)` as a standalone HTML page."""
-        from instrument.views.heatmap import save_html
-
-        return save_html(self, path, overwrite=overwrite, **kwargs)
-
-    def _repr_html_(self) -> str:
-        from instrument.views.heatmap import repr_html
-
-        return repr_html(self)
-
 
 @dataclass(eq=False)
 class FeatureAttributionStepOutput:
@@ -318,7 +236,7 @@ class FeatureAttributionStepOutput:
 
 
 @dataclass(eq=False)
-class FeatureAttributionOutput:
+class FeatureAttributionOutput(Views):
     """One `FeatureAttributionSequenceOutput` per example, plus `info` on how they were made.
 
     out.info["attribution_method"], len(out.sequence_attributions)
@@ -424,79 +342,3 @@ class FeatureAttributionOutput:
         from instrument.files.saving import load
 
         return load(path)
-
-    def show(
-        self,
-        return_html: bool = False,
-        aggregate: Any = True,
-        display: bool = True,
-        step_score_highlight: str | None = None,
-        console: Any = None,
-        **kwargs,
-    ) -> str | None:
-        """One heatmap per example in the console, or their HTML with `return_html=True`.
-
-        out.show()                         # rich tables; see instrument.views
-        """
-        from instrument.views.heatmap import show
-
-        return show(self, return_html, aggregate, display, step_score_highlight, console, **kwargs)
-
-    def show_granular(
-        self,
-        min_val: float | None = None,
-        max_val: float | None = None,
-        max_show_size: int = 20,
-        show_dim: int | None = None,
-        slice_dims: dict | None = None,
-        display: bool = True,
-        return_html: bool = False,
-        console: Any = None,
-    ) -> str | None:
-        """`show_granular` for every sequence (see `FeatureAttributionSequenceOutput.show_granular`)."""
-        from instrument.views.granular import show_granular
-
-        return show_granular(self, min_val, max_val, max_show_size, show_dim, slice_dims, display, return_html, console)
-
-    def show_tokens(
-        self,
-        min_val: float | None = None,
-        max_val: float | None = None,
-        display: bool = True,
-        return_html: bool = False,
-        replace_char: dict | None = None,
-        wrap_after: Any = None,
-        step_score_highlight: str | None = None,
-        aggregator: Any = None,
-        do_aggregation: bool = True,
-        console: Any = None,
-        **kwargs,
-    ) -> str | None:
-        """`show_tokens` for every sequence (see `FeatureAttributionSequenceOutput.show_tokens`)."""
-        from instrument.views.tokens import show_tokens
-
-        return show_tokens(
-            self,
-            min_val,
-            max_val,
-            display,
-            return_html,
-            replace_char,
-            wrap_after,
-            step_score_highlight,
-            aggregator,
-            do_aggregation,
-            console,
-            **kwargs,
-        )
-
-    def save_html(self, path, overwrite: bool = False, **kwargs):
-        """Writes `show(return_html=True)` as a standalone HTML page."""
-        from instrument.views.heatmap import save_html
-
-        return save_html(self, path, overwrite=overwrite, **kwargs)
-
-    def _repr_html_(self) -> str:
-        from instrument.views.heatmap import repr_html
-
-        return repr_html(self)
