@@ -32,6 +32,16 @@ from typing import Optional, Sequence, Union
 import torch
 
 from instrument.indices import Indices, pick_indices
+from instrument.kernel_args import (
+    Alphas,
+    alphas_tensor,
+    attention_layers,
+    check_dtype,
+    check_pair,
+    check_tensor,
+    mask_tensor,
+    weights_tensor,
+)
 
 __all__ = [
     "ExtensionNotice",
@@ -43,8 +53,6 @@ __all__ = [
     "reduce_heads",
 ]
 
-Alphas = Union[torch.Tensor, Sequence[float]]
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HEAD_REDUCTIONS = ("mean", "max")
 OPS = ("interpolate", "accumulate", "finalize", "reduce_heads")  # what instrument._C must provide
 API = 2  # instrument._C's `api`: 2 since finalize has no reductions (an older build takes a `reduce` argument)
@@ -156,9 +164,9 @@ def interpolate(
     use_extension: None runs `instrument._C` when it can run on the inputs' device, False forces the
     PyTorch fallback, True raises RuntimeError when the extension cannot run.
     """
-    _check_pair(inputs, baselines)
-    alphas = _alphas(alphas, inputs)
-    mask = _mask(mask, inputs)
+    check_pair(inputs, baselines)
+    alphas = alphas_tensor(alphas, inputs)
+    mask = mask_tensor(mask, inputs)
     inputs, baselines = inputs.detach().contiguous(), baselines.detach().contiguous()
     native = _native(inputs.device, use_extension)
     if native is not None:
@@ -198,8 +206,8 @@ def accumulate(
     `acc` as it is. Integrated gradients calls this once per chunk of path points, so its memory does not
     grow with the number of steps.
     """
-    _check_tensor("accumulate", "acc", acc)
-    _check_tensor("accumulate", "grads", grads)
+    check_tensor("accumulate", "acc", acc)
+    check_tensor("accumulate", "grads", grads)
     if acc.dtype != torch.float32:
         raise TypeError(f"accumulate: acc must be float32 (the accumulator), got {acc.dtype}")
     if acc.dim() != 3:
@@ -210,10 +218,10 @@ def accumulate(
         )
     if acc.requires_grad:
         raise ValueError("accumulate: acc requires grad; it is updated in place outside autograd (pass acc.detach())")
-    _check_dtype("accumulate", "grads", grads)
+    check_dtype("accumulate", "grads", grads)
     if grads.device != acc.device:
         raise ValueError(f"accumulate: grads on {grads.device} but acc on {acc.device}")
-    weights = _weights("accumulate", "weights", weights, acc.device, torch.float32)
+    weights = weights_tensor("accumulate", "weights", weights, acc.device, torch.float32)
     k = weights.numel()
     batch, rest = acc.shape[0], tuple(acc.shape[1:])
     if not (grads.dim() == 3 and grads.shape[0] == k * batch and tuple(grads.shape[1:]) == rest) and not (
@@ -258,12 +266,12 @@ def finalize(
     the inputs' math type (float32; float64 for float64) and rounded to float32, then multiplied by `acc`.
     The result never requires grad.
     """
-    _check_tensor("finalize", "acc", acc)
+    check_tensor("finalize", "acc", acc)
     if acc.dtype != torch.float32:
         raise TypeError(f"finalize: acc must be float32 (the accumulator), got {acc.dtype}")
     if acc.dim() not in (3, 4):
         raise ValueError(f"finalize: acc must be [B, L, D] or [layers, B, L, D], got shape {tuple(acc.shape)}")
-    _check_pair(inputs, baselines, op="finalize", shape=acc.shape, shape_name="acc")
+    check_pair(inputs, baselines, op="finalize", shape=acc.shape, shape_name="acc")
     if inputs.device != acc.device:
         raise ValueError(f"finalize: inputs on {inputs.device} but acc on {acc.device}")
     acc, inputs, baselines = (t.detach().contiguous() for t in (acc, inputs, baselines))
@@ -301,7 +309,7 @@ def reduce_heads(
     layer-major, in float32 (float64 for float64) and divides by their number; "max" takes their maximum
     (NaN propagates). The result has the math dtype (float32, float64 for float64) and no grad.
     """
-    planes = _attention_layers(attn)
+    planes = attention_layers(attn)
     if reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"reduce_heads: reduce must be 'mean' or 'max', got {reduce!r}")
     first = planes[0]
@@ -330,101 +338,3 @@ def _reduce_heads_torch(layers: list, heads: list, reduce: str) -> torch.Tensor:
     if reduce == "mean":  # a true division (CUDA divides by a Python number through its reciprocal)
         total = total / torch.full_like(total, len(layers) * len(heads))
     return total
-
-
-def _check_tensor(op: str, name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-
-
-def _check_dtype(op: str, name: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point():
-        raise TypeError(f"{op}: {name} must be floating point, got {tensor.dtype}")
-    if tensor.dtype not in DTYPES:
-        raise TypeError(f"{op}: unsupported dtype {tensor.dtype} for {name}; use one of {', '.join(map(str, DTYPES))}")
-
-
-def _check_pair(
-    inputs: torch.Tensor, baselines: torch.Tensor, op: str = "interpolate", shape=None, shape_name: str = ""
-) -> None:
-    for name, tensor in (("inputs", inputs), ("baselines", baselines)):
-        _check_tensor(op, name, tensor)
-    if shape is None and inputs.dim() != 3:
-        raise ValueError(f"{op}: inputs must be [B, L, D], got shape {tuple(inputs.shape)}")
-    if shape is not None and inputs.shape != shape:
-        raise ValueError(f"{op}: inputs shape {tuple(inputs.shape)} != {shape_name} shape {tuple(shape)}")
-    if baselines.shape != inputs.shape:
-        raise ValueError(f"{op}: baselines shape {tuple(baselines.shape)} != inputs shape {tuple(inputs.shape)}")
-    _check_dtype(op, "inputs", inputs)
-    if baselines.dtype != inputs.dtype:
-        raise TypeError(f"{op}: baselines dtype {baselines.dtype} != inputs dtype {inputs.dtype}")
-    if baselines.device != inputs.device:
-        raise ValueError(f"{op}: baselines on {baselines.device} but inputs on {inputs.device}")
-
-
-def _weights(op: str, name: str, values: Alphas, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`values` as a contiguous 1-D tensor of `dtype` on `device`."""
-    if isinstance(values, torch.Tensor):
-        if not values.is_floating_point():
-            raise TypeError(f"{op}: {name} must be floating point, got {values.dtype}")
-    else:
-        try:
-            values = torch.tensor(values, dtype=dtype)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"{op}: {name} must be a 1-D tensor or a sequence of numbers ({error})") from None
-    if values.dim() != 1:
-        raise ValueError(f"{op}: {name} must be 1-D [K], got shape {tuple(values.shape)}")
-    return values.detach().to(device=device, dtype=dtype).contiguous()
-
-
-def _alphas(alphas: Alphas, inputs: torch.Tensor) -> torch.Tensor:
-    """`alphas` as a contiguous 1-D tensor of the math dtype on the inputs' device."""
-    math = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    return _weights("interpolate", "alphas", alphas, inputs.device, math)
-
-
-def _mask(mask: Optional[torch.Tensor], inputs: torch.Tensor) -> Optional[torch.Tensor]:
-    """`mask` as a contiguous bool [B, L] tensor on the inputs' device, or None."""
-    if mask is None:
-        return None
-    _check_tensor("interpolate", "mask", mask)
-    if tuple(mask.shape) != tuple(inputs.shape[:2]):
-        raise ValueError(f"interpolate: mask must be [B, L] = {tuple(inputs.shape[:2])}, got shape {tuple(mask.shape)}")
-    if mask.device != inputs.device:
-        raise ValueError(f"interpolate: mask on {mask.device} but inputs on {inputs.device}")
-    if mask.is_complex():
-        raise TypeError(f"interpolate: mask must be bool or real 0/1 numbers, got {mask.dtype}")
-    return (mask.detach() if mask.dtype == torch.bool else mask.detach() != 0).contiguous()
-
-
-def _attention_layers(attn) -> list:
-    """The per-layer [B, H, T, S] tensors of `attn`, checked (views of a 5-D tensor, not copies)."""
-    if isinstance(attn, torch.Tensor):
-        if attn.dim() != 5:
-            raise ValueError(
-                f"reduce_heads: attn must be [layers, B, H, T, S] or a sequence of [B, H, T, S] "
-                f"tensors, got a tensor of shape {tuple(attn.shape)}"
-            )
-        planes = list(attn.unbind(0))
-        if not planes:
-            raise ValueError("reduce_heads: attn has no layers")
-        _check_dtype("reduce_heads", "attn", attn)
-        return planes
-    if isinstance(attn, (str, bytes)) or not isinstance(attn, Sequence):
-        raise TypeError(f"reduce_heads: attn must be a tensor or a sequence of tensors, got {type(attn).__name__}")
-    if len(attn) == 0:
-        raise ValueError("reduce_heads: attn has no layers")
-    for i, layer in enumerate(attn):
-        _check_tensor("reduce_heads", f"attn[{i}]", layer)
-        if layer.dim() != 4:
-            raise ValueError(f"reduce_heads: attn[{i}] must be [B, H, T, S], got shape {tuple(layer.shape)}")
-        if layer.shape != attn[0].shape:
-            raise ValueError(
-                f"reduce_heads: attn[{i}] shape {tuple(layer.shape)} != attn[0] shape {tuple(attn[0].shape)}"
-            )
-        if layer.dtype != attn[0].dtype:
-            raise TypeError(f"reduce_heads: attn[{i}] dtype {layer.dtype} != attn[0] dtype {attn[0].dtype}")
-        if layer.device != attn[0].device:
-            raise ValueError(f"reduce_heads: attn[{i}] on {layer.device} but attn[0] on {attn[0].device}")
-    _check_dtype("reduce_heads", "attn", attn[0])
-    return list(attn)

@@ -9,7 +9,6 @@ t.activations["transformer.h.1.mlp"].shape, t.gradients["lm_head"].shape
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import warnings
 import weakref
@@ -18,10 +17,11 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
+from instrument.module_outputs import OutputSelector, first_tensor, patched_value, pick_output, replace_output
 from instrument.selection import Selector, UnknownModuleError, select_modules
+from instrument.stop_at import RootGuard, StopForward
 
 Reduction = Union[str, Callable[[torch.Tensor, Union[torch.Tensor, None]], torch.Tensor]]
-OutputSelector = Union[int, str]
 
 
 def _norm(activation, gradient):
@@ -38,14 +38,6 @@ def _grad_x_act_norm(activation, gradient):
 
 # name -> (function, needs the gradient)
 REDUCTIONS = {"norm": (_norm, False), "mean": (_mean, False), "grad_x_act_norm": (_grad_x_act_norm, True)}
-
-
-class StopForward(Exception):
-    """Raised inside the forward by `stop_at`; the traced model's call catches it and returns None."""
-
-    def __init__(self, trace: "Trace", name: str):
-        super().__init__(f"forward stopped after {name!r} by instrument.trace(stop_at=...)")
-        self.trace, self.name = trace, name
 
 
 class Trace:
@@ -154,7 +146,7 @@ class Trace:
         self._module_handles: list = []
         self._capture_handles: list[tuple[nn.Module, Any]] = []
         self._tensor_handles: dict[str, Any] = {}
-        self._guard: _RootGuard | None = None
+        self._guard: RootGuard | None = None
         self._watched = self._received = 0
         self._active = False
 
@@ -190,7 +182,7 @@ class Trace:
                 self._module_handles.append(handle)
                 self._capture_handles.append((module, handle))
             if self._stop_at is not None:
-                self._guard = _RootGuard.install(self.model, self)
+                self._guard = RootGuard.install(self.model, self)
         except BaseException:
             self._remove_hooks()
             raise
@@ -232,13 +224,13 @@ class Trace:
                 hooks[handle.id] = hooks.pop(handle.id)
 
     def _on_patch(self, name: str, output):
-        tensor = _pick(output, self.output)
+        tensor = pick_output(output, self.output)
         if tensor is None:
             return None
-        return _replace(output, self.output, _patched(self._patch[name], tensor, name))
+        return replace_output(output, self.output, patched_value(self._patch[name], tensor, name))
 
     def _on_forward(self, module, name: str, args, kwargs, output) -> None:
-        tensor = _pick(output, self.output)
+        tensor = pick_output(output, self.output)
         recomputing = torch._C._current_graph_task_id() != -1
         if tensor is not None and name in self._selected:
             if recomputing:
@@ -258,7 +250,7 @@ class Trace:
         if self.store:
             self.activations[key] = self._keep(tensor)
             if self.capture_inputs:
-                first_input = _first_tensor(args) if _first_tensor(args) is not None else _first_tensor(kwargs)
+                first_input = first_tensor(args) if first_tensor(args) is not None else first_tensor(kwargs)
                 if first_input is not None:
                     self.inputs[key] = self._keep(first_input.detach())
         if self.grads and tensor.requires_grad:
@@ -325,51 +317,6 @@ def trace(model: nn.Module, modules: Selector | Sequence[Selector] | None = None
     return Trace(model, modules, **options)
 
 
-class _RootGuard:
-    """Wraps `model.forward` while `stop_at` traces are active: the outermost call of the model ends
-    with None when one of them stops it, instead of raising through the user's `with` block."""
-
-    _MISSING = object()
-
-    def __init__(self, model: nn.Module):
-        self.model, self.traces, self.depth = model, [], 0
-        self.previous = model.__dict__.get("forward", self._MISSING)
-        original = model.forward
-
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            self.depth += 1
-            try:
-                return original(*args, **kwargs)
-            except StopForward as stop:
-                if self.depth == 1 and any(stop.trace is active for active in self.traces):
-                    return None
-                raise
-            finally:
-                self.depth -= 1
-
-        forward._instrument_guard = self
-        self.forward = forward
-
-    @classmethod
-    def install(cls, model: nn.Module, trace: Trace) -> "_RootGuard":
-        guard = getattr(model.__dict__.get("forward"), "_instrument_guard", None)
-        if guard is None:
-            guard = cls(model)
-            model.__dict__["forward"] = guard.forward
-        guard.traces.append(trace)
-        return guard
-
-    def release(self, trace: Trace) -> None:
-        self.traces = [active for active in self.traces if active is not trace]
-        # Restore only if nobody wrapped the forward over ours meanwhile; otherwise stay as a pass-through.
-        if not self.traces and self.model.__dict__.get("forward") is self.forward:
-            if self.previous is self._MISSING:
-                del self.model.__dict__["forward"]
-            else:
-                self.model.__dict__["forward"] = self.previous
-
-
 def _select(model: nn.Module, selectors, argument: str) -> list[str]:
     try:
         return select_modules(model, selectors)
@@ -419,62 +366,3 @@ def _capture_hook(owner: weakref.ref, name: str):
             trace._on_forward(module, name, args, kwargs, output)
 
     return hook
-
-
-def _first_tensor(value) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            return item
-    return None
-
-
-def _pick(output, selector: OutputSelector) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(selector, str):
-        found = output.get(selector) if isinstance(output, Mapping) else getattr(output, selector, None)
-        return found if isinstance(found, torch.Tensor) else None
-    items = (
-        list(output.values())
-        if isinstance(output, Mapping)
-        else list(output)
-        if isinstance(output, (tuple, list))
-        else []
-    )
-    tensors = [item for item in items if isinstance(item, torch.Tensor)] if isinstance(output, Mapping) else items
-    if -len(tensors) <= selector < len(tensors) and isinstance(tensors[selector], torch.Tensor):
-        return tensors[selector]
-    return None
-
-
-def _replace(output, selector: OutputSelector, new: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return new
-    if isinstance(output, Mapping):
-        keys = [key for key, item in output.items() if isinstance(item, torch.Tensor)]
-        output[selector if isinstance(selector, str) else keys[selector]] = new
-        return output
-    items = list(output)
-    items[selector] = new
-    return type(output)(items) if isinstance(output, list) or type(output) is tuple else type(output)(*items)
-
-
-def _patched(value, tensor: torch.Tensor, name: str) -> torch.Tensor:
-    if callable(value):
-        result = value(tensor)
-        if not isinstance(result, torch.Tensor):
-            raise TypeError(f"patch[{name!r}]: the function must return a tensor, got {type(result).__name__}")
-        return result
-    value = torch.as_tensor(value, device=tensor.device, dtype=tensor.dtype)
-    if value.shape == tensor.shape:
-        return value
-    try:
-        return value.expand_as(tensor)
-    except RuntimeError:
-        raise ValueError(
-            f"patch[{name!r}]: a tensor of shape {tuple(value.shape)} cannot replace an output of shape "
-            f"{tuple(tensor.shape)}"
-        ) from None
