@@ -158,17 +158,11 @@ def subwords(
     if special_chars is None:
         special_chars = MARKER_CHARS[marker]
 
-    def groups(tokens, enabled):
-        return word_spans(tokens, marker, special_chars, special_tokens) if enabled else singletons(len(tokens))
+    def words(tokens):
+        return word_spans(tokens, marker, special_chars, special_tokens)
 
-    return merge_groups(
-        seq,
-        groups(seq.source, aggregate_source),
-        groups(seq.target, aggregate_target),
-        aggregate_fn,
-        "subwords",
-        logprob,
-        step_score_fns,
+    return _merge_found(
+        seq, words, "subwords", aggregate_fn, aggregate_source, aggregate_target, logprob, step_score_fns
     )
 
 
@@ -190,18 +184,22 @@ def split(
     if not isinstance(split_pattern, (str, re.Pattern)):
         raise TypeError(f"split_pattern must be a string or a compiled regex, got {type(split_pattern).__name__}")
 
-    def groups(tokens, enabled):
-        return split_spans(tokens, split_pattern) if enabled else singletons(len(tokens))
+    def sentences(tokens):
+        return split_spans(tokens, split_pattern)
 
-    return merge_groups(
-        seq,
-        groups(seq.source, aggregate_source),
-        groups(seq.target, aggregate_target),
-        aggregate_fn,
-        "split",
-        logprob,
-        step_score_fns,
+    return _merge_found(
+        seq, sentences, "split", aggregate_fn, aggregate_source, aggregate_target, logprob, step_score_fns
     )
+
+
+def _merge_found(seq, find, name, aggregate_fn, aggregate_source, aggregate_target, logprob, step_score_fns):
+    """`merge_groups` over the groups `find(tokens)` gives on each enabled side (single tokens elsewhere)."""
+
+    def groups(tokens, enabled):
+        return find(tokens) if enabled else singletons(len(tokens))
+
+    source, target = groups(seq.source, aggregate_source), groups(seq.target, aggregate_target)
+    return merge_groups(seq, source, target, aggregate_fn, name, logprob, step_score_fns)
 
 
 def slices(seq, aggregate_fn=None, source_spans=None, target_spans=None):

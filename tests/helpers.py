@@ -36,7 +36,35 @@ def double_model(arch, attn_implementation="eager"):
     return model.double(), tokenizer
 
 
-class Case:
+class TextCase:
+    """A wrapped model and one (source, target) example: token ids, attributed steps, embedding modules.
+
+    case = TextCase(model, tokenizer, "Hello world", "Le chat"); case.attribute("saliency")
+    """
+
+    def __init__(self, model, tokenizer, source, target):
+        self.model, self.tok = model, tokenizer
+        self.am = instrument.load_model(model, tokenizer=tokenizer)
+        self.enc_dec = bool(model.config.is_encoder_decoder)
+        self.texts = (source, target)
+        if self.enc_dec:
+            self.source = torch.tensor(tokenizer(source)["input_ids"])
+            start = model.config.decoder_start_token_id
+            self.target = torch.tensor([start, *tokenizer(text_target=target)["input_ids"]])
+            self.steps = list(range(1, len(self.target)))
+            self.src_emb = model.get_encoder().get_input_embeddings()
+            self.tgt_emb = model.get_decoder().get_input_embeddings()
+        else:
+            self.source = None
+            self.target = torch.tensor(tokenizer(target)["input_ids"])
+            self.steps = list(range(len(tokenizer(source)["input_ids"]), len(self.target)))
+            self.src_emb, self.tgt_emb = None, model.get_input_embeddings()
+
+    def attribute(self, method, **kwargs):
+        return self.am.attribute(*self.texts, method=method, show_progress=False, **kwargs)[0]
+
+
+class Case(TextCase):
     """One float64 tiny model, one example, and the attributed function of each step for Captum:
     `f(*embeds) = p(target[p] | prefix)` with the embedding modules' outputs replaced."""
 
@@ -48,27 +76,7 @@ class Case:
     }
 
     def __init__(self, arch, attn_implementation="eager"):
-        self.model, self.tok = double_model(arch, attn_implementation)
-        self.am = instrument.load_model(self.model, tokenizer=self.tok)
-        self.enc_dec = bool(self.model.config.is_encoder_decoder)
-        source, target = self.TEXTS[arch]
-        self.texts = (source, target)
-        if self.enc_dec:
-            self.source = torch.tensor(self.tok(source)["input_ids"])
-            self.target = torch.tensor(
-                [self.model.config.decoder_start_token_id, *self.tok(text_target=target)["input_ids"]]
-            )
-            self.steps = list(range(1, len(self.target)))
-            self.src_emb = self.model.get_encoder().get_input_embeddings()
-            self.tgt_emb = self.model.get_decoder().get_input_embeddings()
-        else:
-            self.source = None
-            self.target = torch.tensor(self.tok(target)["input_ids"])
-            self.steps = list(range(len(self.tok(source)["input_ids"]), len(self.target)))
-            self.src_emb, self.tgt_emb = None, self.model.get_input_embeddings()
-
-    def attribute(self, method, **kwargs):
-        return self.am.attribute(*self.texts, method=method, show_progress=False, **kwargs)[0]
+        super().__init__(*double_model(arch, attn_implementation), *self.TEXTS[arch])
 
     def sides(self, attribute_target):
         if not self.enc_dec:

@@ -29,6 +29,7 @@ import instrument
 from instrument.rows import Example, Rows
 from methods.gradient import _row_samples
 
+from helpers import TextCase
 from tiny_models import tiny_model
 
 # Captum warns that it sets requires_grad on inputs and hooks on nonlinearities: expected here.
@@ -64,31 +65,13 @@ def sharpen(model, factor):
     return model
 
 
-class Case:
+class Case(TextCase):
     """One tiny model, its wrapper, one example, and Captum-side forward functions per step."""
 
     def __init__(self, arch, source=None, target=None, factor=1.0):
-        self.model, self.tok = tiny_model(arch)
-        sharpen(self.model, factor)
-        self.am = instrument.load_model(self.model, tokenizer=self.tok)
-        self.enc_dec = bool(self.model.config.is_encoder_decoder)
-        source, target = source or TEXTS[arch][0], target or TEXTS[arch][1]
-        self.texts = (source, target)
-        if self.enc_dec:
-            self.source = torch.tensor(self.tok(source)["input_ids"])
-            start = self.model.config.decoder_start_token_id
-            self.target = torch.tensor([start, *self.tok(text_target=target)["input_ids"]])
-            self.steps = list(range(1, len(self.target)))
-            self.src_emb = self.model.get_encoder().get_input_embeddings()
-            self.tgt_emb = self.model.get_decoder().get_input_embeddings()
-        else:
-            self.source = None
-            self.target = torch.tensor(self.tok(target)["input_ids"])
-            self.steps = list(range(len(self.tok(source)["input_ids"]), len(self.target)))
-            self.src_emb, self.tgt_emb = None, self.model.get_input_embeddings()
-
-    def attribute(self, method, **kwargs):
-        return self.am.attribute(*self.texts, method=method, show_progress=False, **kwargs)[0]
+        model, tokenizer = tiny_model(arch)
+        sharpen(model, factor)
+        super().__init__(model, tokenizer, source or TEXTS[arch][0], target or TEXTS[arch][1])
 
     # -- inputs and baselines (by hand) ---------------------------------------------------------
 
