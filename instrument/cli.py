@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+COMMAND_MODULES: tuple = ()  # e.g. "instrument.commands.dataset"; see _command_modules
+
 
 class _Parser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr, exit code 2."""
@@ -31,6 +33,83 @@ def _json(text: str) -> dict:
     return value
 
 
+def add_attribute_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `instrument attribute` except its inputs (-i/-f): model, method, attributed function,
+    options, outputs. Other commands that attribute (`attribute-dataset`, ...) add them too."""
+    parser.add_argument(
+        "-m", "--model", required=True, help="a demo model (demo-lm, demo-mt), a local directory or a hub name"
+    )
+    parser.add_argument(
+        "-a",
+        "--attribution_method",
+        default="saliency",
+        help="method name (see `instrument list-methods`); default: saliency",
+    )
+    parser.add_argument(
+        "-g",
+        "--generated_texts",
+        nargs="+",
+        metavar="TARGET",
+        help="targets to force instead of generating (one per input)",
+    )
+    parser.add_argument(
+        "-fn", "--attributed_fn", default=None, help="step function to attribute (default: probability)"
+    )
+    parser.add_argument(
+        "--step_scores", nargs="+", default=[], metavar="NAME", help="step functions to compute alongside"
+    )
+    parser.add_argument(
+        "--attribute_target", action="store_true", help="also attribute the target prefix (encoder-decoders)"
+    )
+    parser.add_argument("-bs", "--batch_size", type=int, default=None, help="examples per batch (default: all at once)")
+    parser.add_argument("-s", "--attr_pos_start", type=int, default=None, help="first attributed target position")
+    parser.add_argument("-e", "--attr_pos_end", type=int, default=None, help="end of the attributed target positions")
+    parser.add_argument(
+        "-o", "--save_path", type=Path, default=None, help="write the attributions here (.safetensors, or .json)"
+    )
+    parser.add_argument("--viz_path", type=Path, default=None, help="write the HTML view here")
+    parser.add_argument("--hide", action="store_true", help="do not print the heatmaps")
+    parser.add_argument(
+        "--aggregate_output",
+        action="store_true",
+        help="aggregate (hidden dimension to one score per token) before saving",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save_path file")
+    parser.add_argument("--device", default=None, help="e.g. cpu or cuda (default: where the model is)")
+    parser.add_argument(
+        "--model_kwargs", type=_json, default={}, metavar="JSON", help="keyword arguments for from_pretrained"
+    )
+    parser.add_argument(
+        "--approximation_method",
+        default=None,
+        metavar="RULE",
+        help="integration rule of integrated gradients, layer IG and sequential IG: riemann_left, "
+        "riemann_right, riemann_middle, riemann_trapezoid or gausslegendre (their default)",
+    )
+    parser.add_argument(
+        "--attribution_kwargs",
+        type=_json,
+        default={},
+        metavar="JSON",
+        help="method and step function options, e.g. '{\"n_steps\": 20}'",
+    )
+    parser.add_argument(
+        "--generation_kwargs",
+        type=_json,
+        default={},
+        metavar="JSON",
+        help="generation options, e.g. '{\"max_new_tokens\": 10}'",
+    )
+
+
+def _command_modules() -> list:
+    """Modules adding more commands: each has `add_command(commands) -> parser` and sets the parser's
+    default `run=fn(args)`."""
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="instrument", description="Attribute the outputs of sequence generation models to their inputs."
@@ -43,15 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attribute generated texts to input texts, e.g. "
         '`instrument attribute -m demo-mt -a integrated_gradients -i "grurn bir gran drix gas tresk"`.',
     )
-    attribute.add_argument(
-        "-m", "--model", required=True, help="a demo model (demo-lm, demo-mt), a local directory or a hub name"
-    )
-    attribute.add_argument(
-        "-a",
-        "--attribution_method",
-        default="saliency",
-        help="method name (see `instrument list-methods`); default: saliency",
-    )
     source = attribute.add_mutually_exclusive_group(required=True)
     source.add_argument("-i", "--input_texts", nargs="+", metavar="TEXT", help="input texts")
     source.add_argument(
@@ -62,70 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a data set: a text file with one input per line, or JSON lines with 'input' and optionally "
         "'target' fields (lines without a target are generated)",
     )
-    attribute.add_argument(
-        "-g",
-        "--generated_texts",
-        nargs="+",
-        metavar="TARGET",
-        help="targets to force instead of generating (one per input)",
-    )
-    attribute.add_argument(
-        "-fn", "--attributed_fn", default=None, help="step function to attribute (default: probability)"
-    )
-    attribute.add_argument(
-        "--step_scores", nargs="+", default=[], metavar="NAME", help="step functions to compute alongside"
-    )
-    attribute.add_argument(
-        "--attribute_target", action="store_true", help="also attribute the target prefix (encoder-decoders)"
-    )
-    attribute.add_argument(
-        "-bs", "--batch_size", type=int, default=None, help="examples per batch (default: all at once)"
-    )
-    attribute.add_argument("-s", "--attr_pos_start", type=int, default=None, help="first attributed target position")
-    attribute.add_argument(
-        "-e", "--attr_pos_end", type=int, default=None, help="end of the attributed target positions"
-    )
-    attribute.add_argument(
-        "-o", "--save_path", type=Path, default=None, help="write the attributions here (.safetensors, or .json)"
-    )
-    attribute.add_argument("--viz_path", type=Path, default=None, help="write the HTML view here")
-    attribute.add_argument("--hide", action="store_true", help="do not print the heatmaps")
-    attribute.add_argument(
-        "--aggregate_output",
-        action="store_true",
-        help="aggregate (hidden dimension to one score per token) before saving",
-    )
-    attribute.add_argument("--overwrite", action="store_true", help="replace an existing --save_path file")
-    attribute.add_argument("--device", default=None, help="e.g. cpu or cuda (default: where the model is)")
-    attribute.add_argument(
-        "--model_kwargs", type=_json, default={}, metavar="JSON", help="keyword arguments for from_pretrained"
-    )
-    attribute.add_argument(
-        "--approximation_method",
-        default=None,
-        metavar="RULE",
-        help="integration rule of integrated gradients, layer IG and sequential IG: riemann_left, "
-        "riemann_right, riemann_middle, riemann_trapezoid or gausslegendre (their default)",
-    )
-    attribute.add_argument(
-        "--attribution_kwargs",
-        type=_json,
-        default={},
-        metavar="JSON",
-        help="method and step function options, e.g. '{\"n_steps\": 20}'",
-    )
-    attribute.add_argument(
-        "--generation_kwargs",
-        type=_json,
-        default={},
-        metavar="JSON",
-        help="generation options, e.g. '{\"max_new_tokens\": 10}'",
-    )
+    add_attribute_flags(attribute)
+    more = [module.add_command(commands) for module in _command_modules()]
     listing = [
         commands.add_parser("list-methods", help="list the attribution methods"),
         commands.add_parser("list-step-functions", help="list the step functions"),
     ]
-    for command in (attribute, *listing):  # --debug after the command too; SUPPRESS keeps one given before it
+    for command in (attribute, *listing, *more):  # --debug after the command too; SUPPRESS keeps one given before it
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
         )
@@ -248,8 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import instrument
 
             print("\n".join(instrument.list_step_functions()))
-        else:
+        elif args.command == "attribute":
             run_attribute(args)
+        else:
+            args.run(args)
     except LIBRARY_ERRORS as error:
         if args.debug:
             raise
