@@ -1,6 +1,6 @@
 """The layers of ARCHITECTURE.md, read from the source with `ast`: imports go down only.
 
-    API      instrument/__init__, instrument/__main__, instrument/cli, instrument/commands/, instrument/models/
+    API      instrument/__init__, instrument/__main__, instrument/cli, instrument/commands/, instrument/context/, instrument/models/
     methods  methods/
     core     the rest of instrument/ (never imports methods)
 
@@ -71,7 +71,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer(name: str) -> str:
-    if name in API or name.startswith(("instrument.models", "instrument.commands")):
+    if name in API or name.startswith(("instrument.models", "instrument.commands", "instrument.context")):
         return "api"
     return "methods" if name.split(".")[0] == "methods" else "core"
 
