@@ -1,6 +1,7 @@
 """The layers of ARCHITECTURE.md, read from the source with `ast`: imports go down only.
 
-    API      instrument/__init__, instrument/__main__, instrument/cli, instrument/commands/, instrument/context/, instrument/models/
+    API      instrument/__init__, instrument/__main__, instrument/cli, instrument/commands/, instrument/context/,
+             instrument/models/
     methods  methods/
     core     the rest of instrument/ (never imports methods)
 
