@@ -85,8 +85,19 @@ class Views:
             **kwargs,
         )
 
+    def interactive_html(self, **kwargs) -> str:
+        """The interactive view (heatmaps, hover, bar charts, layers, heads, search, export) as one
+        self-contained `<div>`; see `instrument.views.interactive`.
+
+        Path("view.html").write_text(out.interactive_html())   # or out.save_html("view.html")
+        """
+        from instrument.views.interactive import interactive_html
+
+        return interactive_html(self, **kwargs)
+
     def save_html(self, path, overwrite: bool = False, **kwargs):
-        """Writes `show(return_html=True)` as a standalone HTML page."""
+        """Writes the interactive view as a standalone page (`interactive=False`: the static tables of
+        `show(return_html=True)`)."""
         from instrument.views.heatmap import save_html
 
         return save_html(self, path, overwrite=overwrite, **kwargs)

@@ -2,7 +2,7 @@
 
 show(out)                                          # rich tables, aggregated with "scores"
 html = show(out, return_html=True, aggregate="subwords", step_score_highlight="probability")
-save_html(out, "attributions.html", overwrite=True)
+save_html(out, "attributions.html", overwrite=True)      # the interactive page (static tables: interactive=False)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from instrument.views.colours import bounds_scale
 from instrument.views.console import show_console
 from instrument.views.html_tables import display_in_notebook, html_document, to_html
+from instrument.views.interactive import interactive_html, interactive_page
 from instrument.views.prepare import prepared
 
 
@@ -63,12 +64,23 @@ def save_html(
     overwrite: bool = False,
     aggregate: bool | str | list = True,
     step_score_highlight: str | None = None,
+    interactive: bool = True,
     **aggregate_kwargs,
 ) -> Path:
-    """`save_html(out, "attr.html")`: a standalone HTML page of `show(out, return_html=True)`."""
+    """`save_html(out, "attr.html")`: a standalone page, the interactive view (`instrument.views.interactive`),
+    or with `interactive=False` the static tables of `show(out, return_html=True)`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists already; pass overwrite=True to replace it")
+    if interactive:
+        if step_score_highlight is not None:
+            raise ValueError(
+                "step_score_highlight is for interactive=False (the interactive view shows every step score)"
+            )
+        text = interactive_page(obj, aggregate=aggregate, **aggregate_kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
     body = show(
         obj,
         return_html=True,
@@ -83,8 +95,8 @@ def save_html(
 
 
 def repr_html(obj: Any) -> str:
-    """For notebooks: the HTML view, or the escaped error when the output cannot be shown."""
+    """For notebooks: the interactive view, or the escaped error when the output cannot be shown."""
     try:
-        return show(obj, return_html=True, display=False)
+        return interactive_html(obj)
     except (ValueError, TypeError) as error:
         return f"<pre>{html.escape(repr(error))}</pre>"
