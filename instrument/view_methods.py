@@ -85,6 +85,36 @@ class Views:
             **kwargs,
         )
 
+    def show_layers(self, step: int | None = None, console: Any = None, **kwargs) -> None:
+        """Layer outputs (`target_layers=`) in the console: a layers x tokens table per generated token.
+
+        out.show_layers(step=0)
+        """
+        from instrument.views.console import show_layers
+
+        show_layers(self, step, console, **kwargs)
+
+    def plot(self, example: int = 0, step: int | None = None, **kwargs) -> Any:
+        """A matplotlib Figure of one example (needs the `plots` extra); `step=` for layer outputs.
+
+        out.plot(example=1).savefig("a.pdf")
+        """
+        from instrument.views.images import plot
+
+        return plot(self, example, step, **kwargs)
+
+    def save_png(self, path, overwrite: bool = False, **kwargs):
+        """`out.save_png("a.png", example=0, dpi=200)`: `plot(...)` as a PNG."""
+        from instrument.views.images import save_png
+
+        return save_png(self, path, overwrite=overwrite, **kwargs)
+
+    def save_svg(self, path, overwrite: bool = False, **kwargs):
+        """`out.save_svg("a.svg", step=0)`: `plot(...)` as an SVG."""
+        from instrument.views.images import save_svg
+
+        return save_svg(self, path, overwrite=overwrite, **kwargs)
+
     def interactive_html(self, **kwargs) -> str:
         """The interactive view (heatmaps, hover, bar charts, layers, heads, search, export) as one
         self-contained `<div>`; see `instrument.views.interactive`.

@@ -20,6 +20,7 @@ from rich.console import Console
 import instrument
 from instrument.merging import merge_attributions
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId
+from instrument.views.console import LEGEND_PREFIX
 from instrument.views.labels import format_score
 
 from tiny_models import tiny_model
@@ -72,6 +73,8 @@ def table_rows(text):
         if re.match(r"^\s*Example \d+", line):
             current = {"header": None, "rows": []}
             tables.append(current)
+        elif line.startswith(LEGEND_PREFIX):  # the legend (wrapped lines) after each example's tables
+            current = None
         elif current is not None and line.strip() and not set(line.strip()) <= set("━─"):
             parts = line.split()
             if current["header"] is None:

@@ -15,7 +15,7 @@ from typing import Any
 from instrument.views.colours import bounds_scale
 from instrument.views.console import show_console
 from instrument.views.html_tables import display_in_notebook, html_document, to_html
-from instrument.views.interactive import interactive_html, interactive_page
+from instrument.views.interactive import interactive_html, interactive_page, normalisation
 from instrument.views.prepare import prepared
 
 
@@ -54,7 +54,8 @@ def show(
             display_in_notebook(text)
         return text
     if display:
-        show_console(sequences, console, step_score_highlight, max_columns, scales=[scale] * len(sequences))
+        note = "normalisation: " + normalisation("plain", aggregate, aggregate_kwargs)
+        show_console(sequences, console, step_score_highlight, max_columns, scales=[scale] * len(sequences), note=note)
     return None
 
 

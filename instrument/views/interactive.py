@@ -111,7 +111,8 @@ def _words(seq, layout: str, aggregate_kwargs: dict) -> dict | None:
     return _view(words, layout, True, **aggregate_kwargs)
 
 
-def _normalisation(layout: str, aggregate, aggregate_kwargs: dict) -> str:
+def normalisation(layout: str, aggregate, aggregate_kwargs: dict) -> str:
+    """How the scores shown were normalised, in words (for the legends)."""
     if layout == "heads":
         return "attention weights as stored; the main heatmap is their mean over layers and heads"
     if aggregate is False:
@@ -171,7 +172,7 @@ def view_data(
         "arguments": json.dumps(arguments, default=str) if arguments else None,
         "step_scores": ", ".join(info.get("step_scores") or []) or None,
         "version": f"seq-instrument {library_version()}",
-        "normalisation": "; ".join(sorted({_normalisation(layout, aggregate, aggregate_kwargs) for layout in layouts})),
+        "normalisation": "; ".join(sorted({normalisation(layout, aggregate, aggregate_kwargs) for layout in layouts})),
     }
     colours = {"positive": list(POSITIVE), "negative": list(NEGATIVE), "zero": list(WHITE)}
     return {"header": header, "colours": colours, "examples": examples}
