@@ -5,6 +5,7 @@ function seqInstrumentView(root) {
   "use strict";
   if (!root || root.dataset.ready) return;
   root.dataset.ready = "1";
+  const started = performance.now();
   const data = JSON.parse(root.querySelector(".si-data").textContent);
   const COL = data.colours;
   const state = { example: 0, level: "tokens", source: null, column: null, cursor: [0, 0], step: 0, headLayer: 0 };
@@ -408,4 +409,5 @@ function seqInstrumentView(root) {
   }
   function openExample(i) { state.example = i; render(); }
   render();
+  root.dataset.renderMs = String(Math.round(performance.now() - started));
 }
