@@ -8,7 +8,8 @@
 Modules: `saving` (`save`, `load`: format choice, gzip detection, atomic writes), `document` (the
 JSON document both of our formats hold), `safetensors_format` and `json_format` (where its tensors
 go), `inseq_format` (Inseq's JSON, read and written), `json_values` (values as standard JSON),
-`problems` (the error a bad file raises).
+`problems` (the error a bad file raises), `shards` (a data set's directory of shards and manifest,
+`open_attributions`).
 """
 
 from instrument.files.saving import FORMATS, load, save

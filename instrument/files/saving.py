@@ -101,12 +101,17 @@ def save(
 
 
 def load(path: str | os.PathLike) -> FeatureAttributionOutput:
-    """`load("attr.safetensors")`: the saved FeatureAttributionOutput; `ValueError` for a bad file.
+    """`load("attr.safetensors")`: the saved FeatureAttributionOutput; `ValueError` for a bad file. A
+    directory written by `attribute_dataset` is read whole (see `instrument.files.shards`).
 
     The format is found from the content: safetensors, our JSON or Inseq's JSON, each JSON gzipped or not.
     Nothing in a file is evaluated: no pickle, no eval.
     """
     path = Path(path)
+    if path.is_dir():  # a data set's shards and manifest (instrument.files.shards)
+        from instrument.files.shards import load_directory
+
+        return load_directory(path)
     if not path.is_file():
         raise FileNotFoundError(f"No attribution file at {path}")
     try:

@@ -188,6 +188,16 @@ class AttributionModel:
         }
         return FeatureAttributionOutput(sequences, info=info)
 
+    def attribute_dataset(self, data, output_dir=None, **kwargs):
+        """Every row of a data set, attributed into resumable shards in `output_dir` (see
+        `instrument.models.dataset.attribute_dataset` for the arguments); returns `open_attributions(output_dir)`.
+
+            ds = model.attribute_dataset(hf_dataset, "out/", input_text_field="prompt", n_steps=20)
+        """
+        from instrument.models.dataset import attribute_dataset
+
+        return attribute_dataset(self, data, output_dir, **kwargs)
+
     def _examples(
         self, inputs, target_ids, attr_pos_start, attr_pos_end, step_kwargs, add_special_tokens=True
     ) -> list[Example]:
