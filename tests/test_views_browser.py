@@ -253,3 +253,40 @@ def test_50_by_200_page_size_and_render_time(browser, tmp_path, artifacts):
     browser.save_screenshot(str(artifacts / "big-50x200.png"))
     assert render_ms < 2000, render_ms  # the script's own drawing
     assert loaded < 6, loaded  # the whole page load, generous for a loaded CI machine
+
+
+def test_dataset_browser_list_search_and_open(browser, tmp_path, artifacts):
+    import threading
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from instrument.files.shards import make_manifest, write_manifest, write_shard
+    from instrument.views.server import make_server
+
+    entries = []
+    for k in range(2):
+        indices = range(60 * k, 60 * (k + 1))
+        out = FeatureAttributionOutput([big_output(prompt=4, generated=3, seed=i) for i in indices])
+        texts = [[f"input {i} " + ("zebra" if i == 77 else "cat"), f"output {i}"] for i in indices]
+        entries.append(write_shard(tmp_path, k, out, [f"row-{i}" for i in indices], texts))
+    write_manifest(tmp_path, make_manifest("tiny", "saliency", {}, {}, entries, complete=True))
+    server = make_server(tmp_path, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get("http://%s:%d/" % server.server_address[:2])
+        wait = WebDriverWait(browser, 10)
+        wait.until(lambda d: "page 1 of 3" in d.find_element("id", "where").text)
+        assert len(browser.find_elements("css selector", "#rows tr")) == 50
+        browser.find_element("id", "next").click()
+        wait.until(lambda d: "page 2 of 3" in d.find_element("id", "where").text)
+        browser.save_screenshot(str(artifacts / "dataset-list.png"))
+        browser.find_element("id", "q").send_keys("zebra")
+        wait.until(lambda d: len(d.find_elements("css selector", "#rows tr")) == 1)
+        browser.find_element("css selector", "#rows a").click()
+        root = wait.until(lambda d: d.find_element("css selector", ".si-root[data-ready='1']"))
+        assert "row-77" in root.find_element("css selector", ".si-title").text
+        assert "zebra" in root.find_element("css selector", ".si-text").text
+        browser.save_screenshot(str(artifacts / "dataset-example.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
