@@ -50,7 +50,7 @@ def test_attribute_saves_shows_and_loads(saved_model, tmp_path, capsys):
     loaded = instrument.FeatureAttributionOutput.load(out_path)
     assert loaded.info["attribution_args"]["n_steps"] == 4
     assert loaded[0].target_attributions.shape[1] == loaded[0].attr_pos_end - loaded[0].attr_pos_start > 0
-    assert "<table" in html_path.read_text()
+    assert "seqInstrumentView(" in html_path.read_text()  # --viz_path writes the interactive view
     assert main(["attribute", "-m", str(saved_model), "-i", "Hello", "-o", str(out_path), "--hide"]) == 2
     assert "exists" in capsys.readouterr().err
 
