@@ -26,7 +26,7 @@ def legend(scale: float, note: str | None = None):
     from rich.style import Style
     from rich.text import Text
 
-    text = Text(f"{LEGEND_PREFIX} {format_score(-scale)} ", style="dim")
+    text = Text(f"{LEGEND_PREFIX} {format_score(-scale)} ")
     for step in range(-4, 5):
         background = colour(scale * step / 4, scale) or (255, 255, 255)
         text.append("  ", style=Style(bgcolor=f"rgb{background}"))
