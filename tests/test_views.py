@@ -178,3 +178,23 @@ def test_plot_images(plain, layered, tmp_path):
     np.testing.assert_array_equal(np.ma.filled(layers.get_array(), np.nan), expected.numpy())
     with pytest.raises(ValueError, match="example"):
         plain.plot(example=5)
+
+
+def test_plot_of_kept_heads_is_their_mean(heads):
+    pytest.importorskip("matplotlib")
+    image = heads.plot().axes[0].images[0]
+    mean = heads[0].target_attributions.float().nanmean(dim=(2, 3))
+    np.testing.assert_array_equal(np.ma.filled(image.get_array(), np.nan), mean.numpy())
+    with pytest.raises(ValueError, match="step= is for layer outputs"):
+        heads.plot(step=0)
+
+
+def test_interactive_view_of_an_aggregator_pipeline(plain):
+    data = view_data(plain, aggregate="subwords")
+    expected = plain[0].aggregate(["subwords", "scores"])  # subwords (still 3-D), then "scores"
+    view = data["examples"][0]["views"]
+    assert set(view) == {"tokens"}  # a pipeline given: no tokens / words switch
+    assert [row[0] for row in view["tokens"]["rows"]] == [token_label(t.token) for t in expected.target]
+    got = np.array([[np.nan if v is None else v for v in row] for row in view["tokens"]["values"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected.target_attributions.numpy())
+    assert data["header"]["normalisation"].startswith("pipeline 'subwords', then 'scores'")

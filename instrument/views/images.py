@@ -3,6 +3,7 @@ diverging scale (blue negative, white 0, red positive, centred at 0, saturating 
 
     figure = plot(out, example=0)                   # attributed tokens x generated tokens
     figure = plot(out, step=3)                      # layer outputs: layers x tokens for generated token 3
+    # attention with layers and heads kept (aggregate_fn=None): the mean over layers and heads
     save_png(out, "attributions.png", dpi=200); save_svg(out, "attributions.svg")
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from instrument.aggregation import aggregate_sequence
+from instrument.outputs import copy_replace
 from instrument.views.colours import NEGATIVE, POSITIVE, WHITE
 from instrument.views.labels import token_label
 from instrument.views.prepare import attribution_dims, default_view, sequences_of
@@ -29,10 +31,26 @@ def colour_map():
     return cmap.with_extremes(bad="#f3f4f6")
 
 
-def _panels(seq, step: int | None, aggregate, aggregate_kwargs) -> list[tuple[str, np.ndarray, list[str], list[str]]]:
+def _panels(
+    seq, step: int | None, aggregate, aggregate_kwargs, heads: bool
+) -> list[tuple[str, np.ndarray, list[str], list[str]]]:
     """(title, matrix, row labels, column labels) per panel of the figure."""
     generated = [token_label(t.token) for t in seq.generated]
     sides = (("source", seq.source), ("target", seq.target))
+    if heads:  # attention with layers and heads kept: their mean, as the interactive view's main heatmap
+        if step is not None:
+            raise ValueError(
+                "step= is for layer outputs; attention with heads kept is plotted as the mean of its heads"
+            )
+        means = [getattr(seq, f"{side}_attributions") for side, _ in sides]
+        seq = copy_replace(
+            seq,
+            **{
+                f"{side}_attributions": None if t is None else t.float().nanmean(dim=(2, 3))
+                for (side, _), t in zip(sides, means)
+            },
+        )
+        aggregate = False
     if step is not None:
         if attribution_dims(seq) != 4:
             raise ValueError("step= is for layer outputs ([tokens, steps, layers, hidden], from target_layers=)")
@@ -72,7 +90,9 @@ def plot(
     sequences = sequences_of(obj)
     if isinstance(example, bool) or not isinstance(example, int) or not -len(sequences) <= example < len(sequences):
         raise ValueError(f"example must be an int in [-{len(sequences)}, {len(sequences)}), got {example!r}")
-    panels = _panels(sequences[example], step, aggregate, aggregate_kwargs)
+    info = getattr(obj, "info", {}) or {}
+    heads = attribution_dims(sequences[example]) == 4 and info.get("attribution_method") == "attention"
+    panels = _panels(sequences[example], step, aggregate, aggregate_kwargs, heads)
     heights = [max(2.0, 0.22 * len(rows) + 1.2) for _, _, rows, _ in panels]
     width = max(4.0, 0.28 * max(len(cols) for _, _, _, cols in panels) + 2.5)
     figure, axes = plt.subplots(
@@ -93,7 +113,6 @@ def plot(
         ax.set_yticks(range(len(rows)), rows, fontsize=7, fontfamily="monospace")
         ax.set_title(name, fontsize=9)
         figure.colorbar(image, ax=ax, shrink=0.8).set_label("score (0 = white)", fontsize=8)
-    info = getattr(obj, "info", {}) or {}
     heading = title or " / ".join(
         str(info[k]) for k in ("model_name", "attribution_method", "attributed_fn") if info.get(k)
     )

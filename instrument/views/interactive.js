@@ -304,7 +304,7 @@ function seqInstrumentView(root) {
   function drawLayers() {
     const V = view();
     layers.textContent = "";
-    if (!V.layers) return;
+    if (!V.layers || !V.cols.length) return;
     el("h4", null, "Layers \u00d7 tokens for one generated token", layers);
     const row = el("div", "si-controls", null, layers);
     const l = el("label", null, "generated token ", row), slider = el("input", "si-step", null, l);

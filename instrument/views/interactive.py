@@ -30,9 +30,18 @@ from instrument.aggregation import aggregate_sequence
 from instrument.outputs import FeatureAttributionOutput
 from instrument.views.colours import NEGATIVE, POSITIVE, WHITE
 from instrument.views.labels import token_label
-from instrument.views.prepare import attribution_dims, default_view, sequences_of
+from instrument.views.prepare import attribution_dims, default_view, prepared, sequences_of
 
 ASSETS = Path(__file__).parent
+# Finds its <div> by id, else as the script's previous sibling; retries while a notebook has not yet
+# attached the output to the page (JupyterLab evaluates the scripts of an output before that).
+START = """(function (script, tries) {
+  function start() {
+    const root = document.getElementById("ELEMENT") || (script && script.previousElementSibling);
+    if (root && root.id === "ELEMENT") seqInstrumentView(root); else if (tries-- > 0) setTimeout(start, 50);
+  }
+  start();
+})(document.currentScript, 200);"""
 
 
 def numbers(tensor: torch.Tensor) -> Any:
@@ -77,8 +86,8 @@ def _view(seq, layout: str, aggregate, **aggregate_kwargs) -> dict:
         shown = default_view(seq, **aggregate_kwargs)
         main = {side: getattr(shown, f"{side}_attributions") for side in ("source", "target")}
     else:
-        shown = default_view(seq, **aggregate_kwargs) if aggregate else seq
-        main = {side: getattr(shown, f"{side}_attributions") for side in ("source", "target")}
+        seq = prepared(seq, aggregate, **aggregate_kwargs)[0]  # True, False, or a pipeline (may merge tokens)
+        main = {side: getattr(seq, f"{side}_attributions") for side in ("source", "target")}
         if any(t is not None and t.dim() != 2 for t in main.values()):
             raise ValueError("the interactive view needs 2-D scores with aggregate=False: aggregate first")
     rows, values = [], []
@@ -117,6 +126,7 @@ def normalisation(layout: str, aggregate, aggregate_kwargs: dict) -> str:
         return "attention weights as stored; the main heatmap is their mean over layers and heads"
     if aggregate is False:
         return "none: scores as stored"
+    pipeline = "" if aggregate is True else f"pipeline {aggregate!r}, then "
     how = "each step's absolute scores sum to 1 (L1)"
     if aggregate_kwargs.get("rescale"):
         how = "divided by the largest magnitude of the example"
@@ -124,7 +134,7 @@ def normalisation(layout: str, aggregate, aggregate_kwargs: dict) -> str:
         how = "not normalised"
     fn = aggregate_kwargs.get("aggregate_fn", "vnorm")
     reduced = f"hidden reduced with {fn}" + (", per layer, then over layers" if layout == "layers" else "")
-    return f"'scores' aggregator: {reduced}; {how}"
+    return f"{pipeline}'scores' aggregator: {reduced}; {how}"
 
 
 def _texts(info: dict, key: str, index: int) -> str | None:
@@ -136,7 +146,7 @@ def _texts(info: dict, key: str, index: int) -> str | None:
 
 def view_data(
     obj,
-    aggregate: bool = True,
+    aggregate: bool | str | list = True,
     words: bool = True,
     info: dict | None = None,
     titles: list[str] | None = None,
@@ -151,7 +161,7 @@ def view_data(
         layout = _layout(seq, info)
         layouts.add(layout)
         views = {"tokens": _view(seq, layout, aggregate, **aggregate_kwargs)}
-        word_view = _words(seq, layout, aggregate_kwargs) if words and aggregate else None
+        word_view = _words(seq, layout, aggregate_kwargs) if words and aggregate is True else None
         if word_view is not None:
             views["words"] = word_view
         source = "".join(t.token for t in seq.source) or "".join(t.token for t in seq.target[: seq.attr_pos_start])
@@ -196,7 +206,7 @@ def interactive_html(obj, title: str | None = None, **options) -> str:
         f'<div class="si-root" id="{element}"><style>{style}</style>'
         f'<script type="application/json" class="si-data">{embed(data)}</script>'
         "<noscript>This view needs JavaScript; out.show(return_html=True) gives static tables.</noscript></div>"
-        f'<script>{script}\nseqInstrumentView(document.getElementById("{element}"));</script>'
+        f"<script>{script}\n{START.replace('ELEMENT', element)}</script>"
     )
 
 
