@@ -3,6 +3,8 @@
 python docs/make_screenshots.py          # needs selenium, /usr/bin/chromium, /usr/bin/chromedriver, matplotlib
 """
 
+from __future__ import annotations
+
 import io
 import sys
 import tempfile

@@ -6,6 +6,8 @@ without them unless INSTRUMENT_REQUIRE_CHROMIUM=1. Screenshots of every view go 
 (default: a temporary folder), printed at the end of the module.
 """
 
+from __future__ import annotations
+
 import csv
 import io
 import os

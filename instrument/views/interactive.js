@@ -344,6 +344,10 @@ function seqInstrumentView(root) {
     for (let h = 0; h < nHeads; h++) {
       const fig = el("figure", null, null, grid), cv = el("canvas", "si-head", null, fig);
       el("figcaption", null, "head " + h, fig);
+      fig.tabIndex = 0;
+      fig.setAttribute("role", "button");
+      fig.setAttribute("aria-label", "layer " + state.headLayer + ", head " + h + ": show it in the main heatmap");
+      fig.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); cv._spec.click(); } });
       const get = (r, c) => { const [n, rr] = side(r); const st = V.heads[n]; return st ? st[state.headLayer][h][rr][c] : null; };
       interactive(cv);
       draw(cv, {
