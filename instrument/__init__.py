@@ -17,7 +17,7 @@ if _Path(getattr(_methods, "__file__", None) or "").resolve().parent.parent != _
         "(installed beside instrument); rename your own module called 'methods' or move it off sys.path"
     )
 
-from instrument import demo, kernels  # noqa: E402
+from instrument import demo, kernels, patching  # noqa: E402
 from instrument.aggregation import get_aggregator, list_aggregators, register_aggregator  # noqa: E402
 from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
@@ -81,6 +81,7 @@ __all__ = [
     "list_step_functions",
     "load_model",
     "merge_attributions",
+    "patching",
     "register_aggregation_function",
     "register_aggregator",
     "register_model_config",

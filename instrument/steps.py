@@ -287,6 +287,28 @@ def mc_dropout_prob_avg(args: StepFunctionArgs, n_mcd_steps: int = 5, logprob: b
     return (probability(args, logprob) - noisy.mean(0)) / noisy.std(0)
 
 
+def logit_diff(args: StepFunctionArgs, wrong_id=None, correct_id=None) -> torch.Tensor:
+    """Logit of the correct answer minus that of the wrong one (`correct_id`, default: the target
+    token; `wrong_id`: a token id, or one per row), as in circuit analyses (Wang et al. 2023).
+
+        model.attribute(text, attributed_fn="logit_diff", wrong_id=tokenizer.convert_tokens_to_ids("Mary"))
+    """
+    logits = args.logits.float()
+    if wrong_id is None:
+        raise ValueError("logit_diff needs wrong_id=: the token id (or one per row) whose logit is subtracted")
+
+    def ids(value, name):
+        value = torch.as_tensor(value, device=logits.device)
+        if value.is_floating_point() or value.dim() > 1 or (value.dim() == 1 and len(value) != len(logits)):
+            raise ValueError(f"logit_diff: {name} must be a token id or one per row ({len(logits)}), got {value!r}")
+        if bool(((value < 0) | (value >= logits.shape[-1])).any()):
+            raise ValueError(f"logit_diff: {name} {value.tolist()} is not in the vocabulary (size {logits.shape[-1]})")
+        return value.long().expand(len(logits))
+
+    correct = args.target_ids if correct_id is None else ids(correct_id, "correct_id")
+    return _gather(logits, correct.to(logits.device)) - _gather(logits, ids(wrong_id, "wrong_id"))
+
+
 def top_p_size(args: StepFunctionArgs, top_p: float = 0.9) -> torch.Tensor:
     """How many tokens the nucleus of probability mass `top_p` holds."""
     return (~_removed_by_top_p(args.logits.float(), top_p, 1)).sum(-1).float()
@@ -310,6 +332,7 @@ for _fn, _contrast, _aggregate_map in [
     (in_context_pvi, True, _SUM),
     (mc_dropout_prob_avg, False, _PROB),
     (top_p_size, False, None),
+    (logit_diff, False, None),
 ]:
     register_step_function(
         _fn, _fn.__name__, dict(_aggregate_map) if _aggregate_map else None, needs_contrast=_contrast
