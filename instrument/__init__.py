@@ -22,6 +22,7 @@ from instrument.aggregation import get_aggregator, list_aggregators, register_ag
 from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId  # noqa: E402
+from instrument.readouts import logit_lens  # noqa: E402
 from instrument.reductions import (  # noqa: E402
     get_aggregation_function,
     list_aggregation_functions,
@@ -80,6 +81,7 @@ __all__ = [
     "list_feature_attribution_methods",
     "list_step_functions",
     "load_model",
+    "logit_lens",
     "merge_attributions",
     "patching",
     "register_aggregation_function",

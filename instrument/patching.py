@@ -16,12 +16,12 @@ token after the last position, for the token `target` (default: the clean run's 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from instrument.lens import eval_mode
 from instrument.models import AttributionModel, load_model
 from instrument.selection import select_modules
 from instrument.step_args import StepFunctionArgs
@@ -79,17 +79,6 @@ def _side_ids(am: AttributionModel, name: str, batch: dict[str, torch.Tensor]) -
     return batch["input_ids"][0] if side == "source" else batch.get("decoder_input_ids", batch["input_ids"])[0]
 
 
-@contextlib.contextmanager
-def _eval(model: torch.nn.Module):
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
 class _Metric:
     """The step function's value at the last position, for `n` copies of one input."""
 
@@ -137,10 +126,10 @@ def _setup(am, clean, corrupt, metric, metric_kwargs, target, target_layers, pos
     measure = _Metric(metric, metric_kwargs)
     if target is not None:
         if isinstance(target, str):
-            ids = am.tokenizer.convert_tokens_to_ids(target)
-            if ids is None or ids == am.tokenizer.unk_token_id:
-                raise ValueError(f"target: {target!r} is not one token of the vocabulary")
-            target = ids
+            ids = am.tokenizer(target, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"target: {target!r} is {len(ids)} tokens, not one; pass a token id")
+            target = ids[0]
         measure.target = torch.tensor(int(target))
     return clean_batch, corrupt_batch, names, lengths, positions, measure
 
@@ -204,7 +193,7 @@ def activation(
     patched = torch.full((len(names), len(positions)), float("nan"))
     column = {p: i for i, p in enumerate(positions)}
     forwards = 2
-    with _eval(hf), torch.no_grad():
+    with eval_mode(hf), torch.no_grad():
         clean_logits, clean_acts = _run(hf, clean_batch, names)
         if measure.target is None:
             measure.target = clean_logits[0, -1].argmax()
@@ -272,7 +261,7 @@ def attribution(
     def leaf(output):
         return output.detach().requires_grad_()
 
-    with _eval(hf):
+    with eval_mode(hf):
         with torch.no_grad():
             clean_logits, clean_acts = _run(hf, clean_batch, names)
         if measure.target is None:
