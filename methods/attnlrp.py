@@ -139,7 +139,7 @@ def _norm_rule(name: str, module: nn.Module):
     if isinstance(module, nn.LayerNorm):
         return _layer_norm_rule(module)
     kind = type(module).__name__
-    if kind.endswith("RMSNorm") or kind == "T5LayerNorm":
+    if kind.endswith(("RMSNorm", "T5LayerNorm")):
         return _identity_rule
     if "Norm" in kind:
         raise ValueError(

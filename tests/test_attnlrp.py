@@ -301,3 +301,16 @@ def test_bad_variant():
         instrument.load_model(model, "attnlrp", tokenizer=tokenizer).attribute(
             "Hello", "Hello world", variant="lxt", show_progress=False
         )
+
+
+def test_batched_examples_and_attention_implementations_agree():
+    texts = [(PROMPT, TEXT), ("Good morning!", "Good morning! How are you")]
+    model, tokenizer = tiny_model("qwen2", attn_implementation="sdpa")
+    am = instrument.load_model(model, "attnlrp", tokenizer=tokenizer)
+    batched = am.attribute([s for s, _ in texts], [t for _, t in texts], show_progress=False)
+    eager = instrument.load_model(tiny_model("qwen2")[0], "attnlrp", tokenizer=tokenizer)
+    for index, (source, target) in enumerate(texts):
+        alone = eager.attribute(source, target, show_progress=False)[0].target_attributions
+        together = batched[index].target_attributions
+        assert torch.equal(alone.isnan(), together.isnan())
+        torch.testing.assert_close(together.nan_to_num(), alone.nan_to_num(), rtol=1e-4, atol=1e-6)
