@@ -15,8 +15,9 @@ Inside `lrp_rules(model)` (everything undone on exit, errors included):
   softmax's own gradient, so it is left alone; with `variant="cp"` the attention probabilities are
   constants instead (CP-LRP), so no relevance flows through queries and keys;
 - linear layers and sums: LRP-0 (epsilon = 0), i.e. their own gradient.
-Attention runs eagerly inside the call (whatever implementation the model was loaded with), and the
-model's parameters do not require grad meanwhile, so that "requires grad" means "depends on the inputs".
+Eager attention gets the rules op by op, PyTorch's `scaled_dot_product_attention` as a whole; other
+implementations (flash attention...) are switched to eager inside the call. The model's parameters
+do not require grad meanwhile, so that "requires grad" means "depends on the inputs".
 """
 
 from __future__ import annotations
@@ -96,11 +97,20 @@ class _ProductRules(TorchFunctionMode):
                 args = (args[0], _half(operands[0]), _half(operands[1]))
         elif func in _SOFTMAX and self.cp:
             return func(*args, **kwargs).detach()
-        elif func in _FUSED:
-            raise ValueError(
-                "attnlrp: the model computed attention with a fused kernel (scaled_dot_product_attention) "
-                "although eager attention was requested; its products cannot get the LRP rules"
-            )
+        elif func in _FUSED and len(args) >= 3:
+            # softmax(q k^T) v in one kernel: the uniform rule at softmax . v halves the gradients of the
+            # attention (so of q and k) and of v, the one at q k^T halves those of q and k again;
+            # CP-LRP: q and k are constants.
+            query, key, value = args[:3]
+            if self.cp:
+                query, key = query.detach(), key.detach()
+            else:
+                at_qk = _both_live(query, key)
+                if (query.requires_grad or key.requires_grad) and value.requires_grad:
+                    query, key, value = _half(query), _half(key), _half(value)
+                if at_qk:
+                    query, key = _half(query), _half(key)
+            args = (query, key, value, *args[3:])
         return func(*args, **kwargs)
 
 
@@ -218,7 +228,8 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp"):
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_no_parameter_grads(model))
-        stack.enter_context(eager_attention(model))
+        if getattr(model.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+            stack.enter_context(eager_attention(model))
         for module, rule in rules:
             stack.enter_context(_patched_forward(module, rule))
         hooks = stack.enter_context(HookHandles())

@@ -193,8 +193,8 @@ def llama_reference(model, ids, token, cp):
 REFERENCES = {"gpt2": gpt2_reference, "llama": llama_reference}
 
 
-def last_step_relevance(arch, variant, seed=0):
-    model, tokenizer = double_model(arch)
+def last_step_relevance(arch, variant, attn_implementation="eager"):
+    model, tokenizer = double_model(arch, attn_implementation)
     ids = torch.tensor(tokenizer(TEXT)["input_ids"])
     am = instrument.load_model(model, "attnlrp", tokenizer=tokenizer)
     out = am.attribute(PROMPT, TEXT, attributed_fn="logit", variant=variant, show_progress=False)[0]
@@ -205,10 +205,11 @@ def last_step_relevance(arch, variant, seed=0):
     return ours, reference, logit
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", ["attnlrp", "cp"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_equals_the_rules_written_out(arch, variant):
-    ours, reference, _ = last_step_relevance(arch, variant)
+def test_equals_the_rules_written_out(arch, variant, attn_implementation):
+    ours, reference, _ = last_step_relevance(arch, variant, attn_implementation)
     scale = reference.abs().max()
     assert scale > 0
     torch.testing.assert_close(ours.double() / scale, reference / scale, rtol=0, atol=1e-4)
