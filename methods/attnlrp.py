@@ -13,7 +13,8 @@ Inside `lrp_rules(model)` (everything undone on exit, errors included):
   factor gets half the relevance (half the gradient);
 - softmax: the paper's rule `R_in = x (R_out - s sum(R_out))`, which as input x gradient is the
   softmax's own gradient, so it is left alone; with `variant="cp"` the attention probabilities are
-  constants instead (CP-LRP), so no relevance flows through queries and keys;
+  constants instead (CP-LRP), so no relevance flows through queries and keys, and so are the gates of
+  gated MLPs (outputs of `gate_proj`, T5's `wi_0`, Mixtral's `w1`), as in lxt's CP-LRP;
 - linear layers and sums: LRP-0 (epsilon = 0), i.e. their own gradient.
 Eager attention gets the rules op by op, PyTorch's `scaled_dot_product_attention` as a whole; other
 implementations (flash attention...) are switched to eager inside the call. The model's parameters
@@ -165,6 +166,19 @@ def _is_activation(module: nn.Module) -> bool:
     return type(module).__module__ == "transformers.activations" and not any(True for _ in module.parameters())
 
 
+# (gate, up) projections of gated MLPs: Llama & co., T5's gated-GELU, Mixtral's experts.
+GATED = (("gate_proj", "up_proj"), ("wi_0", "wi_1"), ("w1", "w3"))
+
+
+def _gates(model: nn.Module) -> list[nn.Module]:
+    """The gate projections of the model's gated MLPs (held constant by CP-LRP, as lxt does)."""
+    found = []
+    for module in model.modules():
+        children = dict(module.named_children())
+        found += [children[gate] for gate, up in GATED if gate in children and up in children]
+    return found
+
+
 @contextlib.contextmanager
 def _patched_forward(module: nn.Module, rule: Callable):
     """`module.forward` replaced by `rule(original_forward, *args)` inside the block, as it was after."""
@@ -213,12 +227,13 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp"):
             rule = _norm_rule(name, module)
             if rule is not None:
                 rules.append((module, rule))
-    if not any(_is_activation(module) for module, _ in rules):
+    if not any(rule is _identity_rule and _is_activation(module) for module, rule in rules):
         raise ValueError(
             f"attnlrp found no activation module in {type(model).__name__} (modules of torch.nn or "
             "transformers.activations); a model applying its nonlinearities as functions cannot get the identity rule"
         )
     mode = _ProductRules(cp=variant == "cp")
+    gates = _gates(model) if variant == "cp" else []
 
     def enter(module, args):
         mode.depth += 1
@@ -235,6 +250,8 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp"):
         hooks = stack.enter_context(HookHandles())
         hooks.forward_pre(model, enter)
         hooks.forward(model, leave, always_call=True)
+        for gate in gates:  # CP-LRP: constant gates
+            hooks.forward(gate, lambda module, args, output: output.detach())
         stack.enter_context(mode)
         yield
 

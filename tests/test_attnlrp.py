@@ -6,7 +6,8 @@ The references propagate relevance messages `R` backwards layer by layer (no aut
 linear maps and sums (`R_x = x * ((R_z / z) @ W)`, biases absorb their share), the identity rule
 through activations and the normalisations' statistics, the uniform rule for products of two
 activations, Achtibat et al.'s softmax rule `R_S = S * (R_A - A * sum(R_A))` (CP-LRP: no relevance
-into the softmax).
+into the softmax, nor into the gate of a gated MLP, as lxt's CP-LRP). `tests/lxt_compare.py` compared
+the same fixtures with lxt 2.1 itself once (transformers 4.51, a separate environment).
 """
 
 import pytest
@@ -173,7 +174,8 @@ def llama_reference(model, ids, token, cp):
         out = x1 + down
         r_x1, r_down = x1 / out * relevance, down / out * relevance
         r_product = linear_back(act * up, mlp.down_proj.weight, down, r_down)
-        r_gate = r_up = r_product / 2  # uniform rule; then the identity rule through SiLU: r_gate unchanged
+        # Uniform rule, then the identity rule through SiLU (r_gate unchanged); CP-LRP: the gate is a constant.
+        r_gate, r_up = (torch.zeros_like(r_product), r_product) if cp else (r_product / 2, r_product / 2)
         r_h2 = linear_back(h2, mlp.gate_proj.weight, gate, r_gate) + linear_back(h2, mlp.up_proj.weight, up, r_up)
         r_x1 = r_x1 + r_h2
         r_x, r_attn = x / x1 * r_x1, attn / x1 * r_x1
