@@ -137,8 +137,13 @@ def test_cost_in_forwards():
         assert calls == [1, 1] + [5] * (sites // 5) + ([sites % 5] if sites % 5 else [])
         assert table.forwards == len(calls)
         calls.clear()
-        table = instrument.patching.attribution(am, clean, corrupt, "logit")
-        assert calls == [1, 1] and (table.forwards, table.backwards) == (2, 1)
+        backwards = []
+        hook = model.transformer.h[1].register_full_backward_hook(lambda *args: backwards.append(1))
+        try:
+            table = instrument.patching.attribution(am, clean, corrupt, "logit")
+        finally:
+            hook.remove()
+        assert calls == [1, 1] and backwards == [1] and (table.forwards, table.backwards) == (2, 1)
     finally:
         handle.remove()
 
