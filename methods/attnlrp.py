@@ -259,7 +259,8 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp"):
 @register("attnlrp")
 class AttnLRP(AttributionMethod):
     """AttnLRP (Achtibat et al. 2024): input x gradient under the LRP rules of `lrp_rules`; with
-    `variant="cp"`, CP-LRP (Ali et al. 2022: attention probabilities held constant). `target_layers`
+    `variant="cp"`, CP-LRP (Ali et al. 2022: attention probabilities held constant, and gated MLPs'
+    gates, as lxt does). Both equal lxt 2.1 on GPT-2 and Llama (`tests/lxt_compare.py`). `target_layers`
     (or `target_layer`) gives the relevance of inner modules' outputs, every layer in the same pass
     (a layer dimension after the step dimension, as `layer_gradient_x_activation`).
 

@@ -298,6 +298,19 @@ def test_one_forward_per_example():
     assert calls == [2]  # one forward, of one row per example
 
 
+def test_unknown_normalisation_is_refused():
+    class FancyNorm(torch.nn.Module):
+        def forward(self, x):
+            return x / x.norm(dim=-1, keepdim=True)
+
+    model, tokenizer = tiny_model("gpt2")
+    model.transformer.ln_f = FancyNorm()
+    am = instrument.load_model(model, "attnlrp", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="transformer.ln_f .FancyNorm"):
+        am.attribute("Hello", "Hello world", show_progress=False)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_bad_variant():
     model, tokenizer = tiny_model("gpt2")
     with pytest.raises(ValueError, match="variant"):
