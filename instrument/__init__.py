@@ -17,12 +17,13 @@ if _Path(getattr(_methods, "__file__", None) or "").resolve().parent.parent != _
         "(installed beside instrument); rename your own module called 'methods' or move it off sys.path"
     )
 
-from instrument import demo, kernels  # noqa: E402
+from instrument import demo, kernels, patching  # noqa: E402
 from instrument.aggregation import get_aggregator, list_aggregators, register_aggregator  # noqa: E402
 from instrument.files.shards import open_attributions  # noqa: E402
 from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId  # noqa: E402
+from instrument.readouts import logit_lens  # noqa: E402
 from instrument.reductions import (  # noqa: E402
     get_aggregation_function,
     list_aggregation_functions,
@@ -81,8 +82,10 @@ __all__ = [
     "list_feature_attribution_methods",
     "list_step_functions",
     "load_model",
+    "logit_lens",
     "merge_attributions",
     "open_attributions",
+    "patching",
     "register_aggregation_function",
     "register_aggregator",
     "register_model_config",

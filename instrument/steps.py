@@ -22,7 +22,9 @@ from typing import Any, Callable
 import torch
 
 from instrument.engine import Engine, train_mode
+from instrument.lens import eval_mode, lens_depth_of, lens_logits
 from instrument.rows import Rows
+from instrument.selection import resolve_alias
 from instrument.step_args import PerStepRead, StepFunctionArgs, StepInputs
 
 
@@ -287,6 +289,51 @@ def mc_dropout_prob_avg(args: StepFunctionArgs, n_mcd_steps: int = 5, logprob: b
     return (probability(args, logprob) - noisy.mean(0)) / noisy.std(0)
 
 
+def logit_diff(args: StepFunctionArgs, wrong_id=None, correct_id=None) -> torch.Tensor:
+    """Logit of the correct answer minus that of the wrong one (`correct_id`, default: the target
+    token; `wrong_id`: a token id, or one per row), as in circuit analyses (Wang et al. 2023).
+
+        model.attribute(text, attributed_fn="logit_diff", wrong_id=tokenizer.convert_tokens_to_ids("Mary"))
+    """
+    logits = args.logits.float()
+    if wrong_id is None:
+        raise ValueError("logit_diff needs wrong_id=: the token id (or one per row) whose logit is subtracted")
+
+    def ids(value, name):
+        value = torch.as_tensor(value, device=logits.device)
+        if value.is_floating_point() or value.dim() > 1 or (value.dim() == 1 and len(value) != len(logits)):
+            raise ValueError(f"logit_diff: {name} must be a token id or one per row ({len(logits)}), got {value!r}")
+        if bool(((value < 0) | (value >= logits.shape[-1])).any()):
+            raise ValueError(f"logit_diff: {name} {value.tolist()} is not in the vocabulary (size {logits.shape[-1]})")
+        return value.long().expand(len(logits))
+
+    correct = args.target_ids if correct_id is None else ids(correct_id, "correct_id")
+    return _gather(logits, correct.to(logits.device)) - _gather(logits, ids(wrong_id, "wrong_id"))
+
+
+def lens_depth(args: StepFunctionArgs) -> torch.Tensor:
+    """Logit-lens depth: the first layer (0: the embeddings, l: block l's output) from which the
+    target token is the top prediction of the residual stream read through the final norm and
+    unembedding, and stays so to the last layer; the number of layers + 1 when the model itself does
+    not rank it first. One extra forward of the rows (`instrument.lens`)."""
+    inputs = args._inputs("lens_depth")
+    engine, rows = inputs.engine, inputs.rows
+    if engine.is_encoder_decoder:
+        batch = {
+            "input_ids": rows.source_ids,
+            "attention_mask": rows.source_mask,
+            "decoder_input_ids": rows.target_ids,
+            "decoder_attention_mask": rows.target_mask,
+        }
+    else:
+        batch = {"input_ids": rows.target_ids, "attention_mask": rows.target_mask}
+    stack = resolve_alias(engine.model, "layers", "decoder" if engine.is_encoder_decoder else None)
+    with torch.no_grad(), eval_mode(engine.model):
+        lens = lens_logits(engine.model, stack, batch)
+    last = rows.last.to(lens.device)
+    return lens_depth_of(lens[:, torch.arange(len(last), device=lens.device), last], rows.token).to(args.logits.device)
+
+
 def top_p_size(args: StepFunctionArgs, top_p: float = 0.9) -> torch.Tensor:
     """How many tokens the nucleus of probability mass `top_p` holds."""
     return (~_removed_by_top_p(args.logits.float(), top_p, 1)).sum(-1).float()
@@ -310,6 +357,8 @@ for _fn, _contrast, _aggregate_map in [
     (in_context_pvi, True, _SUM),
     (mc_dropout_prob_avg, False, _PROB),
     (top_p_size, False, None),
+    (logit_diff, False, None),
+    (lens_depth, False, None),
 ]:
     register_step_function(
         _fn, _fn.__name__, dict(_aggregate_map) if _aggregate_map else None, needs_contrast=_contrast

@@ -6,6 +6,7 @@ methods.list_methods()
 
 from methods import (  # noqa: E402,F401  (registers the methods)  # noqa: E402,F401
     attention,  # noqa: E402,F401
+    attnlrp,
     gradient,
     layer,
     lime,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("instrument", "methods")
-API = ("instrument", "instrument.__main__", "instrument.cli")
+API = ("instrument", "instrument.__main__", "instrument.cli", "instrument.patching", "instrument.readouts")
 
 
 def module_name(path: Path) -> str:
