@@ -20,7 +20,7 @@ torch's default thread count:
                        attn.float().mean((0, 2))
 
   alti_norms    fused: kernels.alti_norms(attn, values, residual, positions)  attn [B, 12, L, L], values
-                [B, 12, L, D] (a GPT-2-small layer: 12 heads, D=768; L=1024 in the full sizes)
+                [B, 12, L, D] (a GPT-2-small layer: 12 heads, D=768, causal; L=1024 in the full sizes)
                 naive: the fallback with every query in one chunk, which forms t [B, L, L, D] at once;
                 chunked: the fallback as it runs without the extension. A table of its own: time and the
                 peak memory each adds (instrument.memory.measure: CUDA allocator peak, CPU resident peak).
@@ -224,7 +224,9 @@ def alti_table(size: dict, dtypes: list, device: torch.device, repeats: int) -> 
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
-        attn = torch.softmax(torch.randn(batch, heads, length, length, generator=gen), -1).to(device, dtype)
+        causal = torch.ones(length, length).triu(1).bool()  # a decoder layer's causal attention
+        scores = torch.randn(batch, heads, length, length, generator=gen).masked_fill(causal, float("-inf"))
+        attn = torch.softmax(scores, -1).to(device, dtype)
         values = torch.randn(batch, heads, length, hidden, generator=gen).to(device, dtype)
         residual = torch.randn(batch, length, hidden, generator=gen).to(device, dtype)
         positions = torch.arange(length, device=device).expand(batch, -1).contiguous()
@@ -270,6 +272,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes D, instead of the --sizes ones")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--alti-length", type=int, default=None, help="L of alti_norms, instead of the --sizes one")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,6 +286,8 @@ def main(argv=None) -> None:
     # on what ran before. Freeing one 32 MiB tensor first puts both columns in the steady state of a long run.
     torch.empty(8 * 2**20).fill_(0)  # 32 MiB, freed at once
     size = dict(SIZES[args.sizes])
+    if args.alti_length:
+        size["alti_length"] = args.alti_length
     if args.hidden:
         size["hidden"] = tuple(int(d) for d in args.hidden.split(","))
 

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -23,19 +24,27 @@ void alti_rows(const T* attn, const T* values, const T* residual, const int64_t*
     const int64_t pos = positions != nullptr ? positions[row] : -1;
     const A* y = resultant + row * hidden;
     for (int64_t j = 0; j < keys; ++j) {
+      bool any = j == pos;
       for (int64_t h = 0; h < heads; ++h) {
         weights[h] = static_cast<A>(attn[((b * heads + h) * queries + i) * keys + j]);
+        any = any || weights[h] != A(0);
+      }
+      if (!any) {  // a key this query does not see (causal or padding mask): t = 0, so gain and norm are 0
+        gain[row * keys + j] = 0;
+        norm[row * keys + j] = 0;
+        continue;
+      }
+      std::fill(t.begin(), t.end(), A(0));
+      for (int64_t h = 0; h < heads; ++h) {  // heads in order, each over contiguous hidden units
+        const A w = weights[h];
+        const T* v = values + ((b * heads + h) * keys + j) * hidden;
+        for (int64_t d = 0; d < hidden; ++d) t[d] += w * static_cast<A>(v[d]);
+      }
+      if (j == pos) {
+        for (int64_t d = 0; d < hidden; ++d) t[d] += static_cast<A>(residual[row * hidden + d]);
       }
       A sum = 0;
-      for (int64_t d = 0; d < hidden; ++d) {
-        A value = 0;
-        for (int64_t h = 0; h < heads; ++h) {
-          value += weights[h] * static_cast<A>(values[((b * heads + h) * keys + j) * hidden + d]);
-        }
-        if (j == pos) value += static_cast<A>(residual[row * hidden + d]);
-        t[d] = value;
-        sum += value;
-      }
+      for (int64_t d = 0; d < hidden; ++d) sum += t[d];
       const A mean = center ? sum / static_cast<A>(hidden) : A(0);
       A l1 = 0, l2 = 0;
       for (int64_t d = 0; d < hidden; ++d) {

@@ -50,6 +50,15 @@ __global__ void alti_norms_kernel(const T* __restrict__ attn, const T* __restric
   const int64_t row = item / keys, j = item % keys;
   const int64_t b = row / queries, i = row % queries;
   const bool self = positions != nullptr && positions[row] == j;
+  bool any = self;
+  for (int64_t h = 0; h < heads && !any; ++h) any = Math<T>::load(attn[((b * heads + h) * queries + i) * keys + j]) != A(0);
+  if (!any) {  // a key this query does not see (causal or padding mask): t = 0, so gain and norm are 0 (whole warp)
+    if (lane == 0) {
+      gain[item] = 0;
+      norm[item] = 0;
+    }
+    return;
+  }
   A mean = 0;
   if (ln_scale != nullptr && center) {
     A sum = 0;

@@ -16,7 +16,10 @@ SHAPES = [(2, 3, 5, 5, 8), (1, 4, 2, 7, 33), (3, 1, 1, 1, 1)]  # B, H, Q, K, D
 def case(shape, dtype, residual=True, ln=False, device="cpu", seed=0):
     b, h, q, k, d = shape
     g = torch.Generator().manual_seed(seed)
-    attn = torch.softmax(torch.randn(b, h, q, k, generator=g), -1).to(dtype)
+    scores = torch.randn(b, h, q, k, generator=g)
+    if q == k:  # causal: the kernels skip keys no head attends to
+        scores = scores.masked_fill(torch.ones(q, k).triu(1).bool(), float("-inf"))
+    attn = torch.softmax(scores, -1).to(dtype)
     values = torch.randn(b, h, k, d, generator=g).to(dtype)
     kw = {}
     if residual:
