@@ -314,3 +314,12 @@ def test_aggregation_and_save_load(tmp_path):
     loaded = instrument.FeatureAttributionOutput.load(tmp_path / "alti.json")
     assert_same(loaded[0].target_attributions, out[0].target_attributions)
     assert out.aggregate()[0].target_attributions is not None
+
+
+@pytest.mark.parametrize("method", ["alti", "globenc", "attention_rollout"])
+def test_bfloat16_model_rows_sum_to_one(method):
+    model, tokenizer = tiny_model("llama")
+    wrapped = instrument.load_model(model.to(torch.bfloat16), method, tokenizer=tokenizer)
+    seq = wrapped.attribute(SOURCES[0], DECODER_TARGETS[0], show_progress=False)[0]
+    totals = seq.target_attributions.nan_to_num().sum(0)
+    torch.testing.assert_close(totals, torch.ones_like(totals), rtol=0, atol=1e-5)
