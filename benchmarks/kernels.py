@@ -19,6 +19,12 @@ torch's default thread count:
                 eager: attn[layers][:, :, heads].float().mean((0, 2)) (amax for max); without a selection
                        attn.float().mean((0, 2))
 
+  alti_norms    fused: kernels.alti_norms(attn, values, residual, positions)  attn [B, 12, L, L], values
+                [B, 12, L, D] (a GPT-2-small layer: 12 heads, D=768, causal; L=1024 in the full sizes)
+                naive: the fallback with every query in one chunk, which forms t [B, L, L, D] at once;
+                chunked: the fallback as it runs without the extension. A table of its own: time and the
+                peak memory each adds (instrument.memory.measure: CUDA allocator peak, CPU resident peak).
+
 "GB/s" is the traffic the op cannot avoid (every input read once, every output written once) divided by the
 time, for both columns, so the two are comparable; "copy" relates it to the bandwidth of one big
 `tensor.copy_` (read + write) on the same device, measured first; the read-only bandwidth of a big
@@ -46,13 +52,13 @@ import torch
 # The repository root replaces this folder at the head of the path: benchmarks/kernels.py must not shadow
 # the `kernels` package that transformers imports when it is installed.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from instrument import kernels  # noqa: E402
+from instrument import kernels, memory  # noqa: E402
 
 SIZES = {  # B, L, hidden sizes, K; attention: layers, heads
-    "full": dict(batch=8, length=512, hidden=(768, 4096), k=50, layers=12, heads=12),
-    "small": dict(batch=2, length=128, hidden=(768,), k=10, layers=4, heads=12),
+    "full": dict(batch=8, length=512, hidden=(768, 4096), k=50, layers=12, heads=12, alti_length=1024),
+    "small": dict(batch=2, length=128, hidden=(768,), k=10, layers=4, heads=12, alti_length=256),
 }
-OPS = ("interpolate", "accumulate", "finalize", "reduce_heads")
+OPS = ("interpolate", "accumulate", "finalize", "reduce_heads", "alti_norms")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -209,6 +215,54 @@ def cases(op: str, size: dict, dtype: torch.dtype, device: torch.device):
             )
 
 
+def alti_table(size: dict, dtypes: list, device: torch.device, repeats: int) -> None:
+    """Time and peak memory of kernels.alti_norms against the naive version that forms [B, L, L, D]."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, length, hidden = 1, 12, size["alti_length"], 768
+    print(f"\nalti_norms, B={batch}, H={heads}, L={length}, D={hidden} (GPT-2 small), {device.type}")
+    header = f"{'dtype':<10}{'version':<10}{'ms':>10}{'peak MiB':>10}{'vs naive':>10}"
+    print(header)
+    print("-" * len(header))
+    for dtype in dtypes:
+        causal = torch.ones(length, length).triu(1).bool()  # a decoder layer's causal attention
+        scores = torch.randn(batch, heads, length, length, generator=gen).masked_fill(causal, float("-inf"))
+        attn = torch.softmax(scores, -1).to(device, dtype)
+        values = torch.randn(batch, heads, length, hidden, generator=gen).to(device, dtype)
+        residual = torch.randn(batch, length, hidden, generator=gen).to(device, dtype)
+        positions = torch.arange(length, device=device).expand(batch, -1).contiguous()
+        args = (attn, values, residual, positions)
+        math = torch.float64 if dtype == torch.float64 else torch.float32
+        need = 6 * batch * length * length * hidden * torch.finfo(math).bits // 8
+        versions = {"fused": lambda: kernels.alti_norms(*args, use_extension=None if device.type == "cpu" else True)}
+        versions["chunked"] = lambda: kernels.alti_norms(*args, use_extension=False)
+        if need < 0.6 * available_bytes(device):
+
+            def naive():
+                resultant = torch.einsum("bhqk,bhkd->bqd", attn.to(math), values.to(math)) + residual.to(math)
+                return kernels._alti_norms_torch(*args, None, None, True, resultant, chunk=length)
+
+            versions["naive"] = naive
+        else:
+            print(f"{str(dtype)[6:]:<10}naive     skipped: needs ~{need / 1e9:.1f} GB")
+        run = timer(device, repeats)
+        figures = {}
+        for name, fn in versions.items():  # interleaved: every version once per round
+            gc.collect()
+            with memory.measure([device]) as measured:
+                fn()
+            figures[name] = [None, measured.peak]
+        times = run(*versions.values())
+        for name, seconds in zip(versions, times if len(versions) > 1 else [times]):
+            figures[name][0] = seconds
+        naive_peak = figures.get("naive", [None, None])[1]
+        for name, (seconds, peak) in figures.items():
+            ratio = f"{peak / naive_peak:.3f}" if peak and naive_peak else "-"
+            peak_text = f"{peak / 2**20:.0f}" if peak is not None else "?"
+            print(f"{str(dtype)[6:]:<10}{name:<10}{seconds * 1e3:>10.1f}{peak_text:>10}{ratio:>10}", flush=True)
+        versions.clear()
+        gc.collect()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", choices=sorted(SIZES), default="full")
@@ -218,6 +272,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes D, instead of the --sizes ones")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--alti-length", type=int, default=None, help="L of alti_norms, instead of the --sizes one")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,6 +286,8 @@ def main(argv=None) -> None:
     # on what ran before. Freeing one 32 MiB tensor first puts both columns in the steady state of a long run.
     torch.empty(8 * 2**20).fill_(0)  # 32 MiB, freed at once
     size = dict(SIZES[args.sizes])
+    if args.alti_length:
+        size["alti_length"] = args.alti_length
     if args.hidden:
         size["hidden"] = tuple(int(d) for d in args.hidden.split(","))
 
@@ -262,6 +319,8 @@ def main(argv=None) -> None:
         print("-" * len(header))
         run = timer(device, args.repeats)
         for op in ops:
+            if op == "alti_norms":
+                continue
             for dtype in dtypes:
                 for label, fused, eager, nbytes in cases(op, size, dtype, device):
                     if fused is None:
@@ -275,6 +334,8 @@ def main(argv=None) -> None:
                         flush=True,
                     )
                 gc.collect()
+        if "alti_norms" in ops:
+            alti_table(size, dtypes, device, args.repeats)
 
 
 if __name__ == "__main__":

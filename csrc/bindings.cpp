@@ -29,6 +29,9 @@ void accumulate_cpu(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& 
 void finalize_cpu(const at::Tensor& acc, const at::Tensor& inputs, const at::Tensor& baselines, at::Tensor& out);
 void reduce_heads_cpu(const std::vector<at::Tensor>& layers, const std::vector<int64_t>& heads, bool max,
                       at::Tensor& out);
+void alti_norms_cpu(const at::Tensor& attn, const at::Tensor& values, const at::Tensor* residual,
+                    const int64_t* positions, const at::Tensor* ln_scale, const at::Tensor* ln_weight, bool center,
+                    const at::Tensor& resultant, at::Tensor& gain, at::Tensor& norm);
 
 namespace {
 
@@ -231,6 +234,72 @@ at::Tensor reduce_heads(const std::vector<at::Tensor>& layers, const std::vector
   no_kernel("reduce_heads", first);
 }
 
+// ALTI's gains ||resultant_i||_1 - ||resultant_i - t_ij||_1 and L2 norms ||t_ij||_2 of the decomposed vectors t_ij, without forming
+// them all: two [B, Q, K] tensors in the math type. See instrument.kernels.alti_norms.
+std::tuple<at::Tensor, at::Tensor> alti_norms(const at::Tensor& attn, const at::Tensor& values,
+                                              const c10::optional<at::Tensor>& residual,
+                                              const c10::optional<at::Tensor>& positions,
+                                              const c10::optional<at::Tensor>& ln_scale,
+                                              const c10::optional<at::Tensor>& ln_weight, bool center,
+                                              const at::Tensor& resultant) {
+  TORCH_CHECK(attn.dim() == 4 && values.dim() == 4, "alti_norms: attn must be [B, H, Q, K] and values [B, H, K, D]");
+  const int64_t batch = attn.size(0), heads = attn.size(1), queries = attn.size(2), keys = attn.size(3);
+  const int64_t hidden = values.size(3);
+  TORCH_CHECK(values.size(0) == batch && values.size(1) == heads && values.size(2) == keys,
+              "alti_norms: values ", values.sizes(), " do not match attn ", attn.sizes());
+  TORCH_CHECK(supported(attn.scalar_type()) && values.scalar_type() == attn.scalar_type(),
+              "alti_norms: attn and values must have one supported dtype");
+  const auto math = at::toOpMathType(attn.scalar_type());
+  const auto device = attn.device();
+  TORCH_CHECK(attn.is_contiguous() && values.is_contiguous() && values.device() == device,
+              "alti_norms: attn and values must be contiguous, on one device");
+  TORCH_CHECK(resultant.sizes() == at::IntArrayRef({batch, queries, hidden}) && resultant.scalar_type() == math &&
+                  resultant.is_contiguous() && resultant.device() == device,
+              "alti_norms: resultant must be a contiguous [B, Q, D] tensor in the math type");
+  TORCH_CHECK(residual.has_value() == positions.has_value(), "alti_norms: residual and positions go together");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == resultant.sizes() && residual->scalar_type() == attn.scalar_type() &&
+                    residual->is_contiguous() && residual->device() == device,
+                "alti_norms: residual must be a contiguous [B, Q, D] tensor of attn's dtype");
+    TORCH_CHECK(positions->sizes() == at::IntArrayRef({batch, queries}) && positions->scalar_type() == at::kLong &&
+                    positions->is_contiguous() && positions->device() == device,
+                "alti_norms: positions must be a contiguous int64 [B, Q] tensor");
+  }
+  TORCH_CHECK(ln_scale.has_value() == ln_weight.has_value(), "alti_norms: ln_scale and ln_weight go together");
+  if (ln_scale.has_value()) {
+    TORCH_CHECK(ln_scale->sizes() == at::IntArrayRef({batch, queries}) && ln_scale->scalar_type() == math &&
+                    ln_scale->is_contiguous() && ln_scale->device() == device,
+                "alti_norms: ln_scale must be a contiguous [B, Q] tensor in the math type");
+    TORCH_CHECK(ln_weight->sizes() == at::IntArrayRef({hidden}) && ln_weight->scalar_type() == math &&
+                    ln_weight->is_contiguous() && ln_weight->device() == device,
+                "alti_norms: ln_weight must be a contiguous [D] tensor in the math type");
+  }
+  at::Tensor gain = at::empty({batch, queries, keys}, attn.options().dtype(math));
+  at::Tensor norm = at::empty_like(gain);
+  const at::Tensor* residual_ptr = residual.has_value() ? &*residual : nullptr;
+  const int64_t* positions_ptr = positions.has_value() ? positions->const_data_ptr<int64_t>() : nullptr;
+  const at::Tensor* scale_ptr = ln_scale.has_value() ? &*ln_scale : nullptr;
+  const at::Tensor* weight_ptr = ln_weight.has_value() ? &*ln_weight : nullptr;
+  if (attn.is_cpu()) {
+    alti_norms_cpu(attn, values, residual_ptr, positions_ptr, scale_ptr, weight_ptr, center, resultant, gain, norm);
+    return {gain, norm};
+  }
+#ifdef WITH_CUDA
+  if (attn.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(device);
+    check_cuda(alti_norms_cuda(cuda_dtype(attn.scalar_type()), attn.const_data_ptr(), values.const_data_ptr(),
+                               residual_ptr != nullptr ? residual_ptr->const_data_ptr() : nullptr, positions_ptr,
+                               scale_ptr != nullptr ? scale_ptr->const_data_ptr() : nullptr,
+                               weight_ptr != nullptr ? weight_ptr->const_data_ptr() : nullptr, center,
+                               resultant.const_data_ptr(), gain.mutable_data_ptr(), norm.mutable_data_ptr(), batch,
+                               heads, queries, keys, hidden, current_stream()),
+               "alti_norms");
+    return {gain, norm};
+  }
+#endif
+  no_kernel("alti_norms", attn);
+}
+
 }  // namespace instrument
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -250,6 +319,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("acc"), py::arg("inputs"), py::arg("baselines"), py::call_guard<py::gil_scoped_release>());
   m.def("reduce_heads", &instrument::reduce_heads, "Attention mean or max over layers and heads; see instrument.kernels.",
         py::arg("layers"), py::arg("heads"), py::arg("reduce"), py::call_guard<py::gil_scoped_release>());
+  m.def("alti_norms", &instrument::alti_norms, "ALTI gains and norms of decomposed vectors; see instrument.kernels.",
+        py::arg("attn"), py::arg("values"), py::arg("residual"), py::arg("positions"), py::arg("ln_scale"),
+        py::arg("ln_weight"), py::arg("center"), py::arg("resultant"), py::call_guard<py::gil_scoped_release>());
   m.def("cpu_simd", [] { return instrument::cpu::has_avx2(); },
         "Whether the CPU kernels run their AVX2 versions (else the scalar ones).");
   m.def(

@@ -36,4 +36,15 @@ const char* finalize_cuda(Dtype dtype, const float* acc, const void* inputs, con
 const char* reduce_heads_cuda(Dtype dtype, const void* const* planes, int64_t n_pairs, void* out, int64_t batch,
                               int64_t batch_stride, int64_t plane, bool max, void* stream);
 
+// For each (b, i, j): t = sum_h attn[b, h, i, j] * values[b, h, j, :] (+ residual[b, i, :] where j == positions[b, i]),
+// then, with ln_scale, t = (t - (center ? mean(t) : 0)) * ln_scale[b, i] * ln_weight; gain[b, i, j] = sum_d
+// |resultant[b, i, d]| - |resultant[b, i, d] - t[d]|, norm[b, i, j] = sqrt(sum_d t[d]^2), in the math type. attn: [batch, heads, queries,
+// keys]; values: [batch, heads, keys, hidden]; residual: [batch, queries, hidden] and positions [batch, queries]
+// (both nullable); ln_scale: [batch, queries], ln_weight: [hidden], resultant: [batch, queries, hidden], gain and
+// norm: [batch, queries, keys], all in the math type (ln_* nullable). Sums run in another order than the CPU's.
+const char* alti_norms_cuda(Dtype dtype, const void* attn, const void* values, const void* residual,
+                            const int64_t* positions, const void* ln_scale, const void* ln_weight, bool center,
+                            const void* resultant, void* gain, void* norm, int64_t batch, int64_t heads,
+                            int64_t queries, int64_t keys, int64_t hidden, void* stream);
+
 }  // namespace instrument

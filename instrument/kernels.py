@@ -5,6 +5,7 @@
     kernels.accumulate(total, grads, weights)        # total += sum_k weights[k] * grads[k], in place
     kernels.finalize(total, embeds, baselines)       # total * (embeds - baselines)
     kernels.reduce_heads(attentions, layers=[-1], heads=[0, 3], reduce="max")   # the attention method's
+    gain, norm = kernels.alti_norms(attn, values, residual, positions)   # ALTI's, per (query, key)
     kernels.has_extension(), kernels.extension_error()
     (True, None)
 
@@ -46,6 +47,7 @@ from instrument.kernel_args import (
 __all__ = [
     "ExtensionNotice",
     "accumulate",
+    "alti_norms",
     "extension_error",
     "finalize",
     "has_extension",
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 HEAD_REDUCTIONS = ("mean", "max")
-OPS = ("interpolate", "accumulate", "finalize", "reduce_heads")  # what instrument._C must provide
+OPS = ("interpolate", "accumulate", "finalize", "reduce_heads", "alti_norms")  # what instrument._C must provide
 API = 2  # instrument._C's `api`: 2 since finalize has no reductions (an older build takes a `reduce` argument)
 
 
@@ -338,3 +340,121 @@ def _reduce_heads_torch(layers: list, heads: list, reduce: str) -> torch.Tensor:
     if reduce == "mean":  # a true division (CUDA divides by a Python number through its reciprocal)
         total = total / torch.full_like(total, len(layers) * len(heads))
     return total
+
+
+def alti_norms(
+    attn: torch.Tensor,
+    values: torch.Tensor,
+    residual: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    ln_scale: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    center: bool = True,
+    *,
+    use_extension: Optional[bool] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALTI's gains `||y_i||_1 - ||y_i - t_ij||_1` and the norms `||t_ij||_2` of the decomposed vectors of
+    one attention layer, `[B, Q, K]` each.
+
+        attn = torch.softmax(torch.randn(2, 4, 5, 5), -1)          # [B, H, Q, K]
+        values = torch.randn(2, 4, 5, 32)                          # [B, H, K, D]: per-head values through W_O
+        gain, norm = kernels.alti_norms(attn, values, x, torch.arange(5).expand(2, 5))   # x [B, Q, D]
+
+    Query i's decomposed vector for key j is `t_ij = sum_h attn[b, h, i, j] * values[b, h, j]`, plus
+    `residual[b, i]` where `j == positions[b, i]` (the key holding query i's own token; -1: none), then,
+    with `ln_scale` ([B, Q]) and `ln_weight` ([D]), a layer norm as a linear map with fixed statistics:
+    `(t_ij - mean(t_ij)) * ln_scale[b, i] * ln_weight` (`center=False`: no mean, as an RMS norm). The
+    resultant `y_i = sum_j t_ij` is computed here; the op returns `gain[b, i, j] = ||y_i||_1 - ||y_i - t_ij||_1`
+    and `norm[b, i, j] = ||t_ij||_2`, in the math dtype (float32; float64 for float64), without grad.
+    The gain is summed over the hidden units as `|y| - |y - t|`, taken as `sign(y) * t` wherever `y` and
+    `y - t` have one sign (the same number, without the cancellation that leaves float32 with only the
+    error of `||y||_1` when t is small).
+    The native kernels build each t_ij one hidden unit at a time and never hold `[Q, K, D]`; the
+    fallback forms it for a chunk of queries at a time (32 MiB in float32). They agree up to the order of
+    the sums (float32 rounding).
+    """
+    op = "alti_norms"
+    for name, tensor in (("attn", attn), ("values", values)):
+        check_tensor(op, name, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D, got shape {tuple(tensor.shape)}")
+    check_dtype(op, "attn", attn)
+    batch, heads, queries, keys = attn.shape
+    if tuple(values.shape[:3]) != (batch, heads, keys):
+        raise ValueError(
+            f"{op}: values must be [B, H, K, D] = [{batch}, {heads}, {keys}, D], got {tuple(values.shape)}"
+        )
+    if values.dtype != attn.dtype or values.device != attn.device:
+        raise TypeError(f"{op}: values ({values.dtype}, {values.device}) must match attn ({attn.dtype}, {attn.device})")
+    hidden = values.shape[3]
+    math = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    if (residual is None) != (positions is None):
+        raise ValueError(f"{op}: residual and positions go together")
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        check_tensor(op, "positions", positions)
+        if tuple(residual.shape) != (batch, queries, hidden) or residual.dtype != attn.dtype:
+            raise ValueError(f"{op}: residual must be [B, Q, D] = {(batch, queries, hidden)} of dtype {attn.dtype}")
+        if tuple(positions.shape) != (batch, queries) or positions.dtype != torch.long:
+            raise ValueError(f"{op}: positions must be an int64 [B, Q] = {(batch, queries)} tensor")
+        residual, positions = residual.detach().to(attn.device).contiguous(), positions.to(attn.device).contiguous()
+    if (ln_scale is None) != (ln_weight is None):
+        raise ValueError(f"{op}: ln_scale and ln_weight go together")
+    if ln_scale is not None:
+        if tuple(ln_scale.shape) != (batch, queries) or tuple(ln_weight.shape) != (hidden,):
+            raise ValueError(f"{op}: ln_scale must be [B, Q] and ln_weight [D]")
+        ln_scale = ln_scale.detach().to(attn.device, math).contiguous()
+        ln_weight = ln_weight.detach().to(attn.device, math).contiguous()
+    attn, values = attn.detach().contiguous(), values.detach().contiguous()
+    with torch.no_grad():
+        resultant = torch.einsum("bhqk,bhkd->bqd", attn.to(math), values.to(math))
+        if residual is not None:
+            own = ((positions >= 0) & (positions < keys)).to(math)[..., None]
+            resultant = resultant + own * residual.to(math)
+        resultant = _alti_layer_norm(resultant, ln_scale, ln_weight, center).contiguous()
+    native = _native(attn.device, use_extension)
+    if native is not None:
+        return native.alti_norms(attn, values, residual, positions, ln_scale, ln_weight, center, resultant)
+    return _alti_norms_torch(attn, values, residual, positions, ln_scale, ln_weight, center, resultant)
+
+
+def _alti_layer_norm(t, ln_scale, ln_weight, center):
+    """A layer norm as a linear map with fixed statistics over the last dimension of `t` `[B, Q, ..., D]`."""
+    if ln_scale is None:
+        return t
+    if center:
+        t = t - t.mean(-1, keepdim=True)
+    scale = ln_scale.reshape(*ln_scale.shape, *([1] * (t.dim() - 2)))
+    return t * scale * ln_weight
+
+
+@torch.no_grad()
+def _alti_norms_torch(attn, values, residual, positions, ln_scale, ln_weight, center, resultant, chunk=None):
+    """The fallback, `chunk` queries at a time (None: a few MiB of decomposed vectors a chunk; the
+    benchmark's naive version passes every query at once)."""
+    math = resultant.dtype
+    batch, _, queries, keys = attn.shape
+    hidden = values.shape[3]
+    if chunk is None:
+        chunk = max(1, (1 << 23) // max(1, batch * keys * hidden))
+    gain = resultant.new_empty(batch, queries, keys)
+    norm = resultant.new_empty(batch, queries, keys)
+    values = values.to(math)
+    for start in range(0, queries, chunk):
+        rows = slice(start, start + chunk)
+        t = torch.einsum("bhqk,bhkd->bqkd", attn[:, :, rows].to(math), values)  # [B, q, K, D]
+        if residual is not None:
+            pos = positions[:, rows]
+            b, q = ((pos >= 0) & (pos < keys)).nonzero(as_tuple=True)
+            t[b, q, pos[b, q]] += residual[:, rows].to(math)[b, q]
+        t = _alti_layer_norm(t, None if ln_scale is None else ln_scale[:, rows], ln_weight, center)
+        gain[:, rows] = _gain(resultant[:, rows, None], t).sum(-1)
+        norm[:, rows] = t.norm(dim=-1)
+    return gain, norm
+
+
+def _gain(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`|y| - |y - t|` elementwise, as `sign(y) * t` where `y` and `y - t` share a sign."""
+    diff = y - t
+    same = ((y > 0) & (diff > 0)) | ((y < 0) & (diff < 0))
+    return torch.where(same, torch.sign(y) * t, y.abs() - diff.abs())

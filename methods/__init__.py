@@ -10,6 +10,7 @@ from methods import (  # noqa: E402,F401  (registers the methods)  # noqa: E402,
     gradient,
     layer,
     lime,
+    mixing,
     occlusion,
     path,  # noqa: E402,F401
     reagent,

@@ -588,7 +588,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     assert not kernels.has_extension()
 error = kernels.extension_error()
-assert "out of date (no accumulate, finalize, reduce_heads)" in error and "pip install" in error, error
+assert "out of date (no accumulate, finalize, reduce_heads, alti_norms)" in error and "pip install" in error, error
 assert len([w for w in caught if issubclass(w.category, kernels.ExtensionNotice)]) == 1
 print("ok")
 """
