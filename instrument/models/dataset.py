@@ -73,7 +73,10 @@ class ModelSpec:
 
     @property
     def model_name(self) -> str:
-        return self.name
+        """As `AttributionModel.model_name` of the loaded model (a demo model's folder, else the name)."""
+        from instrument.models import _demo_path
+
+        return _demo_path(self.name) or self.name
 
     def load(self):
         from instrument.models import load_model
@@ -81,6 +84,30 @@ class ModelSpec:
         return load_model(
             self.name, self.attribution_method, device=self.device, model_kwargs=self.model_kwargs, **self.method_kwargs
         )
+
+
+def replica_placement(local_rank: int, gpus_per_replica: int, visible: int, total_memory=None) -> dict:
+    """`load_model`'s model_kwargs that spread one replica over its own GPUs: rank r of a node takes the GPUs
+    `r * k ... r * k + k - 1` (k = `gpus_per_replica`) with a `device_map`; ValueError when they do not exist.
+
+        replica_placement(1, 2, 4)   # {"device_map": "auto", "max_memory": {2: ..., 3: ...}}
+
+    `total_memory(gpu)`: bytes of a GPU (default: CUDA's figure); the replica may fill 90% of each.
+    """
+    if isinstance(gpus_per_replica, bool) or not isinstance(gpus_per_replica, int) or gpus_per_replica < 1:
+        raise ValueError(f"gpus_per_replica must be a positive integer, got {gpus_per_replica!r}")
+    gpus = list(range(local_rank * gpus_per_replica, (local_rank + 1) * gpus_per_replica))
+    if gpus[-1] >= visible:
+        raise ValueError(
+            f"gpus_per_replica={gpus_per_replica}: local rank {local_rank} needs GPUs {gpus[0]}-{gpus[-1]} but "
+            f"{visible} are visible; run torchrun with --nproc_per_node {max(visible // gpus_per_replica, 1)} or fewer"
+        )
+    if total_memory is None:
+
+        def total_memory(gpu):
+            return torch.cuda.get_device_properties(gpu).total_memory
+
+    return {"device_map": "auto", "max_memory": {gpu: int(total_memory(gpu) * 0.9) for gpu in gpus}}
 
 
 # -- rows --------------------------------------------------------------------------------------------
@@ -572,12 +599,10 @@ def attribute_dataset(
         "method": method,
         "arguments": {
             **_recorded(dict(sorted(attribute_kwargs.items()))),
-            "model_class": type(getattr(model, "model", model)).__name__,
             "input_text_field": fields.input,
             "generated_text_field": fields.generated,
             "shard_size": shard_size,
             "aggregate_output": aggregate_output,
-            "skip_bad_rows": skip_bad_rows,
             "dataset": _recorded(dataset_info or {}),
         },
         "versions": versions(),
