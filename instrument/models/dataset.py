@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import inspect
 import itertools
 import json
 import os
@@ -108,6 +109,25 @@ def replica_placement(local_rank: int, gpus_per_replica: int, visible: int, tota
             return torch.cuda.get_device_properties(gpu).total_memory
 
     return {"device_map": "auto", "max_memory": {gpu: int(total_memory(gpu) * 0.9) for gpu in gpus}}
+
+
+@dataclasses.dataclass
+class ShippedModel:
+    """An `AttributionModel`'s parts, to be sent to another process (the model itself holds a weak reference)."""
+
+    model: Any
+    tokenizer: Any
+    attribution_method: str | None
+    method_kwargs: dict
+
+    @classmethod
+    def of(cls, model) -> ShippedModel:
+        return cls(model.model, model.tokenizer, model.attribution_method, dict(model.method_kwargs))
+
+    def load(self):
+        from instrument.models import load_model
+
+        return load_model(self.model, self.attribution_method, tokenizer=self.tokenizer, **self.method_kwargs)
 
 
 # -- rows --------------------------------------------------------------------------------------------
@@ -463,6 +483,31 @@ def _recorded(value: Any) -> Any:
     return jsonable(value)
 
 
+def _without_defaults(kwargs: dict) -> dict:
+    """`attribute()`'s options less those equal to its defaults (an empty list or dict counting as None), so
+    that the recorded arguments do not depend on which defaults were spelled out."""
+    from instrument.models.base import AttributionModel
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(AttributionModel.attribute).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    empty = (None, (), [], {})
+
+    def is_default(name, value):
+        if name not in defaults:
+            return False
+        default = defaults[name]
+        return (
+            (value in empty and default in empty)
+            if isinstance(value, (list, tuple, dict, type(None)))
+            else (type(value) is type(default) and value == default)
+        )
+
+    return {k: v for k, v in sorted(kwargs.items()) if k != "method" and not is_default(k, v)}  # method: its own key
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in ("seq-instrument", "torch", "transformers", "datasets", "ray"):
@@ -598,7 +643,7 @@ def attribute_dataset(
         "model": model.model_name,
         "method": method,
         "arguments": {
-            **_recorded(dict(sorted(attribute_kwargs.items()))),
+            **_recorded(_without_defaults(attribute_kwargs)),
             "input_text_field": fields.input,
             "generated_text_field": fields.generated,
             "shard_size": shard_size,
@@ -783,7 +828,7 @@ class RayShardWorker:
     """One Ray actor: loads the model once, then attributes and writes the shards it is given."""
 
     def __init__(self, model, source, fields, directory, shard_size, options):
-        self.model = model.load() if isinstance(model, ModelSpec) else model
+        self.model = model.load()
         self.source, self.directory, self.shard_size = source, Path(directory), shard_size
         self.attributor = ShardAttributor(self.model, fields, **options)
 
@@ -849,12 +894,13 @@ def _run_ray(
     try:
         if todo:
             shards = ray.data.from_items([{"shard": k} for k in todo])
+            shipped = model if isinstance(model, ModelSpec) else ShippedModel.of(model)
             results = shards.map_batches(
                 RayShardWorker,
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=min(ray_actors, len(todo))),
                 num_gpus=gpus_per_actor or None,
-                fn_constructor_args=(model, source, fields, str(directory.path), shard_size, options),
+                fn_constructor_args=(shipped, source, fields, str(directory.path), shard_size, options),
             )
             try:
                 for row in results.iter_rows():
