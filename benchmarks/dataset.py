@@ -1,7 +1,7 @@
 """Whole-data-set attribution: `attribute_dataset` against Inseq's attribute-dataset path, and peak memory.
 
     PYTHONPATH=. python benchmarks/dataset.py                                   # the issue's sizes
-    PYTHONPATH=. python benchmarks/dataset.py --examples 32 --memory-examples 64,256 --threads 1
+    PYTHONPATH=. python benchmarks/dataset.py --examples 32 --ig-examples 8 --memory-examples 64,256 --memory-layers 2
     PYTHONPATH=. python benchmarks/dataset.py --device cuda --batch-size 32 --dtype bfloat16
 
 Model: GPT-2 small's shape (12 layers, 768 wide, vocabulary 50257) with seeded random weights. Data:
@@ -66,11 +66,11 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer, device, dtype) -> transformers.GPT2LMHeadModel:
+def build_model(tokenizer, device, dtype, layers: int = 12) -> transformers.GPT2LMHeadModel:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_embd=768,
-        n_layer=12,
+        n_layer=layers,
         n_head=12,
         vocab_size=50257,
         bos_token_id=tokenizer.bos_token_id,
@@ -138,7 +138,7 @@ def theirs(inseq, model, tokenizer, rows, method, args) -> float:
 def peak_memory_run(args) -> None:
     """One size of the memory test, in this (fresh) process: prints a JSON line."""
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, args.device, getattr(torch, args.dtype))
+    model = build_model(tokenizer, args.device, getattr(torch, args.dtype), args.memory_layers)
     rows = make_rows(args.memory_run, args.continuation_words, seed=1)
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     on_cuda = args.device.startswith("cuda")
@@ -166,6 +166,10 @@ def peak_memory_run(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument(
+        "--ig-examples", type=int, default=None, help="examples for integrated gradients (default: --examples)"
+    )
+    parser.add_argument("--memory-layers", type=int, default=12, help="layers of the model of the memory runs")
     parser.add_argument("--memory-examples", default="256,1024", help="comma-separated sizes ('' to skip)")
     parser.add_argument("--methods", default="saliency,integrated_gradients")
     parser.add_argument("--n-steps", type=int, default=20)
@@ -195,11 +199,12 @@ def main() -> None:
     print("Inseq:", about)
     print(f"{'method':<22}{'ours ex/s':>11}{'Inseq ex/s':>12}{'ratio':>8}")
     for method in args.methods.split(","):
-        ours_s = ours(model, tokenizer, rows, method, args)
-        theirs_s = theirs(inseq, model, tokenizer, rows, method, args) if inseq is not None else None
+        some = rows[: args.ig_examples] if method == "integrated_gradients" and args.ig_examples else rows
+        ours_s = ours(model, tokenizer, some, method, args)
+        theirs_s = theirs(inseq, model, tokenizer, some, method, args) if inseq is not None else None
         ratio = f"{theirs_s / ours_s:7.1f}x" if theirs_s else "      -"
-        inseq_rate = f"{len(rows) / theirs_s:12.2f}" if theirs_s else f"{'-':>12}"
-        print(f"{method:<22}{len(rows) / ours_s:11.2f}{inseq_rate}{ratio}", flush=True)
+        inseq_rate = f"{len(some) / theirs_s:12.2f}" if theirs_s else f"{'-':>12}"
+        print(f"{method + f' ({len(some)})':<22}{len(some) / ours_s:11.2f}{inseq_rate}{ratio}", flush=True)
     sizes = [int(x) for x in args.memory_examples.split(",") if x]
     if sizes:
         print("peak memory of ours (saliency), one fresh process per size:")
@@ -208,6 +213,7 @@ def main() -> None:
             command = [sys.executable, os.path.abspath(__file__), "--memory-run", str(size)]
             command += ["--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
             command += ["--shard-size", str(args.shard_size), "--continuation-words", str(args.continuation_words)]
+            command += ["--memory-layers", str(args.memory_layers)]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)

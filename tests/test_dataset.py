@@ -125,7 +125,7 @@ def test_unwritable_or_full_output_fails_before_the_first_batch(model, tmp_path,
         run(model, rows, tmp_path / "out")
 
 
-def test_generation_in_memory_and_the_paged_view(model, tmp_path):
+def test_generation_in_memory_and_the_paged_view(model, tmp_path, capsys):
     prompts = ["Hello world", "The capital of", "Good morning"]
     out = model.attribute_dataset(
         prompts, shard_size=3, batch_size=3, generation_args={"max_new_tokens": 3}, show_progress=False
@@ -138,12 +138,20 @@ def test_generation_in_memory_and_the_paged_view(model, tmp_path):
         tmp_path / "out",
         batch_size="auto",
         viz_path=tmp_path / "view.html",
-        show_progress=False,
         generation_args={"max_new_tokens": 3},
     )
     page = (tmp_path / "view.html").read_text()
     assert page.count("<table") == 3 and page.count('<template class="page"') == 1 and "Example 2" in page
     assert ds.texts[0][0] == "Hello world" and ds.texts[0][1].startswith("Hello world")
+    bar = capsys.readouterr().err
+    assert "3/3" in bar and "examples/s" in bar and "tokens/s" in bar
+
+
+def test_model_spec_loads_what_the_command_loads(saved_model):
+    spec = dataset_module.ModelSpec(str(saved_model), "saliency", model_kwargs={})
+    loaded = spec.load()
+    assert loaded.model_name == spec.model_name == instrument.load_model(str(saved_model)).model_name
+    assert loaded.attribution_method == "saliency"
 
 
 def test_replica_placement():

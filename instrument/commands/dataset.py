@@ -178,7 +178,8 @@ def run_dataset(args: argparse.Namespace) -> None:
         device = None
     elif world > 1 and torch.cuda.is_available() and device in (None, "cuda"):
         device = f"cuda:{local_rank}"
-    started = _start_distributed(world, device)
+    first_gpu = local_rank * (args.gpus_per_replica or 1)
+    started = _start_distributed(world, device, first_gpu)
     try:
         if args.backend == "ray":
             if args.gpus_per_actor > 1:
@@ -226,12 +227,15 @@ def run_dataset(args: argparse.Namespace) -> None:
             torch.distributed.destroy_process_group()
 
 
-def _start_distributed(world: int, device) -> bool:
-    """Under torchrun (WORLD_SIZE > 1): the process group, NCCL on GPUs, gloo on the CPU."""
+def _start_distributed(world: int, device, first_gpu: int) -> bool:
+    """Under torchrun or `accelerate launch` (WORLD_SIZE > 1): the process group, NCCL on GPUs (each rank on
+    its first GPU), gloo on the CPU."""
     import torch
 
     if world <= 1 or torch.distributed.is_initialized():
         return False
     on_gpu = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if on_gpu:
+        torch.cuda.set_device(first_gpu)  # NCCL's collectives run on the current device
     torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
     return True
