@@ -16,9 +16,9 @@ data set is loaded: one `inseq.load_model(...).attribute(inputs, targets, batch_
 all examples), alternating, on the same model object; examples/s and the ratio.
 
 Memory: for each size in `--memory-examples`, a fresh process of this script attributes that many
-examples with ours (saliency) and reports its peak resident memory (ru_maxrss; on CUDA the peak
-allocated) above what it held once the model was loaded: flat in the number of examples means the
-data set never sits in memory.
+examples with ours (saliency) and reports its peak resident memory during the run (VmHWM, reset at
+the start; on CUDA the allocator's peak), also as the growth over what it held once the model was
+loaded: flat in the number of examples means the data set never sits in memory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import random
-import resource
 import shlex
 import subprocess
 import sys
@@ -141,13 +140,11 @@ def peak_memory_run(args) -> None:
     model = build_model(tokenizer, args.device, getattr(torch, args.dtype), args.memory_layers)
     rows = make_rows(args.memory_run, args.continuation_words, seed=1)
     wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
-    on_cuda = args.device.startswith("cuda")
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with tempfile.TemporaryDirectory() as directory:
+    from instrument.memory import _read_status, measure
+
+    device = torch.device(args.device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _read_status("VmRSS")
+    with tempfile.TemporaryDirectory() as directory, measure([device]) as grown:
         started = time.perf_counter()
         wrapped.attribute_dataset(
             rows,
@@ -159,7 +156,7 @@ def peak_memory_run(args) -> None:
             show_progress=False,
         )
         seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = base + grown.peak  # VmHWM (CPU) or the allocator's peak (CUDA) during the run
     print(json.dumps({"examples": args.memory_run, "base": base, "peak": peak, "seconds": seconds}))
 
 
@@ -198,7 +195,7 @@ def main() -> None:
     inseq, about = (None, "skipped (--no-inseq)") if args.no_inseq else load_inseq()
     print("Inseq:", about)
     print(f"{'method':<22}{'ours ex/s':>11}{'Inseq ex/s':>12}{'ratio':>8}")
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):
         some = rows[: args.ig_examples] if method == "integrated_gradients" and args.ig_examples else rows
         ours_s = ours(model, tokenizer, some, method, args)
         theirs_s = theirs(inseq, model, tokenizer, some, method, args) if inseq is not None else None

@@ -69,10 +69,12 @@ def wait_for(condition, process, what, timeout=180):
 
 
 def shards_in(path: Path) -> list:
+    """The shard entries of a manifest or progress file; [] before it exists."""
     try:
-        return json.loads(path.read_text())  # written whole (a rename), so never read half
+        data = json.loads(path.read_text())  # written whole (a rename), so never read half
     except (FileNotFoundError, json.JSONDecodeError):
         return []
+    return data["shards"] if isinstance(data, dict) else data
 
 
 def same_as_whole(directory, job):
@@ -87,8 +89,7 @@ def test_killed_job_resumes_to_the_uninterrupted_output(job, tmp_path):
     command = [sys.executable, "-m", "instrument", *job["args"], "-o", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: len(shards_in(out / "manifest.json").get("shards", []) if out.exists() else []) >= 2, process,
-                 "two shards")  # fmt: skip
+        wait_for(lambda: len(shards_in(out / "manifest.json")) >= 2, process, "two shards")
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.kill()
