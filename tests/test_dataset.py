@@ -186,7 +186,8 @@ def test_command_reads_local_files(saved_model, model, tmp_path, capsys):
     argv += ["--split", "train[1:3]", "-in", "prompt", "-o", str(tmp_path / "stream"), "--generation_kwargs"]
     assert main([*argv, '{"max_new_tokens": 2}', *common]) == 0
     assert instrument.open_attributions(tmp_path / "stream").ids == [0, 1]
-    argv = ["attribute-dataset", "-d", "text", "--files", str(tmp_path / "data.txt"), "-o", str(tmp_path / "text")]
+    argv = ["attribute-dataset", "--dataset_name", "text", "--dataset_files", str(tmp_path / "data.txt")]
+    argv += ["-o", str(tmp_path / "text")]
     assert main([*argv, "--generation_kwargs", '{"max_new_tokens": 2}', *common]) == 0
     assert instrument.open_attributions(tmp_path / "text").texts[1][0] == rows[1]["prompt"]
     capsys.readouterr()

@@ -4,9 +4,9 @@ $ instrument attribute-dataset -m gpt2 -a saliency -d json --files prompts.jsonl
 $ torchrun --nproc_per_node 4 -m instrument attribute-dataset -m gpt2 -d imdb --split "test[:1000]" -in text -o out/
 $ instrument attribute-dataset ... --backend ray --ray_address auto --gpus_per_actor 1
 
-Inseq's flags (-d, --config, --dir, --files, --split, --revision, -in, -gen, --dataset_kwargs) and every
-flag of `instrument attribute` (-o is the output directory). Running the same command again finishes
-an interrupted job (see `instrument.models.dataset`).
+Inseq's flags (-d, --config, --dir, --files, --split, --revision, -in, -gen, --dataset_kwargs, also spelled
+--dataset_name, --input_text_field...) and every flag of `instrument attribute` (-o is the output
+directory). Running the same command again finishes an interrupted job (see `instrument.models.dataset`).
 """
 
 from __future__ import annotations
@@ -50,18 +50,55 @@ def add_command(commands) -> argparse.ArgumentParser:
         "`instrument attribute-dataset -m demo-lm -d json --files data.jsonl -in input -o out/`.",
     )
     data = parser.add_argument_group("data set (Hugging Face datasets.load_dataset)")
-    data.add_argument("-d", "--dataset_name", required=True, help="a hub name, or a builder: json, csv, parquet, text")
-    data.add_argument("--config", dest="dataset_config", default=None, help="the data set's configuration")
-    data.add_argument("--dir", dest="dataset_dir", default=None, help="the directory of the data files")
-    data.add_argument("--files", dest="dataset_files", nargs="+", default=None, metavar="FILE", help="data files")
-    data.add_argument("--split", dest="dataset_split", default="train", help="split, e.g. train or 'test[:100]'")
-    data.add_argument("--revision", dest="dataset_revision", default=None, help="the data set's revision on the hub")
-    data.add_argument("--auth", dest="dataset_auth_token", default=None, help="a hub token for a private data set")
     data.add_argument(
-        "-in", "--input_text_field", default=None, help="the field of the input texts (default: 'text' or 'input')"
+        "-d",
+        "--dataset",
+        "--dataset_name",
+        dest="dataset_name",
+        required=True,
+        help="a hub name, or a builder: json, csv, parquet, text",
     )
     data.add_argument(
-        "-gen", "--generated_text_field", default=None, help="the field of the targets (default: generate them)"
+        "--config", "--dataset_config", dest="dataset_config", default=None, help="the data set's configuration"
+    )
+    data.add_argument(
+        "--dir", "--dataset_dir", dest="dataset_dir", default=None, help="the directory of the data files"
+    )
+    data.add_argument(
+        "--files", "--dataset_files", dest="dataset_files", nargs="+", default=None, metavar="FILE", help="data files"
+    )
+    data.add_argument(
+        "--split", "--dataset_split", dest="dataset_split", default="train", help="split, e.g. train or 'test[:100]'"
+    )
+    data.add_argument(
+        "--revision",
+        "--dataset_revision",
+        dest="dataset_revision",
+        default=None,
+        help="the data set's revision on the hub",
+    )
+    data.add_argument(
+        "--auth",
+        "--dataset_auth_token",
+        dest="dataset_auth_token",
+        default=None,
+        help="a hub token for a private data set",
+    )
+    data.add_argument(
+        "-in",
+        "--input",
+        "--input_text_field",
+        dest="input_text_field",
+        default=None,
+        help="the field of the input texts (default: 'text' or 'input')",
+    )
+    data.add_argument(
+        "-gen",
+        "--generated",
+        "--generated_text_field",
+        dest="generated_text_field",
+        default=None,
+        help="the field of the targets (default: generate them)",
     )
     data.add_argument(
         "--dataset_kwargs", type=_json, default={}, metavar="JSON", help="more keyword arguments of load_dataset"
