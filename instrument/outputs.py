@@ -334,7 +334,8 @@ class FeatureAttributionOutput(Views):
 
     @classmethod
     def load(cls, path) -> FeatureAttributionOutput:
-        """Reads a file written by `save`, or by Inseq's `save` (gzipped or not); raises ValueError for a
+        """Reads a file written by `save`, or by Inseq's `save` (gzipped or not), or a whole directory written
+        by `attribute_dataset` (`instrument.open_attributions` reads one lazily); raises ValueError for a
         corrupted or foreign file.
 
             out = FeatureAttributionOutput.load("attributions.safetensors")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import inspect
 import itertools
 import json
 import os
@@ -73,7 +74,10 @@ class ModelSpec:
 
     @property
     def model_name(self) -> str:
-        return self.name
+        """As `AttributionModel.model_name` of the loaded model (a demo model's folder, else the name)."""
+        from instrument.models import _demo_path
+
+        return _demo_path(self.name) or self.name
 
     def load(self):
         from instrument.models import load_model
@@ -81,6 +85,49 @@ class ModelSpec:
         return load_model(
             self.name, self.attribution_method, device=self.device, model_kwargs=self.model_kwargs, **self.method_kwargs
         )
+
+
+def replica_placement(local_rank: int, gpus_per_replica: int, visible: int, total_memory=None) -> dict:
+    """`load_model`'s model_kwargs that spread one replica over its own GPUs: rank r of a node takes the GPUs
+    `r * k ... r * k + k - 1` (k = `gpus_per_replica`) with a `device_map`; ValueError when they do not exist.
+
+        replica_placement(1, 2, 4)   # {"device_map": "auto", "max_memory": {2: ..., 3: ...}}
+
+    `total_memory(gpu)`: bytes of a GPU (default: CUDA's figure); the replica may fill 90% of each.
+    """
+    if isinstance(gpus_per_replica, bool) or not isinstance(gpus_per_replica, int) or gpus_per_replica < 1:
+        raise ValueError(f"gpus_per_replica must be a positive integer, got {gpus_per_replica!r}")
+    gpus = list(range(local_rank * gpus_per_replica, (local_rank + 1) * gpus_per_replica))
+    if gpus[-1] >= visible:
+        raise ValueError(
+            f"gpus_per_replica={gpus_per_replica}: local rank {local_rank} needs GPUs {gpus[0]}-{gpus[-1]} but "
+            f"{visible} are visible; run torchrun with --nproc_per_node {max(visible // gpus_per_replica, 1)} or fewer"
+        )
+    if total_memory is None:
+
+        def total_memory(gpu):
+            return torch.cuda.get_device_properties(gpu).total_memory
+
+    return {"device_map": "auto", "max_memory": {gpu: int(total_memory(gpu) * 0.9) for gpu in gpus}}
+
+
+@dataclasses.dataclass
+class ShippedModel:
+    """An `AttributionModel`'s parts, to be sent to another process (the model itself holds a weak reference)."""
+
+    model: Any
+    tokenizer: Any
+    attribution_method: str | None
+    method_kwargs: dict
+
+    @classmethod
+    def of(cls, model) -> ShippedModel:
+        return cls(model.model, model.tokenizer, model.attribution_method, dict(model.method_kwargs))
+
+    def load(self):
+        from instrument.models import load_model
+
+        return load_model(self.model, self.attribution_method, tokenizer=self.tokenizer, **self.method_kwargs)
 
 
 # -- rows --------------------------------------------------------------------------------------------
@@ -436,6 +483,31 @@ def _recorded(value: Any) -> Any:
     return jsonable(value)
 
 
+def _without_defaults(kwargs: dict) -> dict:
+    """`attribute()`'s options less those equal to its defaults (an empty list or dict counting as None), so
+    that the recorded arguments do not depend on which defaults were spelled out."""
+    from instrument.models.base import AttributionModel
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(AttributionModel.attribute).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    empty = (None, (), [], {})
+
+    def is_default(name, value):
+        if name not in defaults:
+            return False
+        default = defaults[name]
+        return (
+            (value in empty and default in empty)
+            if isinstance(value, (list, tuple, dict, type(None)))
+            else (type(value) is type(default) and value == default)
+        )
+
+    return {k: v for k, v in sorted(kwargs.items()) if k != "method" and not is_default(k, v)}  # method: its own key
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in ("seq-instrument", "torch", "transformers", "datasets", "ray"):
@@ -571,13 +643,11 @@ def attribute_dataset(
         "model": model.model_name,
         "method": method,
         "arguments": {
-            **_recorded(dict(sorted(attribute_kwargs.items()))),
-            "model_class": type(getattr(model, "model", model)).__name__,
+            **_recorded(_without_defaults(attribute_kwargs)),
             "input_text_field": fields.input,
             "generated_text_field": fields.generated,
             "shard_size": shard_size,
             "aggregate_output": aggregate_output,
-            "skip_bad_rows": skip_bad_rows,
             "dataset": _recorded(dataset_info or {}),
         },
         "versions": versions(),
@@ -758,7 +828,7 @@ class RayShardWorker:
     """One Ray actor: loads the model once, then attributes and writes the shards it is given."""
 
     def __init__(self, model, source, fields, directory, shard_size, options):
-        self.model = model.load() if isinstance(model, ModelSpec) else model
+        self.model = model.load()
         self.source, self.directory, self.shard_size = source, Path(directory), shard_size
         self.attributor = ShardAttributor(self.model, fields, **options)
 
@@ -824,12 +894,13 @@ def _run_ray(
     try:
         if todo:
             shards = ray.data.from_items([{"shard": k} for k in todo])
+            shipped = model if isinstance(model, ModelSpec) else ShippedModel.of(model)
             results = shards.map_batches(
                 RayShardWorker,
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=min(ray_actors, len(todo))),
                 num_gpus=gpus_per_actor or None,
-                fn_constructor_args=(model, source, fields, str(directory.path), shard_size, options),
+                fn_constructor_args=(shipped, source, fields, str(directory.path), shard_size, options),
             )
             try:
                 for row in results.iter_rows():

@@ -22,6 +22,7 @@ SCRIPT = """<script>
   const pages = document.querySelectorAll("template.page"), shown = document.getElementById("shown");
   const number = document.getElementById("number");
   let current = 0;
+  if (!pages.length) return;
   function show(k) {
     current = Math.max(0, Math.min(pages.length - 1, k));
     shown.replaceChildren(pages[current].content.cloneNode(true));
