@@ -278,7 +278,7 @@ def test_ablation_method_delegates(monkeypatch):
         n_ablations=8,
         seed=3,
     )
-    assert result == "ablated" and seen["model"] is wrapped
+    assert result == "ablated" and seen["model"] is wrapped and seen["decoder_input_output_separator"] == " "
     assert {
         k: seen[k]
         for k in (

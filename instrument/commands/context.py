@@ -102,7 +102,14 @@ def run_attribute_context(args: argparse.Namespace) -> None:
     )
     if args.method == "ablation":
         out = instrument.attribute_context(
-            model, **texts, method="ablation", sources=args.sources, n_ablations=args.n_ablations, seed=args.seed
+            model,
+            **texts,
+            method="ablation",
+            sources=args.sources,
+            n_ablations=args.n_ablations,
+            seed=args.seed,
+            decoder_input_output_separator=args.decoder_input_output_separator,
+            generation_kwargs=args.generation_kwargs,
         )
     else:
         out = instrument.attribute_context(
