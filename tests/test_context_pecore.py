@@ -89,6 +89,13 @@ CASES = {
             decoder_input_output_separator="",
         ),
         dict(input_current_text="The weather is nice today", output_current_text="but it may rain tomorrow."),
+        dict(
+            input_current_text="The weather is nice today",
+            output_context_text=" I am fine,",
+            output_current_text=" thank you.",
+            output_template="{context}{current}",
+            decoder_input_output_separator="",
+        ),
     ],
     "marian": [
         dict(input_current_text="The weather is nice today", output_current_text="Le chat est sur la table."),
@@ -108,6 +115,42 @@ def test_same_json_as_inseq(inseq, arch, fn, method):
         ours = instrument.attribute_context(ours_model, **kwargs).to_dict()
         assert theirs["cci_scores"], "the case selects no token: it tests nothing"
         assert_same(ours, theirs)
+
+
+def test_encoder_decoder_output_context_scores(inseq):
+    """Output context cues on an encoder-decoder: the rows of the output context in `attribute()`'s target
+    attributions (the attribution Inseq's CCI runs). Inseq's own are one row early (from the decoder start
+    token on), so they are checked shifted."""
+    model, tokenizer = fixture("marian")
+    wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
+    kwargs = dict(
+        input_current_text="The weather is nice today",
+        input_context_text=CONTEXT,
+        output_context_text="Das Haus ist wunderbar.",
+        output_current_text="Le chat est sur la table.",
+        attributed_fn="contrast_prob_diff",
+    )
+    out = instrument.attribute_context(wrapped, **kwargs)
+    theirs = run_inseq(inseq, model, tokenizer, "saliency", **kwargs)
+    assert out.cci_scores and len(out.cci_scores) == len(theirs["cci_scores"])
+    n_context = len(out.output_context_tokens)
+    warnings.simplefilter("ignore")  # the contrast is shorter: aligned from the right, as Inseq does
+    for cci, their in zip(out.cci_scores, theirs["cci_scores"]):
+        target = tokenizer.convert_tokens_to_string(tokenizer.tokenize(cci.contextual_output))
+        reference = wrapped.attribute(
+            f"{CONTEXT} The weather is nice today",
+            target,
+            attr_pos_start=n_context + cci.cti_idx + 1,
+            attributed_fn="contrast_prob_diff",
+            contrast_sources="The weather is nice today",
+            contrast_targets=cci.contextless_output,
+            contrast_force_inputs=cci.contrast_token == cci.cti_token,
+            attribute_target=True,
+            show_progress=False,
+        ).aggregate(normalize=False)[0]
+        close(cci.output_context_scores, reference.target_attributions[1 : 1 + n_context, 0].tolist())
+        close(cci.input_context_scores, reference.source_attributions[: len(out.input_context_tokens), 0].tolist())
+        close(cci.output_context_scores[:-1], their["output_context_scores"][1:])
 
 
 # -- bad input: one clear error each, before any forward ---------------------------------------------

@@ -11,10 +11,13 @@ one forward of every sequence with context and one batched backward for all sele
 engine's shared-prefix gradients; perturbation methods batch their perturbations the same way). The
 contextless next tokens are read from the CTI forward (greedy decoding), not generated one call each.
 
-Where Inseq 0.7.1 differs (tokens here are counted on the sequence the model sees, never re-tokenized):
-its contextless prefix for a token comes from the output tokenized alone, off by one where that differs
-from the output tokenized after the input; on decoder-only models its first contextless token is generated
-after a trailing separator; its context scores ignore a BOS token. These cases agree otherwise.
+Where Inseq 0.7.1 differs (here tokens are counted on the sequence the model sees, never re-tokenized
+from decoded text): its contextless prefix for a token comes from the output tokenized alone, off by one
+where that differs from the output tokenized after the input; on decoder-only models its first
+contextless token is generated after a trailing separator; a generated token that does not survive
+decoding and re-encoding (a lone byte, a word piece without its boundary mark) becomes other tokens; its
+context scores ignore a BOS token, and on encoder-decoders its output context scores start one row early,
+at the decoder start token. Everywhere else the two agree (tests/test_context_pecore.py).
 """
 
 from __future__ import annotations
