@@ -387,3 +387,40 @@ def test_cli(tmp_path, capsys):
     assert "--step_scores does not apply" in capsys.readouterr().err
     assert main(args[:5] + ["--output_current_text", "x"]) == 2  # no context
     assert "No context given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method, options", [("integrated_gradients", {"n_steps": 4}), ("occlusion", {}), ("attention", {})]
+)
+def test_other_methods_and_model_mode(method, options):
+    """Path, perturbation and attention methods run CCI the same way (one method call); CTI does not
+    depend on the method; the model's training mode is restored."""
+    model, tokenizer = tiny_model("llama")  # a BOS token before the context
+    model.train()
+    kwargs = dict(output_current_text="but it may rain tomorrow.", attributed_fn="contrast_prob_diff")
+    out = instrument.attribute_context(
+        instrument.load_model(model, method, tokenizer=tokenizer, **options), "The weather is nice", CONTEXT, **kwargs
+    )
+    reference = instrument.attribute_context(
+        instrument.load_model(model, "saliency", tokenizer=tokenizer), "The weather is nice", CONTEXT, **kwargs
+    )
+    assert model.training
+    assert out.cci_scores and out.selected() == reference.selected()
+    for cci in out.cci_scores:
+        assert len(cci.input_context_scores) == len(out.input_context_tokens) == 11
+        assert all(torch.isfinite(torch.tensor(cci.input_context_scores)))
+    wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
+    warnings.simplefilter("ignore")  # the contrast is shorter: aligned from the right, as Inseq does
+    for cci in reference.cci_scores:  # the context's rows come after the BOS token
+        n_tokens = len(tokenizer(cci.contextual_output)["input_ids"])
+        expected = wrapped.attribute(
+            f"{CONTEXT} The weather is nice",
+            cci.contextual_output,
+            attr_pos_start=n_tokens - 1,
+            attributed_fn="contrast_prob_diff",
+            contrast_targets=cci.contextless_output,
+            contrast_force_inputs=cci.contrast_token == cci.cti_token,
+            show_progress=False,
+        ).aggregate(normalize=False)[0]
+        assert expected.target[0].token == "<s>"
+        close(cci.input_context_scores, expected.target_attributions[1:12, 0].tolist())

@@ -184,14 +184,11 @@ def attribute_context(
     return outputs[0] if single else outputs
 
 
-@validation.in_eval_mode
-def _in_eval(model, settings):  # a method-style decorator: `model` plays `self`
-    return _run(model, settings)
-
-
 def run_pecore(model, settings: list[dict[str, Any]]) -> list[AttributeContextOutput]:
-    """PECoRe on examples whose settings `context_settings` checked (outputs generated when not given)."""
-    return _in_eval(model, settings)
+    """PECoRe on examples whose settings `context_settings` checked (outputs generated when not given),
+    the model in eval mode (its mode restored after)."""
+    with validation.eval_mode(model.model):
+        return _run(model, settings)
 
 
 def _run(model, settings: list[dict[str, Any]]) -> list[AttributeContextOutput]:
