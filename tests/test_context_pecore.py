@@ -424,3 +424,23 @@ def test_other_methods_and_model_mode(method, options):
         ).aggregate(normalize=False)[0]
         assert expected.target[0].token == "<s>"
         close(cci.input_context_scores, expected.target_attributions[1:12, 0].tolist())
+
+
+def test_generated_output_and_manual_strategy_without_terminal():
+    model, tokenizer = tiny_model("gpt2", seed=3)  # seed 0 generates only spaces here
+    wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
+    generation = {"max_new_tokens": 4, "do_sample": False}
+    out = instrument.attribute_context(wrapped, "The weather is nice today", CONTEXT, generation_kwargs=generation)
+    prompt = tokenizer(f"{CONTEXT} The weather is nice today ", return_tensors="pt")
+    generated = model.generate(**prompt, **generation, pad_token_id=tokenizer.pad_token_id)[
+        0, prompt.input_ids.shape[1] :
+    ]
+    assert out.output_current == tokenizer.decode(generated).strip()
+    with pytest.raises(ValueError, match="no terminal to ask on"):
+        instrument.attribute_context(
+            wrapped,
+            "The weather is nice today",
+            CONTEXT,
+            output_template="{context} {current}",
+            generation_kwargs=generation,
+        )
