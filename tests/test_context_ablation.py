@@ -11,6 +11,7 @@ import torch
 
 import instrument
 from instrument.context.ablation import attribute_context_ablation, fit_lasso, split_sources
+from instrument.demo import lookup_examples
 
 from tiny_models import tiny_model
 
@@ -23,6 +24,11 @@ RESPONSE = "Paris is nice."
 def tiny(request):
     model, tokenizer = tiny_model(request.param)
     return instrument.load_model(model, "saliency", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def demo_lm():
+    return instrument.load_model("demo-lm", "saliency")
 
 
 class CountForwards:
@@ -165,3 +171,16 @@ def test_output_round_trips_and_shows(tiny, tmp_path):
     out.show(console)
     text = console.export_text()
     assert SENTENCES[0] in text and "R^2" in text and f"{float(out.weights[0]):+.3f}" in text
+
+
+@pytest.mark.slow  # ~5-10 s on 2 busy cores: 200 calls of one 65-row forward
+def test_ground_truth_the_answering_sentence_has_the_largest_weight(demo_lm):
+    cases = lookup_examples(200, seed=2024)
+    hits = 0
+    for sentences, question, answer, index in cases:
+        out = attribute_context_ablation(demo_lm, question, " ".join(sentences), answer, n_ablations=64, seed=0)
+        assert out.sources == sentences and out.n_forwards == 1
+        hits += int(out.weights.argmax()) == index
+    accuracy = hits / len(cases)
+    print(f"demo-lm lookup: the answering sentence has the largest ablation weight in {accuracy:.3f} of cases")
+    assert accuracy >= 0.9
