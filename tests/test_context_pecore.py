@@ -444,3 +444,39 @@ def test_generated_output_and_manual_strategy_without_terminal():
             output_template="{context} {current}",
             generation_kwargs=generation,
         )
+
+
+@pytest.mark.slow
+def test_pecore_finds_the_answering_sentence_of_demo_lm_lookups():
+    """Ground truth: demo-lm takes the code of a name from its context ("the code of kelo is ba47 . ...
+    the code of kelo is" -> "ba47"), codes drawn at random per case, so only one sentence can give it.
+    On 200 fresh cases, CTI selects the answer token (and not the EOS after it) and CCI's top cue for it
+    is in the answering sentence, in at least 80% of the cases.
+
+    The output is the answer and the EOS the model ends it with: with one token CTI's selection would be
+    trivial, and with two, mean + 1 std is above both scores, so the threshold is the mean (std 0)."""
+    model = instrument.load_model("demo-lm", "saliency")
+    eos = model.tokenizer.eos_token
+    cases = instrument.demo.lookup_examples(200, seed=11)
+    outs = instrument.attribute_context(
+        model,
+        [question for _, question, _, _ in cases],
+        [" ".join(sentences) for sentences, _, _, _ in cases],
+        output_current_text=[f"{answer} {eos}" for _, _, answer, _ in cases],
+        special_tokens_to_keep=[eos],
+        context_sensitivity_std_threshold=0.0,
+        attributed_fn="contrast_prob_diff",
+    )
+    cti_hits = cci_hits = 0
+    for (sentences, _, answer, index), out in zip(cases, outs):
+        assert out.output_current_tokens == [answer, eos]
+        if out.selected() != [0]:
+            continue
+        cti_hits += 1
+        lengths = [len(model.tokenizer.tokenize(sentence)) for sentence in sentences]
+        assert sum(lengths) == len(out.input_context_tokens)
+        scores = out.cci_scores[0].input_context_scores
+        top = max(range(len(scores)), key=scores.__getitem__)
+        start = sum(lengths[:index])
+        cci_hits += start <= top < start + lengths[index]
+    assert cti_hits >= 0.8 * len(cases) and cci_hits >= 0.8 * len(cases), (cti_hits, cci_hits)

@@ -123,15 +123,19 @@ class AttributeContextOutput:
             parts.append(Text.assemble(("Input current: ", "bold"), info["input_current_text"]))
         if self.output_context is not None:
             parts.append(Text.assemble(("Output context: ", "bold"), self.output_context))
+        every = (
+            (self.output_current_tokens or []) + (self.input_context_tokens or []) + (self.output_context_tokens or [])
+        )
+        gap = "" if any(t.startswith(("Ġ", "▁")) for t in every) else " "  # word-level tokenizers mark no spaces
         current = [_readable(t) for t in self.output_current_tokens or []]
-        parts.append(Text.assemble(("Output current: ", "bold"), "".join(current)))
+        parts.append(Text.assemble(("Output current: ", "bold"), gap.join(current)))
         if not self.cci_scores:
             parts.append(Text("No context-sensitive token above the threshold.", style="italic"))
         for n, cci in enumerate(self.cci_scores, start=1):
             line = Text(f"#{n}. ", style="bold")
             for i, token in enumerate(current):
                 line.append(
-                    f"{token}({cci.cti_score:.3f})" if i == cci.cti_idx else token,
+                    (f"{token}({cci.cti_score:.3f})" if i == cci.cti_idx else token) + gap,
                     style="bold dodger_blue1" if i == cci.cti_idx else "",
                 )
             if cci.contrast_token is not None and cci.contrast_token != cci.cti_token:
@@ -155,7 +159,7 @@ class AttributeContextOutput:
                 for i, token in enumerate(tokens):
                     score = cues.get(offset + i)
                     line.append(
-                        _readable(token) + (f"({score:.3g})" if score is not None else ""),
+                        _readable(token) + (f"({score:.3g})" if score is not None else "") + gap,
                         style="bold green" if score is not None else "",
                     )
                 offset += len(side)
