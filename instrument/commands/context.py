@@ -1,8 +1,9 @@
 """`instrument attribute-context`: which context tokens made the model say what it said (PECoRe, as Inseq's
 command of the same name), or which context sources (`--method ablation`).
 
-$ instrument attribute-context -m demo-lm --input_context_text "the code of lux is 7." \
-    --input_current_text "the code of lux is" -fn contrast_prob_diff -o pecore.json
+$ instrument attribute-context -m demo-lm -fn contrast_prob_diff -o pecore.json \
+    --input_context_text "the code of dioel is na08 . the code of mien is po34 ." \
+    --input_current_text "the code of mien is"
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 tokens they depend on (CCI). Inseq's `attribute-context`, with its arguments and its JSON.
 
     model = instrument.load_model("demo-lm", "saliency")
-    out = instrument.attribute_context(model, input_current_text="the code of lux is",
-                                       input_context_text="the code of lux is 7.", attributed_fn="contrast_prob_diff")
+    out = instrument.attribute_context(model, input_current_text="the code of mien is",
+                                       input_context_text="the code of dioel is na08 . the code of mien is po34 .")
     out.show()
 
 Cost, for all examples together: CTI is one forward of every sequence with context and one without; CCI is
