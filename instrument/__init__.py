@@ -19,6 +19,8 @@ if _Path(getattr(_methods, "__file__", None) or "").resolve().parent.parent != _
 
 from instrument import demo, kernels, patching  # noqa: E402
 from instrument.aggregation import get_aggregator, list_aggregators, register_aggregator  # noqa: E402
+from instrument.context.ablation import attribute_context_ablation  # noqa: E402
+from instrument.context.pecore import attribute_context  # noqa: E402
 from instrument.files.shards import open_attributions  # noqa: E402
 from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
@@ -74,6 +76,8 @@ __all__ = [
     "StepFunctionArgs",
     "TokenWithId",
     "Trace",
+    "attribute_context",
+    "attribute_context_ablation",
     "demo",
     "explain",
     "kernels",

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-COMMAND_MODULES: tuple = ("instrument.commands.dataset", "instrument.commands.view")  # see _command_modules
+COMMAND_MODULES: tuple = (
+    "instrument.commands.dataset",
+    "instrument.commands.context",
+    "instrument.commands.view",
+)  # see _command_modules
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,7 +5,9 @@
 
 demo-mt: a MarianMTModel translating the invented SVO language Sral into the invented SOV language
 Oumi word by word (see `instrument.demo.tasks`); demo-lm: a GPT-2 that knows the capitals and
-languages of invented countries. Both use word-level tokenizers (one token = one word).
+languages of invented countries and answers an in-context lookup ("the code of X is Y ." sentences,
+then "the code of X is" -> Y, names and codes random per example). Both use word-level tokenizers
+(one token = one word).
 Deterministic given `--seed` (same machine and torch version). Prints held-out accuracies at the end.
 """
 
@@ -179,18 +181,25 @@ def train_lm(args, out: Path) -> dict:
     )
     model = transformers.GPT2LMHeadModel(config)
     corpus = [ids + [tokenizer.eos_token_id] for ids in tokenizer(tasks.lm_corpus())["input_ids"]]
+    # Part of every batch is fresh lookup cases: the answer is random per case, so only the context gives it.
+    n_lookup = args.lm_lookup_rows
+    lookup_rng = tasks.Rng(f"lookup-train-{args.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = schedule(optimizer, args.warmup, args.lm_steps)
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     order: list[int] = []
     for step in range(args.lm_steps):
-        if len(order) < args.batch_size:
+        n_facts = args.batch_size - n_lookup
+        if len(order) < n_facts:
             order += torch.randperm(len(corpus), generator=generator).tolist()
-        batch, order = order[: args.batch_size], order[args.batch_size :]
-        input_ids = pad([corpus[i] for i in batch], tokenizer.pad_token_id)
+        batch, order = order[:n_facts], order[n_facts:]
+        lookups = [lookup_row(tasks.lookup_case(lookup_rng), lookup_rng, tokenizer) for _ in range(n_lookup)]
+        input_ids = pad([corpus[i] for i in batch] + [ids for ids, _ in lookups], tokenizer.pad_token_id)
         mask = (input_ids != tokenizer.pad_token_id).long()
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss
+        labels = pad([corpus[i] for i in batch] + [target for _, target in lookups], -100)
+        labels[:n_facts].masked_fill_(mask[:n_facts] == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -212,8 +221,50 @@ def train_lm(args, out: Path) -> dict:
                 generated = model.generate(ids, attention_mask=torch.ones_like(ids))[0, ids.shape[1] :]
                 hits += tokenizer.decode(generated, skip_special_tokens=True).strip() == answer
         results[f"{name}_recall"] = hits / len(pairs)
+    results["lookup_accuracy"] = lookup_accuracy(model, tokenizer, args.eval_size, seed=args.seed + 1)
     save(model, tokenizer, out)
     return {**results, "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - started}
+
+
+def lookup_row(case, rng: tasks.Rng, tokenizer) -> tuple[list[int], list[int]]:
+    """`(ids, labels)` of one lookup training row: the case's context with some of its sentences
+    repeated later (up to 8 sentences in all) (a repeated name has its code again: more answers to learn from per row), then the
+    question, the answer and `</s>`. Only the repeated codes and "X is Y </s>" of the question are
+    labels (-100 elsewhere): the rest is random. Fresh cases never repeat a sentence."""
+    sentences, question, answer, _ = case
+    sentences = list(sentences)
+    repeated = set()
+    for _ in range(rng.below(9 - len(sentences))):  # at most 8 sentences: 63 tokens in all
+        source = rng.below(len(sentences))
+        at = source + 1 + rng.below(len(sentences) - source)
+        sentences.insert(at, sentences[source])
+        repeated = {i + 1 if i >= at else i for i in repeated} | {at}
+    ids, labels = [], []
+    for i, sentence in enumerate(sentences):
+        words = tokenizer(sentence)["input_ids"]  # the code of X is Y .
+        ids += words
+        labels += [-100] * 5 + ([words[5]] if i in repeated else [-100]) + [-100]
+    words = tokenizer(f"{question} {answer}")["input_ids"] + [tokenizer.eos_token_id]  # the code of X is Y </s>
+    return ids + words, labels + [-100] * 3 + words[3:]
+
+
+def lookup_text(case, with_answer: bool = True) -> str:
+    sentences, question, answer, _ = case
+    return " ".join([*sentences, question] + ([answer] if with_answer else []))
+
+
+def lookup_accuracy(model, tokenizer, n: int, seed: int) -> float:
+    """Greedy next word after fresh "... the code of X is" prompts (left-padded batches), against the answer."""
+    rng = tasks.Rng(f"lookup-eval-{seed}")
+    cases = [tasks.lookup_case(rng) for _ in range(n)]
+    rows = tokenizer([lookup_text(c, with_answer=False) for c in cases])["input_ids"]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = (input_ids != tokenizer.pad_token_id).long()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    predicted = tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+    return sum(p == c[2] for p, c in zip(predicted, cases)) / n
 
 
 def save(model, tokenizer, out: Path) -> None:
@@ -239,9 +290,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mt-steps", type=int, default=1500)
     parser.add_argument("--mt-dim", type=int, default=64)
-    parser.add_argument("--lm-steps", type=int, default=1000)
+    parser.add_argument("--lm-steps", type=int, default=2500)
     parser.add_argument("--lm-dim", type=int, default=64)
     parser.add_argument("--lm-layers", type=int, default=2)
+    parser.add_argument("--lm-lookup-rows", type=int, default=48, help="lookup cases in each batch of demo-lm")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--warmup", type=int, default=100)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import instrument
-from instrument.demo import DEMO_MODELS, alignment_examples, fact_examples, model_path, tasks
+from instrument.demo import DEMO_MODELS, alignment_examples, fact_examples, lookup_examples, model_path, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,6 +118,44 @@ def test_demo_lm_recalls_the_capitals(lm):
             logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
             hits += tokenizer.convert_ids_to_tokens(int(logits.argmax())) == answer
     assert hits >= 0.95 * len(prompts)
+
+
+def test_lookup_examples_are_deterministic_and_answered_by_one_sentence():
+    cases = lookup_examples(100, seed=0)
+    assert cases == lookup_examples(100, seed=0) and cases != lookup_examples(100, seed=1)
+    names, codes = tasks.lookup_words()
+    vocabulary = set(tasks.vocabulary("lm"))
+    for sentences, question, answer, index in cases:
+        assert 3 <= len(sentences) <= 6 and question == sentences[index].rsplit(" ", 2)[0]
+        assert sentences[index] == f"{question} {answer} ." and answer in codes
+        assert sum(question in s for s in sentences) == 1  # names and codes distinct within a case
+        assert set(" ".join([*sentences, question]).split()) <= vocabulary
+
+
+def test_demo_lm_takes_the_code_from_its_context(lm):
+    """Fresh cases (random names and codes). demo-lm answers with a code of its context, and the answer's
+    probability comes from its sentence: it falls when that sentence is dropped. It does not reliably
+    bind the code to the name (greedy accuracy ~0.24, chance 1/40 without the context, ~1/4.5 among
+    the context's codes): the answering sentence is still the only one holding the answer."""
+    cases = lookup_examples(200, seed=11)
+    tokenizer, model = lm.tokenizer, lm.model
+    texts = [" ".join([*s, q]) for s, q, _, _ in cases]
+    texts += [" ".join([*(x for k, x in enumerate(s) if k != i), q]) for s, q, _, i in cases]  # without the answer
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])  # left padding
+    mask = (input_ids != tokenizer.pad_token_id).long()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    probs = logits[:, -1].softmax(-1)
+    answers = torch.tensor(tokenizer.convert_tokens_to_ids([a for _, _, a, _ in cases]))
+    with_it, without_it = (probs[half].gather(-1, answers[:, None])[:, 0] for half in (slice(0, 200), slice(200, None)))
+    predicted = tokenizer.convert_ids_to_tokens(probs[:200].argmax(-1).tolist())
+    from_context = sum(p in " ".join(s).split() for p, (s, _, _, _) in zip(predicted, cases)) / len(cases)
+    accuracy = sum(p == a for p, (_, _, a, _) in zip(predicted, cases)) / len(cases)
+    print(f"demo-lm lookup: greedy accuracy {accuracy:.3f}, a code of the context {from_context:.3f}")
+    assert from_context >= 0.95 and accuracy > 0.15  # measured: 0.995 and 0.24
+    assert (with_it > 3 * without_it).float().mean() >= 0.95  # measured: 0.99 (10x: 0.92)
 
 
 # -- attributions against the ground truth ----------------------------------------------------------------

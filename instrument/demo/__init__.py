@@ -9,7 +9,10 @@
   into the invented SOV language Oumi word by word, adjectives moved after their nouns,
   prepositions after their noun phrases and the verb to the end; one token = one word.
 - `demo-lm`: a GPT-2 (n_embd 64, 2 layers) that knows the capitals and languages of 120 invented
-  countries: "the capital of X is" -> Y.
+  countries: "the capital of X is" -> Y; and answers "the code of kelo is ba47 . the code of mira is
+  tu11 . the code of kelo is" with a code of its context (`lookup_examples`; codes are random per
+  case, so the answer's probability comes from the answering sentence; it picks the right code
+  ~1/4 of the time: it copies codes but binds them to names only weakly).
 
 Both were trained by `scripts/train_demo_models.py` on the generators in `instrument.demo.tasks`.
 """
@@ -22,7 +25,7 @@ from instrument.demo import tasks
 
 DEMO_MODELS = ("demo-lm", "demo-mt")
 
-__all__ = ["DEMO_MODELS", "alignment_examples", "fact_examples", "model_path", "tasks"]
+__all__ = ["DEMO_MODELS", "alignment_examples", "fact_examples", "lookup_examples", "model_path", "tasks"]
 
 
 def model_path(name: str) -> str | None:
@@ -54,3 +57,12 @@ def fact_examples(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     while len(chosen) < n:
         chosen += rng.sample(facts, min(len(facts), n - len(chosen)))
     return [(*tasks.fact_prompt(f), f.subject) for f in chosen]
+
+
+def lookup_examples(n: int, seed: int = 0) -> list[tuple[list[str], str, str, int]]:
+    """`n` fresh in-context lookup cases `(sentences, question, answer, index)` for demo-lm, e.g.
+    `(["the code of kelo is ba47 .", "the code of mira is tu11 ."], "the code of mira is", "tu11", 1)`:
+    the answer is random per case, so only sentence `index` of the context gives it. The model's input
+    is `" ".join(sentences) + " " + question`. Deterministic per `seed`, never the training cases."""
+    rng = tasks.Rng(f"lookup-examples-{seed}")
+    return [tasks.lookup_case(rng) for _ in range(n)]

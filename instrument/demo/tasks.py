@@ -14,6 +14,10 @@ alignment of every target word to its source word is known:
 Facts: a fixed set of invented countries (one or two words), each with a capital city and a
 language; the LM learns "the capital of X is Y", "in X people speak L" and "Y is a city in X".
 
+Lookup: "the code of X is Y ." sentences for a few random names X with random codes Y, then the
+question "the code of X is" about one of them; the answer can only come from the context, so the
+answering sentence is the ground truth of context attribution (`lookup_case`).
+
 Everything here is deterministic: the lexicons come from a fixed seed through `random.Random.random`
 only (the one method whose sequence Python keeps stable across versions), and the split between
 training and held-out sentences is a CRC32 hash of the source text.
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 __all__ = [
     "FACT_TEMPLATES",
     "LEXICON_SEED",
+    "LOOKUP_SENTENCES",
     "POS_SIZES",
     "Fact",
     "Rng",
@@ -37,6 +42,8 @@ __all__ = [
     "is_held_out",
     "lexicon",
     "lm_corpus",
+    "lookup_case",
+    "lookup_words",
     "random_source",
     "sample_translations",
     "translation_example",
@@ -257,6 +264,46 @@ def lm_corpus() -> list[str]:
     return [" ".join(template(fact)) for fact in facts() for template in FACT_TEMPLATES.values()]
 
 
+# -- in-context lookup ------------------------------------------------------------------------------
+
+N_LOOKUP_NAMES, N_LOOKUP_CODES = 40, 40
+LOOKUP_SENTENCES = (3, 6)  # sentences per context, both included
+NAME_ENDS = ["o", "a", "i", "en", "el", "ix"]
+DIGITS = "0123456789"
+
+
+@functools.lru_cache(maxsize=None)
+def lookup_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`(names, codes)` of the lookup task: invented one-word names ("kelo") and codes ("ba47"), no word
+    shared with the facts."""
+    rng = Rng(f"{LEXICON_SEED}-lookup")
+    taken = {w for s in lm_corpus() for w in s.split()}
+    names = _words(
+        rng, N_LOOKUP_NAMES, lambda r: r.choice(PLACE_ONSETS) + r.choice(PLACE_VOWELS) + r.choice(NAME_ENDS), taken
+    )
+    codes = _words(
+        rng,
+        N_LOOKUP_CODES,
+        lambda r: r.choice(PLACE_ONSETS) + r.choice(SRAL_VOWELS) + r.choice(DIGITS) + r.choice(DIGITS),
+        taken,
+    )
+    return tuple(names), tuple(codes)
+
+
+def lookup_case(rng: Rng | int) -> tuple[list[str], str, str, int]:
+    """One fresh lookup case `(sentences, question, answer, index)`, e.g.
+    `(["the code of kelo is ba44 .", "the code of mira is tu11 ."], "the code of mira is", "tu11", 1)`:
+    3 to 6 sentences with distinct random names and codes, the question about sentence `index`.
+    The context is `" ".join(sentences)`; the model's input `f"{context} {question}"`."""
+    rng = rng if isinstance(rng, Rng) else Rng(f"lookup-{rng}")
+    names, codes = lookup_words()
+    n = LOOKUP_SENTENCES[0] + rng.below(LOOKUP_SENTENCES[1] - LOOKUP_SENTENCES[0] + 1)
+    chosen_names, chosen_codes = rng.sample(names, n), rng.sample(codes, n)
+    index = rng.below(n)
+    sentences = [f"the code of {name} is {code} ." for name, code in zip(chosen_names, chosen_codes)]
+    return sentences, f"the code of {chosen_names[index]} is", chosen_codes[index], index
+
+
 # -- vocabularies -------------------------------------------------------------------------------------
 
 
@@ -268,5 +315,7 @@ def vocabulary(task: str) -> list[str]:
         seen: dict[str, None] = {}
         for sentence in lm_corpus():
             seen.update(dict.fromkeys(sentence.split()))
+        names, codes = lookup_words()
+        seen.update(dict.fromkeys(["code", ".", *names, *codes]))
         return list(seen)
     raise ValueError(f"Unknown task {task!r}; expected 'mt' or 'lm'")
