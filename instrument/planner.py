@@ -23,7 +23,6 @@ cap holds for the rest of the call (`instrument.batching.AutoState.cotangent_cap
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,18 +35,19 @@ __all__ = [
     "check_max_memory",
     "model_shape",
     "plan_gradients",
-    "plan_forward",
     "predict_gradients",
 ]
 
-# Per token and layer, in elements: the forward graph saved for an input-gradient backward, and the
-# buffers of one slot's batched backward (measured, see the module docstring).
-GRAPH_HIDDEN, GRAPH_INTERMEDIATE = 9.0, 3.0
-SLOT_HIDDEN, SLOT_INTERMEDIATE = 8.0, 2.0
-# Eager attention: score matrices kept per layer in the graph, and live in one slot's backward.
-GRAPH_SCORES, SLOT_SCORES = 2.0, 3.0
-# A forward without gradients: what one layer holds at once, per token.
-FORWARD_HIDDEN, FORWARD_INTERMEDIATE, FORWARD_SCORES = 6.0, 2.0, 2.0
+# In elements per token, each a multiple of `hidden` (+ of `intermediate`), fitted to the profiler's
+# peaks on GPT-2- and Llama-shaped models (see tests/test_planner.py):
+GRAPH_HIDDEN, GRAPH_INTERMEDIATE = 6.0, 1.0  # the forward graph, per layer
+SLOT_HIDDEN, SLOT_INTERMEDIATE = 4.0, 1.0  # one slot's batched-backward buffers
+KEPT_PER_SLOT = 2.25  # each slot's input gradient, kept to the end, while backwards run
+FORWARD_HIDDEN = 52.0  # the attribution's other buffers (embeddings, outputs), peaking outside the backward
+# Eager attention, in heads x length² elements: per layer in the graph, per slot in the backward.
+GRAPH_SCORES, SLOT_SCORES = 1.0, 2.0
+# The slots of one backward keep their buffers under this fraction of the graph ("auto" budgets only).
+SLOT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -162,24 +162,18 @@ def budget(max_memory: int | str | None, model: Any = None) -> int | None:
 
 def predict_gradients(
     shape: Shape, length: int, rows: int = 1, slots: int = 1, cotangents: int = 1, source_length: int = 0
-):
+) -> tuple[int, int, int, int]:
     """(peak, graph, per slot, fixed) bytes of one shared-prefix gradient batch: `rows` full rows of
     `length` tokens (plus `source_length` on encoder-decoders), `slots` read per row, `cotangents`
-    of them per batched backward."""
+    of them per batched backward. The peak is the larger of the backward phase (graph, the slots
+    in flight, the gradients kept) and the rest of the call (graph and the other buffers)."""
     b, d, i = shape.bytes, shape.hidden, shape.intermediate
-    tokens = rows * (length + source_length)
+    unit = rows * (length + source_length) * d * b  # one hidden-wide activation of every token
     layers = shape.layers + shape.encoder_layers
-
-    def scores(kind: float) -> float:
-        if not shape.eager:
-            return 0.0
-        squares = rows * (length**2 + source_length**2 + length * source_length)
-        return kind * shape.heads * squares * b
-
-    graph = layers * (tokens * b * (GRAPH_HIDDEN * d + GRAPH_INTERMEDIATE * i) + scores(GRAPH_SCORES))
-    per_slot = tokens * b * (SLOT_HIDDEN * d + SLOT_INTERMEDIATE * i) + scores(SLOT_SCORES)
-    # Each slot's input gradient is kept until the last backward, and read off once more per row.
-    fixed = 3 * slots * tokens * d * 4 + 4 * tokens * d * b
+    squares = rows * shape.heads * (length**2 + source_length**2 + length * source_length) * b if shape.eager else 0
+    graph = layers * (unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d) + GRAPH_SCORES * squares)
+    per_slot = unit * (SLOT_HIDDEN + SLOT_INTERMEDIATE * i / d) + SLOT_SCORES * squares
+    fixed = max(unit * (1 + KEPT_PER_SLOT * slots), unit * (FORWARD_HIDDEN + slots) - cotangents * per_slot)
     peak = graph + cotangents * per_slot + fixed
     return int(peak), int(graph), int(per_slot), int(fixed)
 
@@ -199,30 +193,15 @@ def plan_gradients(
     """
     shape = model if isinstance(model, Shape) else model_shape(model, dtype)
     limit = budget(max_memory, None if isinstance(model, Shape) else model)
-    _, graph, per_slot, fixed = predict_gradients(shape, length, rows, slots, 1, source_length)
     slots = max(int(slots), 1)
-    if limit is None:
-        chosen = slots
-    else:
-        chosen = int(max(0, limit - graph - fixed) // max(per_slot, 1))
-    fits = chosen >= 1 or limit is None
-    chosen = max(1, min(chosen, slots))
-    peak = graph + chosen * per_slot + fixed
-    return Plan(int(peak), graph, per_slot, fixed, chosen, slots, limit, fits)
-
-
-def plan_forward(shape: Shape, length: int, rows: int = 1) -> int:
-    """Peak bytes of a forward without gradients (attention and perturbation methods stream
-    these): one layer's activations at a time, and its scores under eager attention."""
-    b, d, i = shape.bytes, shape.hidden, shape.intermediate
-    peak = rows * length * b * (FORWARD_HIDDEN * d + FORWARD_INTERMEDIATE * i)
-    if shape.eager:
-        peak += FORWARD_SCORES * rows * shape.heads * length**2 * b
-    return int(peak)
-
-
-def rows_that_fit(per_row: float, limit: int | None, total: int) -> int:
-    """How many rows of `per_row` bytes fit in `limit` (all when unknown), at least one."""
-    if limit is None or per_row <= 0:
-        return total
-    return max(1, min(total, math.floor(limit / per_row)))
+    graph, per_slot = predict_gradients(shape, length, rows, slots, 1, source_length)[1:3]
+    chosen = slots
+    if max_memory is None or max_memory == "auto":  # bounded buffers: about half a graph's worth of slots
+        chosen = min(chosen, max(1, int(SLOT_SHARE * graph // max(per_slot, 1))))
+    fits = True
+    if limit is not None:  # the largest chunk whose predicted peak fits
+        while chosen > 1 and predict_gradients(shape, length, rows, slots, chosen, source_length)[0] > limit:
+            chosen -= 1
+        fits = predict_gradients(shape, length, rows, slots, chosen, source_length)[0] <= limit
+    peak, graph, per_slot, fixed = predict_gradients(shape, length, rows, slots, chosen, source_length)
+    return Plan(peak, graph, per_slot, fixed, chosen, slots, limit, fits)
