@@ -27,6 +27,10 @@ import sys
 import time
 import warnings
 
+# Run as a script, this folder comes first on sys.path, where kernels.py would shadow the `kernels` package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
 GENERATED = 32
 WORDS = 998
 

@@ -96,7 +96,7 @@ def model_shape(model: Any, dtype: torch.dtype | None = None) -> Shape:
         floating = (
             [p.dtype for p in model.parameters() if p.is_floating_point()] if hasattr(model, "parameters") else []
         )
-        dtype = floating[0] if floating else _get(config, "dtype", "torch_dtype", default=torch.float32)
+        dtype = floating[0] if floating else _get(config, "dtype", default=torch.float32)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     quantization = _get(config, "quantization_config", default=None)
     if quantization is not None:
@@ -108,7 +108,7 @@ def model_shape(model: Any, dtype: torch.dtype | None = None) -> Shape:
         intermediate=intermediate,
         vocab=int(_get(config, "vocab_size", default=0)),
         bytes=torch.empty((), dtype=dtype).element_size(),
-        attention=str(_get(config, "_attn_implementation", default="eager") or "eager"),
+        attention=str(_get(config, "_attn_implementation", default=None) or "sdpa"),  # transformers 5 default
         encoder_layers=encoder_layers,
         quantization=quantization,
     )
