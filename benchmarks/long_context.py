@@ -11,8 +11,8 @@ forced continuation tokens follow it. Methods: saliency, integrated gradients (2
 occlusion. Runners: `ours`, `inseq` (skipped past `--inseq-max` tokens, or where it is not installed),
 and `bare`: one forward of the whole sequence and one backward of the last token's probability to the
 input embeddings (the floor a gradient method's memory is compared with). Each (runner, method, length)
-runs in a fresh subprocess, runners interleaved per setting; measured there: the wall time of the one
-call, and the peak resident memory growth over it (VmHWM after resetting it through
+runs in a fresh subprocess, runners interleaved per setting; measured there: the wall time and the
+process's CPU time (all threads; steadier than wall time on a shared machine) of the one call, and the peak resident memory growth over it (VmHWM after resetting it through
 /proc/self/clear_refs, minus VmRSS before the call). Prints one Markdown table row per setting.
 """
 
@@ -60,7 +60,7 @@ OPTIONS = {"integrated_gradients": {"n_steps": 20}, "attention": {}, "occlusion"
 
 
 def run_one(runner: str, method: str, length: int) -> dict:
-    """Runs one setting in this process; returns seconds and peak RSS growth (bytes)."""
+    """Runs one setting in this process; returns wall and CPU seconds and peak RSS growth (bytes)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
@@ -97,10 +97,10 @@ def run_one(runner: str, method: str, length: int) -> dict:
     _trim()
     _reset_cpu_peak()
     before = _read_status("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     call()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak": _read_status("VmHWM") - before}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu": cpu, "peak": _read_status("VmHWM") - before}
 
 
 def main(argv=None):
@@ -116,8 +116,8 @@ def main(argv=None):
         runner, method, length = args.one.split(":")
         print(json.dumps(run_one(runner, method, int(length))))
         return
-    print("| prompt tokens | method | runner | seconds | peak RSS growth (GiB) |")
-    print("|---|---|---|---|---|")
+    print("| prompt tokens | method | runner | wall s | CPU s | peak RSS growth (GiB) |")
+    print("|---|---|---|---|---|---|")
     for length in map(int, args.lengths.split(",")):
         for method in args.methods.split(","):
             for runner in args.runners.split(","):
@@ -138,7 +138,8 @@ def main(argv=None):
                     continue
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 print(
-                    f"| {length} | {method} | {runner} | {result['seconds']:.1f} | {result['peak'] / 2**30:.2f} |",
+                    f"| {length} | {method} | {runner} | {result['seconds']:.1f} | {result['cpu']:.1f} "
+                    f"| {result['peak'] / 2**30:.2f} |",
                     flush=True,
                 )
 
