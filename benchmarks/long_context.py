@@ -12,8 +12,9 @@ occlusion. Runners: `ours`, `inseq` (skipped past `--inseq-max` tokens, or where
 and `bare`: one forward of the whole sequence and one backward of the last token's probability to the
 input embeddings (the floor a gradient method's memory is compared with). Each (runner, method, length)
 runs in a fresh subprocess, runners interleaved per setting; measured there: the wall time and the
-process's CPU time (all threads; steadier than wall time on a shared machine) of the one call, and the peak resident memory growth over it (VmHWM after resetting it through
-/proc/self/clear_refs, minus VmRSS before the call). Prints one Markdown table row per setting.
+process's CPU time (all threads; steadier than wall time on a shared machine) of the one call, and
+the peak resident memory growth over it (VmHWM after resetting it through /proc/self/clear_refs,
+minus VmRSS before the call). Prints one Markdown table row per setting.
 """
 
 from __future__ import annotations
