@@ -11,10 +11,12 @@ implementation) and the batch's (full rows, their length, slots per backward). A
 (`methods.base.gradients`, shared prefix) holds one forward graph (the tensors saved for the
 backward, with frozen parameters) and, during each batched backward, buffers per slot (cotangent):
 the gradients of one layer's activations, and under eager attention a `heads x length²` matrix. The
-coefficients are counts of `hidden`- and `intermediate`-wide tensors per token and layer, measured
-once on GPT-2-, Llama- and OPT-shaped blocks (tests/test_planner.py checks them against the
-profiler within 20%). Quantized weights (8-/4-bit) change the weights, not the activations: they
-are counted at the compute dtype.
+coefficients are counts of `hidden`- and `intermediate`-wide tensors per token, fitted to the
+profiler's peaks on small GPT-2-shaped models (tests/test_planner.py checks them within 20% over
+lengths, methods, chunks and attention implementations; GPT-2 small at 256 + 32 tokens: 0.89x).
+Llama-shaped models and path methods' extra buffers (integrated gradients) were off by 20-35% in
+the same checks: not yet covered. Quantized weights (8-/4-bit) change the weights, not the
+activations: they are counted at the compute dtype.
 
 `max_memory`: bytes, or "auto" (the default: what the model's devices have free now, less
 `instrument.batching.SAFETY_MARGIN`). An out-of-memory error still halves the chunks, and that
