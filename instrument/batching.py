@@ -108,6 +108,8 @@ class AutoState:
     point_cap: int | None = None  # path points per chunk at most, after an out-of-memory error
     point_cost: float | None = None  # bytes per row and path point
     points_run: int = 0  # the largest path chunk of the rows being attributed now
+    cotangent_cap: int | None = None  # slots per batched backward at most, after an out-of-memory error
+    cotangents_run: int = 0  # the largest slot chunk of the rows being attributed now
     unmeasured: bool = False
     log: list[str] = field(default_factory=list)
 
@@ -217,7 +219,7 @@ def _run(state, examples, attribute, batch_size, internal_auto, progress) -> Non
         if row_cap is not None:
             count = min(count, row_cap)
         chunk = pairs[start : start + count]
-        state.points_run = 0
+        state.points_run = state.cotangents_run = 0
         probe = measure(state.devices).start()
         try:
             attribute(chunk, state)
@@ -225,7 +227,13 @@ def _run(state, examples, attribute, batch_size, internal_auto, progress) -> Non
             probe.stop()
             if not is_out_of_memory(error):
                 raise
-            if internal_auto and state.points_run > 1:
+            if state.cotangents_run > 1:  # the planner's slot chunks were too large: halve them from now on
+                state.cotangent_cap = state.cotangents_run // 2
+                state.note(
+                    f"out of memory with {state.cotangents_run} slots per batched backward: "
+                    f"retrying with {state.cotangent_cap}"
+                )
+            elif internal_auto and state.points_run > 1:
                 state.point_cap = state.points_run // 2
                 state.note(
                     f"out of memory with {count} rows x {state.points_run} path points: "

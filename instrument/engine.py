@@ -52,6 +52,25 @@ def _head_at(head: nn.Module, rows: torch.Tensor | None, positions: torch.Tensor
 
 
 @contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Parameters without `requires_grad` for the block, each flag restored after (errors included).
+
+        with frozen_parameters(model): grads = torch.autograd.grad(score, input_embeds)
+
+    Gradients w.r.t. inputs then skip every weight gradient, and the forward saves no tensor that
+    only a weight gradient would need (a linear layer's input), which bounds the graph's memory."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, flag in flags:
+            if flag:
+                parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def train_mode(model: nn.Module):
     """Dropout on for the block, every module's own training flag restored after, errors included."""
     flags = [(module, module.training) for module in model.modules()]

@@ -6,6 +6,7 @@ result = method.attribute(request)        # RowAttribution for request.rows
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from instrument import batching
-from instrument.engine import Engine
+from instrument import batching, planner
+from instrument.engine import Engine, frozen_parameters
 from instrument.rows import RowAttribution, Rows, full_rows
 from methods.slopes import activation_slopes
 
@@ -32,7 +33,8 @@ class Request:
     use for them may skip the LM head. `attributed_fn`: the step function's identifier, for methods
     that only make sense for some (ReAGent needs a probability). `auto`: the memory-aware batching
     state of the run (`instrument.batching.run_rows`) that `chunks(..., "auto", auto=request.auto)` sizes
-    path chunks with (None: a fresh one per call).
+    path chunks with (None: a fresh one per call). `max_memory`: the memory budget in bytes that
+    batched backwards are planned to fit (`instrument.planner`; "auto": what the device has free).
     """
 
     engine: Engine
@@ -42,6 +44,7 @@ class Request:
     needs_logits: bool = True
     attributed_fn: str | None = None
     auto: batching.AutoState | None = None
+    max_memory: int | str | None = "auto"
 
     @property
     def attribute_source(self) -> bool:
@@ -143,7 +146,8 @@ def gradients(
     """
     if shared_prefix and layer_patch is None and len(rows) > 1:
         return _shared_prefix(request, rows, wrt, source, target, layers)
-    with torch.enable_grad():
+    inputs_only = not layers and layer_patch is None
+    with torch.enable_grad(), frozen_parameters(request.engine.model) if inputs_only else contextlib.nullcontext():
         logits, activations = request.engine.forward(rows, source, target, layers, layer_patch)
         scores = request.score(rows, logits, source, target)
         wanted = list(wrt) + [activations[name] for name in layers]
@@ -177,16 +181,35 @@ def _check_used(request: Request, grads, wanted) -> list[torch.Tensor]:
 def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source, target, layers):
     """`gradients` from one forward per example. The graph is cut at the LM head's input: one cheap
     backward gives each row's score its gradient there (a row's logits depend on its own state
-    only); then one backward batched over slots (`is_grads_batched`) takes them to the inputs, slot
+    only); then backwards batched over slots (`is_grads_batched`) take them to the inputs, slot
     s holding one row of every full row (plus, in the same pass, any path from the scores to the
     inputs that bypasses the head, such as a contrastive forward sharing the source embeddings).
     Under causal attention a row's score depends on nothing after its prefix, so the full row
-    gives each row its own gradient (zero past the prefix)."""
+    gives each row its own gradient (zero past the prefix).
+
+    Memory: the batched backward's buffers grow with the slots it carries (x heads x length² in
+    attention), so the slots go in chunks that the memory planner (`instrument.planner`) fits into
+    `request.max_memory` beside the graph; gradients w.r.t. inputs alone run with the parameters
+    frozen (no weight gradient, nor the tensors only weight gradients need)."""
     fr = full_rows(rows)
     full = {id(t): leaf(t[fr.longest]) for t in (source, target) if t is not None}
     full_source, full_target = (full[id(t)] if t is not None else None for t in (source, target))
     owner, n_full, n_slots = fr.owner, len(fr.full), fr.positions.shape[1]
-    with torch.enable_grad(), activation_slopes(request.engine.model):
+
+    def per_row(value: torch.Tensor, slot: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+        """`[S, F, ...]` (or `[S, F * positions, hidden]`) -> `[len(slot), ...]`."""
+        if value.shape[1] != n_full:  # modules that flatten rows and positions (OPT's feed-forward)
+            value = value.reshape(value.shape[0], n_full, -1, value.shape[-1])
+        return value[slot.to(value.device), of.to(value.device)]
+
+    def per_row_activation(value: torch.Tensor) -> torch.Tensor:
+        if value.shape[0] != n_full:
+            value = value.reshape(n_full, -1, value.shape[-1])
+        return value[owner.to(value.device)]
+
+    model = request.engine.model
+    freeze = frozen_parameters(model) if not layers else contextlib.nullcontext()
+    with torch.enable_grad(), activation_slopes(model), freeze:
         logits, activations, (states, head_input) = request.engine.forward_reads(fr, full_source, full_target, layers)
         scores = request.score(
             rows,
@@ -203,18 +226,64 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
             if at_head is not None:  # [R, 1, D] -> [S, R, 1, D], row r in its slot
                 roots.append(states)
                 seeds.append(one_hot.to(at_head.dtype).view(n_slots, -1, 1, 1) * at_head)
-        grads = torch.autograd.grad(roots, wanted, seeds, is_grads_batched=True, allow_unused=True)
-        grads = _check_used(request, grads, [t.expand(n_slots, *t.shape) for t in wanted])
+        step, start = cotangent_chunk(request, fr, n_slots), 0
+        grads: list[torch.Tensor | None] = [None] * len(wanted)
+        while start < n_slots:
+            part = [seed[start : start + step] for seed in seeds]
+            try:  # the graph is kept to the end, so that a chunk that ran out of memory can run again smaller
+                found = torch.autograd.grad(
+                    roots, wanted, part, is_grads_batched=True, allow_unused=True, retain_graph=True
+                )
+            except BaseException as error:
+                if step == 1 or not batching.is_out_of_memory(error):
+                    raise
+                found = None
+            if found is None:
+                step = _learn(request, step)
+                continue
+            found = _check_used(request, found, [t.expand(len(part[0]), *t.shape) for t in wanted])
+            # Each row's gradient goes straight to its place: no [slots, ...] tensor of every chunk.
+            in_chunk = ((fr.slot >= start) & (fr.slot < start + len(part[0]))).nonzero().squeeze(1)
+            for i, g in enumerate(found):
+                picked = per_row(g, fr.slot[in_chunk] - start, owner[in_chunk])
+                if grads[i] is None:
+                    grads[i] = picked.new_zeros((len(rows), *picked.shape[1:]))
+                grads[i].index_copy_(0, in_chunk.to(picked.device), picked)
+            del found
+            start += step
+        activations = {name: value.detach() for name, value in activations.items()}
 
-    def per_row(value: torch.Tensor, batched: bool) -> torch.Tensor:
-        """`[(S,) F, ...]` (or `[(S,) F * positions, hidden]`) -> `[R, ...]`."""
-        lead = 1 if batched else 0
-        if value.shape[lead] != n_full:  # modules that flatten rows and positions (OPT's feed-forward)
-            value = value.reshape(*value.shape[:lead], n_full, -1, value.shape[-1])
-        return value[fr.slot, owner] if batched else value[owner]
+    return grads, logits.detach(), {name: per_row_activation(activations[name]) for name in layers}
 
-    grads = [per_row(g, batched=True) for g in grads]
-    return grads, logits.detach(), {name: per_row(activations[name].detach(), batched=False) for name in layers}
+
+def cotangent_chunk(request: Request, fr, n_slots: int) -> int:
+    """Slots per batched backward: as many as the planner fits in the request's memory budget, at
+    most the cap an earlier out-of-memory error of this call left (`AutoState.cotangent_cap`)."""
+    source_width = fr.full.source_ids.shape[1] if fr.full.source_ids is not None else 0
+    chosen = planner.plan_gradients(
+        request.engine.model,
+        length=fr.full.target_ids.shape[1],
+        source_length=source_width,
+        rows=len(fr.full),
+        slots=n_slots,
+        max_memory=request.max_memory,
+        dtype=request.engine.input_dtype,
+    ).cotangents
+    cap = request.auto.cotangent_cap if request.auto is not None else None
+    chosen = max(1, min(chosen, cap or n_slots))
+    if request.auto is not None:
+        request.auto.cotangents_run = max(request.auto.cotangents_run, chosen)
+    return chosen
+
+
+def _learn(request: Request, step: int) -> int:
+    """Half the slots after an out-of-memory error, kept for the rest of the call (`request.auto`)."""
+    batching.free_memory()  # called after the except block: the error's frames are gone
+    step = max(1, step // 2)
+    if request.auto is not None:
+        request.auto.cotangent_cap = step
+        request.auto.note(f"out of memory in a batched backward: {step} slots per backward from now on")
+    return step
 
 
 def leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ class Saliency(AttributionMethod):
             request, request.rows, [t for t in (source, target) if t is not None], source, target, shared_prefix=True
         )
         source_grad, target_grad = _split(request, grads, source, target)
-        fix = torch.abs if abs else (lambda t: t)
+        fix = torch.abs_ if abs else (lambda t: t)  # in place: the gradients are this call's own
         return RowAttribution(
             source=fix(source_grad) if source_grad is not None else None, target=fix(target_grad), logits=logits
         )

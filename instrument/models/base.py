@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from instrument import batching
+from instrument import batching, planner
 from instrument.engine import Engine
 from instrument.models import inseq_options, validation
 from instrument.models.run import AttributionRun
@@ -96,6 +96,7 @@ class AttributionModel:
         include_eos_baseline: bool = False,
         attributed_fn: Any = None,
         batch_size: int | str | None = None,
+        max_memory: int | str = "auto",
         generate_from_target_prefix: bool = False,
         skip_special_tokens: bool = False,
         generation_args: dict | None = None,
@@ -112,6 +113,8 @@ class AttributionModel:
         may be token ids (e.g. `tokenizer.apply_chat_template(...)`), its target then ids too.
         `skip_special_tokens=True` removes special tokens from the texts and adds none (Inseq).
 
+        `max_memory`: bytes a batch may use beyond the weights, or "auto" (what the device has free):
+        the memory planner (`instrument.planner`) chunks batched backwards to fit it.
         `attr_pos_start` / `attr_pos_end` select the target steps `[start, end)` as Inseq 0.7.1 does
         (an end past the target is its end, negatives count from the end, a start inside a decoder-only
         prompt is the prompt's end) and the output's target stops at `attr_pos_end`. Refused where
@@ -147,6 +150,7 @@ class AttributionModel:
             )
         attribute_target = attribute_target or not self.is_encoder_decoder
         batching.check_size("batch_size", batch_size)
+        planner.check_max_memory(max_memory)
 
         if targets is None or generate_from_target_prefix:
             target_ids = self.generate(
@@ -160,7 +164,9 @@ class AttributionModel:
         )
 
         batch_size = batch_size or len(examples)
-        run = AttributionRun(self.engine, examples, attributor, attributed, scorers, step_kwargs, attribute_target)
+        run = AttributionRun(
+            self.engine, examples, attributor, attributed, scorers, step_kwargs, attribute_target, max_memory
+        )
         run.attribute_all(
             batch_size, reference=reference, show_progress=show_progress, label=f"Attributing with {method_name}"
         )

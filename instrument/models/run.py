@@ -38,6 +38,7 @@ class AttributionRun:
     scorers: dict[str, StepFunction]
     step_kwargs: dict[str, Any]
     attribute_target: bool
+    max_memory: int | str = "auto"  # the planner's budget per batch (`instrument.planner.budget`)
     collected: Accumulator = field(init=False)
 
     def __post_init__(self):
@@ -73,8 +74,9 @@ class AttributionRun:
                     internal_auto=internal_auto,
                     progress=lambda n: progress.advance(task, n),
                 )
-            for pairs in units:
-                self.attribute_rows(pairs)
+            state = batching.AutoState(devices=batching.model_devices(self.engine.model))
+            for pairs in units:  # one state: a slot cap learnt from an out-of-memory error holds for the call
+                self.attribute_rows(pairs, state)
                 progress.advance(task)
 
     def attribute_rows(self, pairs: Sequence[tuple[int, int]], auto: batching.AutoState | None = None) -> None:
@@ -94,6 +96,7 @@ class AttributionRun:
             needs_logits=bool(self.scorers),
             attributed_fn=self.attributed_fn.identifier,
             auto=auto,
+            max_memory=self.max_memory,
         )
         result = self.method.attribute(request, **self.method.defaults)
         if self.method.attributes_inputs and not self.attribute_target:

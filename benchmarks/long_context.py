@@ -1,0 +1,149 @@
+"""Long prompts: time and peak memory of attributing 32 generated tokens after a prompt of 256 to
+4,000 tokens, ours against Inseq, on a GPT-2-small-shaped model (transformers' GPT2Config defaults,
+seeded random weights, its default attention implementation).
+
+    PYTHONPATH=. python benchmarks/long_context.py                                   # the full grid
+    PYTHONPATH=. python benchmarks/long_context.py --lengths 1000 --methods saliency
+    PYTHONPATH=. python benchmarks/long_context.py --lengths 4000 --methods saliency --runners ours,bare
+
+Texts: a word-level tokenizer over 998 made-up words, so that a prompt of N words is N tokens; the 32
+forced continuation tokens follow it. Methods: saliency, integrated gradients (20 steps), attention,
+occlusion. Runners: `ours`, `inseq` (skipped past `--inseq-max` tokens, or where it is not installed),
+and `bare`: one forward of the whole sequence and one backward of the last token's probability to the
+input embeddings (the floor a gradient method's memory is compared with). Each (runner, method, length)
+runs in a fresh subprocess, runners interleaved per setting; measured there: the wall time and the
+process's CPU time (all threads; steadier than wall time on a shared machine) of the one call, and
+the peak resident memory growth over it (VmHWM after resetting it through /proc/self/clear_refs,
+minus VmRSS before the call). Prints one Markdown table row per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+# Run as a script, this folder comes first on sys.path, where kernels.py would shadow the `kernels` package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+GENERATED = 32
+WORDS = 998
+
+
+def build(length: int):
+    """(model, tokenizer, prompt, prompt + continuation) for a prompt of `length` tokens."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>", pad_token="<eos>"
+    )
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=max(1024, length + GENERATED), bos_token_id=1, eos_token_id=1)
+    config.pad_token_id = 1
+    model = transformers.GPT2LMHeadModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    words = [f"w{int(i)}" for i in torch.randint(0, WORDS, (length + GENERATED,), generator=generator)]
+    return model, tokenizer, " ".join(words[:length]), " ".join(words)
+
+
+OPTIONS = {"integrated_gradients": {"n_steps": 20}, "attention": {}, "occlusion": {}, "saliency": {}}
+
+
+def run_one(runner: str, method: str, length: int) -> dict:
+    """Runs one setting in this process; returns wall and CPU seconds and peak RSS growth (bytes)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    model, tokenizer, prompt, full = build(length)
+    if runner == "ours":
+        import instrument
+
+        wrapped = instrument.load_model(model, method, tokenizer=tokenizer)
+
+        def call():
+            return wrapped.attribute(prompt, full, show_progress=False, **OPTIONS[method])
+    elif runner == "inseq":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import inseq
+        if method == "attention":
+            model.set_attn_implementation("eager")  # Inseq reads output.attentions
+        wrapped = inseq.load_model(model, method, tokenizer=copy.deepcopy(tokenizer), device="cpu")
+
+        def call():
+            return wrapped.attribute(prompt, full, show_progress=False, **OPTIONS[method])
+    else:  # bare: one forward and one input-gradient backward
+        ids = tokenizer(full, return_tensors="pt")["input_ids"]
+        embedding = model.get_input_embeddings()
+
+        def call():
+            with torch.enable_grad():
+                embeds = embedding(ids).detach().requires_grad_()
+                logits = model(inputs_embeds=embeds, use_cache=False).logits[0, -2]
+                return torch.autograd.grad(logits.softmax(-1)[ids[0, -1]], embeds)[0]
+
+    from instrument.memory import _read_status, _reset_cpu_peak, _trim
+
+    _trim()
+    _reset_cpu_peak()
+    before = _read_status("VmRSS")
+    start, cpu = time.perf_counter(), time.process_time()
+    call()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu": cpu, "peak": _read_status("VmHWM") - before}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="256,1000,2000,4000")
+    parser.add_argument("--methods", default="saliency,integrated_gradients,attention,occlusion")
+    parser.add_argument("--runners", default="ours,inseq,bare")
+    parser.add_argument("--inseq-max", type=int, default=2000, help="longest prompt Inseq runs on")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # runner:method:length, in the child
+    args = parser.parse_args(argv)
+    if args.one:
+        runner, method, length = args.one.split(":")
+        print(json.dumps(run_one(runner, method, int(length))))
+        return
+    print("| prompt tokens | method | runner | wall s | CPU s | peak RSS growth (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for length in map(int, args.lengths.split(",")):
+        for method in args.methods.split(","):
+            for runner in args.runners.split(","):
+                if runner == "bare" and method != "saliency":
+                    continue
+                if runner == "inseq" and length > args.inseq_max:
+                    print(f"| {length} | {method} | inseq | not run (> {args.inseq_max} tokens) | |", flush=True)
+                    continue
+                command = [sys.executable, __file__, "--one", f"{runner}:{method}:{length}"]
+                try:
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"| {length} | {method} | {runner} | > {args.timeout} (stopped) | |", flush=True)
+                    continue
+                if done.returncode != 0:
+                    why = (done.stderr.strip().splitlines() or ["?"])[-1][:100]
+                    print(f"| {length} | {method} | {runner} | failed: {why} | |", flush=True)
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                print(
+                    f"| {length} | {method} | {runner} | {result['seconds']:.1f} | {result['cpu']:.1f} "
+                    f"| {result['peak'] / 2**30:.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

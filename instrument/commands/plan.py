@@ -1,0 +1,68 @@
+"""`instrument plan`: the memory planner's prediction for one attribution, without running it.
+
+    instrument plan -m gpt2 -a saliency --length 1000 --generated 32 --max_memory 2GiB
+
+Reads the model's config only (no weights are loaded); prints the shape it read, the predicted peak
+(above the weights) and the slots per batched backward chosen for the budget (`instrument.planner`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+# Rows of one forward per example: deeplift runs inputs and baselines together; path methods one
+# row per path point of a chunk.
+_GRADIENT = {"saliency": 1, "input_x_gradient": 1, "deeplift": 2, "integrated_gradients": None}
+
+
+def parse_bytes(text: str) -> int | str:
+    """`"auto"`, a number of bytes, or one with a unit: `parse_bytes("1.5GiB")` -> 1610612736."""
+    if text == "auto":
+        return text
+    found = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not found:
+        raise argparse.ArgumentTypeError(f"max_memory: expected bytes (e.g. 2GiB, 500MB, 1e9) or 'auto', got {text!r}")
+    unit = (found.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+    return int(float(found.group(1)) * scale.get(unit, 2**40))
+
+
+def add_command(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser("plan", help="predict the peak memory of an attribution and the chunks chosen")
+    parser.add_argument("-m", "--model", required=True, help="a hub name or local directory (its config is read)")
+    parser.add_argument("-a", "--attribution_method", default="saliency", help="method name; default: saliency")
+    parser.add_argument("--length", type=int, required=True, help="prompt tokens")
+    parser.add_argument("--generated", type=int, default=32, help="attributed (generated) tokens; default 32")
+    parser.add_argument("--max_memory", type=parse_bytes, default="auto", help="bytes (2GiB, 500MB) or auto")
+    parser.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16...); default: the config's")
+    parser.add_argument("--attn_implementation", default=None, help="eager, sdpa...; default: the config's")
+    parser.add_argument("--points", type=int, default=1, help="path points per chunk (integrated gradients)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args) -> None:
+    import torch
+    import transformers
+
+    from instrument import planner
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    if args.attn_implementation:
+        config._attn_implementation = args.attn_implementation
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if dtype is None:
+        named = getattr(config, "dtype", None)
+        dtype = getattr(torch, named) if isinstance(named, str) else named or torch.float32
+    shape = planner.model_shape(config, dtype)
+    print(f"model {args.model}: {shape}")
+    method = args.attribution_method
+    if method not in _GRADIENT:
+        print(f"{method}: forwards without a batched backward (streamed); nothing for the planner to chunk")
+        return
+    rows = _GRADIENT[method] or args.points
+    plan = planner.plan_gradients(
+        shape, length=args.length + args.generated, slots=args.generated, rows=rows, max_memory=args.max_memory
+    )
+    print(f"{method}, {args.length} + {args.generated} tokens, {rows} full row(s): {plan.describe()}")

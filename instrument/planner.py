@@ -1,0 +1,209 @@
+"""The memory planner: the peak memory of an attribution batch, predicted from the model's config,
+and the chunk sizes that fit a budget.
+
+    plan = plan_gradients(model, length=1032, slots=32, max_memory=2 * 2**30)
+    plan.cotangents, plan.peak        # slots per batched backward, predicted peak bytes
+
+What is predicted is the tensor memory a batch adds on top of the weights (torch's allocator: the
+profiler's memory events on the CPU, `max_memory_allocated` on CUDA), from the model's shape
+(`Shape`: layers, hidden size, heads, feed-forward width, vocabulary, bytes per element, attention
+implementation) and the batch's (full rows, their length, slots per backward). A gradient batch
+(`methods.base.gradients`, shared prefix) holds one forward graph (the tensors saved for the
+backward, with frozen parameters) and, during each batched backward, buffers per slot (cotangent):
+the gradients of one layer's activations, and under eager attention a `heads x length²` matrix. The
+coefficients are counts of `hidden`- and `intermediate`-wide tensors per token, fitted to the
+profiler's peaks on small GPT-2-shaped models (tests/test_planner.py checks them within 20% over
+lengths, methods, chunks and attention implementations; GPT-2 small at 256 + 32 tokens: 0.89x).
+Llama-shaped models and path methods' extra buffers (integrated gradients) were off by 20-35% in
+the same checks: not yet covered. Quantized weights (8-/4-bit) change the weights, not the
+activations: they are counted at the compute dtype.
+
+`max_memory`: bytes, or "auto" (the default: what the model's devices have free now, less
+`instrument.batching.SAFETY_MARGIN`). An out-of-memory error still halves the chunks, and that
+cap holds for the rest of the call (`instrument.batching.AutoState.cotangent_cap`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Plan",
+    "Shape",
+    "budget",
+    "check_max_memory",
+    "model_shape",
+    "plan_gradients",
+    "predict_gradients",
+]
+
+# In elements per token, each a multiple of `hidden` (+ of `intermediate`), fitted to the profiler's
+# peaks on GPT-2- and Llama-shaped models (see tests/test_planner.py):
+GRAPH_HIDDEN, GRAPH_INTERMEDIATE = 6.0, 1.0  # the forward graph, per layer
+SLOT_HIDDEN, SLOT_INTERMEDIATE = 4.0, 1.0  # one slot's batched-backward buffers
+KEPT_PER_SLOT = 2.25  # each slot's input gradient, kept to the end, while backwards run
+FORWARD_HIDDEN = 52.0  # the attribution's other buffers (embeddings, outputs), peaking outside the backward
+# Eager attention, in heads x length² elements: per layer in the graph, per slot in the backward.
+GRAPH_SCORES, SLOT_SCORES = 1.0, 2.0
+# The slots of one backward keep their buffers under this fraction of the graph ("auto" budgets only).
+SLOT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner reads off a model: `model_shape(model)`."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    bytes: int  # per element of the activations (the compute dtype)
+    attention: str  # "eager" materialises heads x length² scores; "sdpa", "flash_attention_2"... do not
+    encoder_layers: int = 0
+    quantization: str | None = None
+
+    @property
+    def eager(self) -> bool:
+        return self.attention == "eager"
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def model_shape(model: Any, dtype: torch.dtype | None = None) -> Shape:
+    """The `Shape` of a Hugging Face model (or of its config, with `dtype`).
+
+    model_shape(transformers.GPT2LMHeadModel(transformers.GPT2Config())).layers
+    12
+    """
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(_get(config, "hidden_size", "n_embd", "d_model"))
+    layers = int(_get(config, "num_hidden_layers", "n_layer", "decoder_layers", "num_layers"))
+    heads = int(_get(config, "num_attention_heads", "n_head", "decoder_attention_heads"))
+    intermediate = int(_get(config, "intermediate_size", "n_inner", "ffn_dim", "decoder_ffn_dim", "d_ff") or 4 * hidden)
+    encoder_layers = (
+        int(_get(config, "encoder_layers", default=0)) if getattr(config, "is_encoder_decoder", False) else 0
+    )
+    if dtype is None:
+        floating = (
+            [p.dtype for p in model.parameters() if p.is_floating_point()] if hasattr(model, "parameters") else []
+        )
+        dtype = floating[0] if floating else _get(config, "dtype", default=torch.float32)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    quantization = _get(config, "quantization_config", default=None)
+    if quantization is not None:
+        quantization = "4bit" if _get(quantization, "load_in_4bit", default=False) else "8bit"
+    return Shape(
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=intermediate,
+        vocab=int(_get(config, "vocab_size", default=0)),
+        bytes=torch.empty((), dtype=dtype).element_size(),
+        attention=str(_get(config, "_attn_implementation", default=None) or "sdpa"),  # transformers 5 default
+        encoder_layers=encoder_layers,
+        quantization=quantization,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A batch's predicted peak (bytes, above the weights) and the chunks chosen for the budget."""
+
+    peak: int
+    graph: int  # one forward graph
+    per_slot: int  # one slot's backward buffers
+    fixed: int  # inputs and results
+    cotangents: int  # slots per batched backward
+    slots: int
+    budget: int | None
+    fits: bool
+
+    def describe(self) -> str:
+        gib = 2**30
+        limit = "unbounded" if self.budget is None else f"{self.budget / gib:.3f} GiB"
+        return (
+            f"predicted peak {self.peak / gib:.3f} GiB (graph {self.graph / gib:.3f} GiB, "
+            f"{self.per_slot / gib:.4f} GiB per slot, inputs and results {self.fixed / gib:.3f} GiB); "
+            f"{self.cotangents} of {self.slots} slots per batched backward; budget {limit}"
+            + ("" if self.fits else "; does not fit even one slot at a time")
+        )
+
+
+def check_max_memory(max_memory: Any) -> None:
+    """A positive number of bytes or "auto", else ValueError naming `max_memory`."""
+    ok = max_memory == "auto" if isinstance(max_memory, str) else isinstance(max_memory, int) and max_memory > 0
+    if isinstance(max_memory, bool) or not ok:
+        raise ValueError(f"max_memory must be a positive number of bytes or 'auto', got {max_memory!r}")
+
+
+def budget(max_memory: int | str | None, model: Any = None) -> int | None:
+    """Bytes a batch may use: `max_memory` as given, or (None, "auto") what the model's devices have
+    free less the safety margin; None where that is unknown."""
+    if max_memory is not None:
+        check_max_memory(max_memory)
+    if isinstance(max_memory, int):
+        return max_memory
+    from instrument.batching import SAFETY_MARGIN
+    from instrument.memory import available_memory, model_devices
+
+    devices = model_devices(model) if model is not None and hasattr(model, "parameters") else [torch.device("cpu")]
+    free = available_memory(devices)
+    return None if free is None else int(free * (1 - SAFETY_MARGIN))
+
+
+def predict_gradients(
+    shape: Shape, length: int, rows: int = 1, slots: int = 1, cotangents: int = 1, source_length: int = 0
+) -> tuple[int, int, int, int]:
+    """(peak, graph, per slot, fixed) bytes of one shared-prefix gradient batch: `rows` full rows of
+    `length` tokens (plus `source_length` on encoder-decoders), `slots` read per row, `cotangents`
+    of them per batched backward. The peak is the larger of the backward phase (graph, the slots
+    in flight, the gradients kept) and the rest of the call (graph and the other buffers)."""
+    b, d, i = shape.bytes, shape.hidden, shape.intermediate
+    unit = rows * (length + source_length) * d * b  # one hidden-wide activation of every token
+    layers = shape.layers + shape.encoder_layers
+    squares = rows * shape.heads * (length**2 + source_length**2 + length * source_length) * b if shape.eager else 0
+    graph = layers * (unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d) + GRAPH_SCORES * squares)
+    per_slot = unit * (SLOT_HIDDEN + SLOT_INTERMEDIATE * i / d) + SLOT_SCORES * squares
+    fixed = max(unit * (1 + KEPT_PER_SLOT * slots), unit * (FORWARD_HIDDEN + slots) - cotangents * per_slot)
+    peak = graph + cotangents * per_slot + fixed
+    return int(peak), int(graph), int(per_slot), int(fixed)
+
+
+def plan_gradients(
+    model: Any,
+    length: int,
+    slots: int,
+    rows: int = 1,
+    source_length: int = 0,
+    max_memory: int | str | None = "auto",
+    dtype: torch.dtype | None = None,
+) -> Plan:
+    """How many slots each batched backward carries so that the batch fits `max_memory`.
+
+    plan_gradients(model, length=1032, slots=32, max_memory=2**31).cotangents
+    """
+    shape = model if isinstance(model, Shape) else model_shape(model, dtype)
+    limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    slots = max(int(slots), 1)
+    graph, per_slot = predict_gradients(shape, length, rows, slots, 1, source_length)[1:3]
+    chosen = slots
+    if max_memory is None or max_memory == "auto":  # bounded buffers: about half a graph's worth of slots
+        chosen = min(chosen, max(1, int(SLOT_SHARE * graph // max(per_slot, 1))))
+    fits = True
+    if limit is not None:  # the largest chunk whose predicted peak fits
+        while chosen > 1 and predict_gradients(shape, length, rows, slots, chosen, source_length)[0] > limit:
+            chosen -= 1
+        fits = predict_gradients(shape, length, rows, slots, chosen, source_length)[0] <= limit
+    peak, graph, per_slot, fixed = predict_gradients(shape, length, rows, slots, chosen, source_length)
+    return Plan(peak, graph, per_slot, fixed, chosen, slots, limit, fits)
