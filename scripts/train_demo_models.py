@@ -228,9 +228,9 @@ def train_lm(args, out: Path) -> dict:
 
 def lookup_row(case, rng: tasks.Rng, tokenizer) -> tuple[list[int], list[int]]:
     """`(ids, labels)` of one lookup training row: the case's context with some of its sentences
-    repeated later (up to 8 sentences in all) (a repeated name has its code again: more answers to learn from per row), then the
-    question, the answer and `</s>`. Only the repeated codes and "X is Y </s>" of the question are
-    labels (-100 elsewhere): the rest is random. Fresh cases never repeat a sentence."""
+    repeated later (up to 8 sentences in all; a repeated name has its code again: more answers to learn
+    from per row), then the question, the answer and `</s>`. Only the repeated codes and "X is Y </s>"
+    of the question are labels (-100 elsewhere): the rest is random. Fresh cases never repeat a sentence."""
     sentences, question, answer, _ = case
     sentences = list(sentences)
     repeated = set()
