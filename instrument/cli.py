@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-COMMAND_MODULES: tuple = ()  # e.g. "instrument.commands.dataset"; see _command_modules
+COMMAND_MODULES: tuple = ("instrument.commands.evaluate",)  # see _command_modules
 
 
 class _Parser(argparse.ArgumentParser):
