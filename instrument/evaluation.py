@@ -7,10 +7,11 @@
 Every generated token (column of the attributions) is one unit. Its *candidates* are the input
 tokens of the evaluated `side` that it could see, special tokens (pad, EOS, BOS, UNK, the decoder
 start) left out; they are ranked by the aggregated attribution scores (`seq.aggregate()`, what the
-heatmaps show; the highest first, ties in position order). `f` is the probability of the generated
-token. Removing a token replaces it with `baseline` (the UNK token by default, as the methods' default
-baseline) or, with `removal="delete"`, drops it from the input (an input left empty gives no
-prediction: NaN, left out of the means).
+heatmaps show, with layers reduced too for layer methods; the highest first, ties in position
+order). `f` is the probability of the generated token. Removing a token replaces it with
+`baseline` (the UNK token by default, as the methods' default baseline) or, with
+`removal="delete"`, drops it from the input (an input left empty, as a decoder-only prefix without a
+BOS token can be, gives no prediction: NaN, left out of the means).
 
 - `comprehensiveness@k` = f(x) - f(x without the top k% candidates) and `sufficiency@k` =
   f(x) - f(x with only the top k% candidates) (ERASER; ceil(k% of n) tokens, at least one); their
@@ -231,6 +232,8 @@ def _prepare(seq, b: int, engine, tokenizer, side: str | None) -> _Sequence:
         kind = "an encoder-decoder" if encoder_decoder else "a decoder-only"
         raise ValueError(f"output: example {b} does not fit {kind} model (evaluate with the model that made it)")
     aggregated = seq.aggregate()
+    if any(t is not None and t.dim() > 2 for t in (aggregated.source_attributions, aggregated.target_attributions)):
+        aggregated = seq.aggregate(keep_layers=False)  # layer methods: one score per token over all layers
     src, tgt = aggregated.source_attributions, aggregated.target_attributions
     for t in (src, tgt):
         if t is not None and t.dim() != 2:

@@ -320,7 +320,7 @@ def test_cli_evaluate_prints_writes_json_and_plot(tmp_path, capsys):
     assert saved["seconds"]["saliency"] > 0
     if plots:
         assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(argv[:8] + ["--cutoffs", "0"]) == 2
+    assert main(argv[:9] + ["--cutoffs", "0"]) == 2
     assert "cutoffs" in capsys.readouterr().err
 
 
@@ -330,7 +330,7 @@ def test_demo_mt_methods_beat_random_outside_both_confidence_intervals():
     random attributions on comprehensiveness AOPC and deletion AUC, the CIs apart."""
     from instrument.demo import alignment_examples, model_path
 
-    mt = instrument.load_model(model_path("demo-mt"), "integrated_gradients", n_steps=8)
+    mt = instrument.load_model(model_path("demo-mt"), "integrated_gradients", n_steps=6)
     examples = alignment_examples(200, seed=99)
     sources, targets = [s for s, _, _ in examples], [t for _, t, _ in examples]
     for method in ("integrated_gradients", "saliency", "attention"):
