@@ -433,18 +433,24 @@ class _Plan:
         self.prober = _Prober()
         self.entries: dict[str, list[_Entry]] = {}
 
-    def _input(self, unit: _Unit, removed: set[tuple[str, int]]) -> int:
-        def side(ids, kind, limit):
-            if ids is None:
-                return None
-            ids = ids[:limit]
-            if self.removal == "delete":
-                return tuple(t for i, t in enumerate(ids) if (kind, i) not in removed)
-            return tuple(self.baseline_id if (kind, i) in removed else t for i, t in enumerate(ids))
+    def _input(self, unit: _Unit, removed) -> int:
+        """The input of `unit` with the candidates `removed` (an iterable of (side, index)) removed."""
+        cut = {"source": [], "target": []}
+        for kind, i in removed:  # decoder-only: prompt ("source") and generated positions of one sequence
+            cut[kind if self.engine.is_encoder_decoder else "target"].append(i)
 
-        if not self.engine.is_encoder_decoder:  # one sequence: prompt ("source") and generated positions
-            removed = {("target", i) for _, i in removed}
-        source, prefix = side(unit.source, "source", None), side(unit.target, "target", unit.position)
+        def side(ids, indices):
+            if ids is None or not indices:
+                return ids
+            if self.removal == "delete":
+                drop = set(indices)
+                return tuple(t for i, t in enumerate(ids) if i not in drop)
+            ids = list(ids)
+            for i in indices:
+                ids[i] = self.baseline_id
+            return tuple(ids)
+
+        source, prefix = side(unit.source, cut["source"]), side(unit.target[: unit.position], cut["target"])
         return self.prober.add(source, prefix, unit.token)
 
     def add(self, label: str, b: int, unit: _Unit, label_seed: int | None) -> None:
@@ -452,18 +458,18 @@ class _Plan:
         n = len(ranked)
         if n == 0:
             return
-        entry = _Entry(unit, self._input(unit, set()), self._input(unit, set(ranked)))
+        entry = _Entry(unit, self._input(unit, ()), self._input(unit, ranked))
         wants = set(self.metrics)
         for k in self.cutoffs:
             m = min(n, max(1, math.ceil(k * n / 100)))
             if "comprehensiveness" in wants:
-                entry.comp.append(self._input(unit, set(ranked[:m])))
+                entry.comp.append(self._input(unit, ranked[:m]))
             if "sufficiency" in wants:
-                entry.suff.append(self._input(unit, set(ranked[m:])))
+                entry.suff.append(self._input(unit, ranked[m:]))
         if "deletion" in wants:
-            entry.deletion = [self._input(unit, set(ranked[:i])) for i in range(n + 1)]
+            entry.deletion = [self._input(unit, ranked[:i]) for i in range(n + 1)]
         if "insertion" in wants:
-            entry.insertion = [self._input(unit, set(ranked[i:])) for i in range(n + 1)]
+            entry.insertion = [self._input(unit, ranked[i:]) for i in range(n + 1)]
         if "soft_comprehensiveness" in wants or "soft_sufficiency" in wants:
             entry.soft_comp, entry.soft_suff = self._soft(unit, scores)
         self.entries.setdefault(label, []).append(entry)
