@@ -19,6 +19,8 @@ if _Path(getattr(_methods, "__file__", None) or "").resolve().parent.parent != _
 
 from instrument import demo, kernels  # noqa: E402
 from instrument.aggregation import get_aggregator, list_aggregators, register_aggregator  # noqa: E402
+from instrument.evaluation import evaluate  # noqa: E402
+from instrument.evaluation_table import EvaluationTable  # noqa: E402
 from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
 from instrument.outputs import FeatureAttributionOutput, FeatureAttributionSequenceOutput, TokenWithId  # noqa: E402
@@ -67,12 +69,14 @@ def explain(id: str) -> None:
 
 __all__ = [
     "AttributionModel",
+    "EvaluationTable",
     "FeatureAttributionOutput",
     "FeatureAttributionSequenceOutput",
     "StepFunctionArgs",
     "TokenWithId",
     "Trace",
     "demo",
+    "evaluate",
     "explain",
     "kernels",
     "list_aggregation_functions",

@@ -246,6 +246,10 @@ def test_table_views(case, tmp_path):
     assert "deletion_auc ↓" in text and "saliency" in text
     merged = table + out.evaluate(model, ["comprehensiveness", "deletion"], cutoffs=(50,), method="again")
     assert list(merged.rows) == ["saliency", "again", "random"]
+    single = out[0].evaluate(model, ["deletion"], method="first")  # one sequence works too
+    assert isinstance(single, instrument.EvaluationTable) and list(single.rows) == ["first", "random"]
+    n_first = len(single.values["first"]["deletion_auc"])
+    assert_close(single.values["first"]["deletion_auc"], table.values["saliency"]["deletion_auc"][:n_first], "one")
 
 
 @pytest.mark.parametrize(
