@@ -356,8 +356,7 @@ class _Prober:
         probs = torch.full((len(self.inputs),), math.nan, dtype=torch.float64)
         hosts = self.hosts()
         hosts.sort(key=lambda h: (h[2] is not None, len(h[1])))  # similar lengths share a batch
-        for first in range(0, len(hosts), batch_size):
-            chunk = hosts[first : first + batch_size]
+        for chunk in _chunks(hosts, batch_size, engine.head.weight.shape[0]):
             rows = _rows(engine, chunk)
             width = max(len(h[3]) for h in chunk)
             positions = torch.tensor([[r for _, r, _ in h[3]] + [h[3][-1][1]] * (width - len(h[3])) for h in chunk])
@@ -366,11 +365,27 @@ class _Prober:
                 source_embeds, target_embeds = _soft_embeds(engine, rows, chunk, baseline_id)
             logits = engine.forward_steps(rows, positions.to(engine.device), source_embeds, target_embeds)[0]
             tokens = torch.tensor([[t for _, _, t in h[3]] + [h[3][-1][2]] * (width - len(h[3])) for h in chunk])
-            picked = logits.float().softmax(-1).gather(-1, tokens.to(logits.device)[..., None])[..., 0].double().cpu()
+            logits = logits.float()
+            picked = logits.gather(-1, tokens.to(logits.device)[..., None])[..., 0] - logits.logsumexp(-1)
+            picked = picked.exp().double().cpu()
             for f, host in enumerate(chunk):
                 for k, (n, _, _) in enumerate(host[3]):
                     probs[n] = picked[f, k]
         return probs
+
+
+def _chunks(hosts: list, batch_size: int, vocab: int, budget: int = 2**25):
+    """Runs of at most `batch_size` hosts whose logits (hosts x reads x vocabulary) stay within `budget`."""
+    chunk, width = [], 0
+    for host in hosts:
+        wider = max(width, len(host[3]))
+        if chunk and (len(chunk) == batch_size or (len(chunk) + 1) * wider * vocab > budget):
+            yield chunk
+            chunk, wider = [], len(host[3])
+        chunk.append(host)
+        width = wider
+    if chunk:
+        yield chunk
 
 
 def _rows(engine, chunk) -> Rows:

@@ -343,3 +343,13 @@ def test_demo_mt_methods_beat_random_outside_both_confidence_intervals():
         ours, chance = table.rows[method], table.rows["random"]
         assert ours["comprehensiveness_aopc"]["low"] > chance["comprehensiveness_aopc"]["high"], method
         assert ours["deletion_auc"]["high"] < chance["deletion_auc"]["low"], method
+
+
+def test_chunks_bound_the_logits_and_the_batch():
+    from instrument.evaluation import _chunks
+
+    hosts = [(None, (1,), None, [0] * reads) for reads in (1, 3, 2, 5, 1, 1)]
+    chunks = list(_chunks(hosts, batch_size=3, vocab=10, budget=60))
+    assert [len(h[3]) for chunk in chunks for h in chunk] == [1, 3, 2, 5, 1, 1]  # all, in order
+    for chunk in chunks:
+        assert len(chunk) <= 3 and (len(chunk) == 1 or len(chunk) * max(len(h[3]) for h in chunk) * 10 <= 60)
