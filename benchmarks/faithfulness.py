@@ -1,6 +1,6 @@
 """Faithfulness and plausibility of every attribution method on the demo models, and the cost of evaluating.
 
-    PYTHONPATH=. python benchmarks/faithfulness.py table --examples 60 --write   # demo-mt + demo-lm table and figure
+    PYTHONPATH=. python benchmarks/faithfulness.py table --examples 12 --write   # demo-mt + demo-lm table and figure
     PYTHONPATH=. python benchmarks/faithfulness.py timing --repeats 3           # GPT-2-small-shaped model
 
 `table`: every registered method attributes `--examples` held-out demo-mt translations (forced
@@ -39,7 +39,16 @@ FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faithfulness.
 BEGIN, END = "<!-- faithfulness:begin -->", "<!-- faithfulness:end -->"
 COLUMNS = ["comprehensiveness_aopc", "sufficiency_aopc", "deletion_auc", "insertion_auc", "soft_comprehensiveness"]
 PLOTTED = ("integrated_gradients", "saliency", "attention", "occlusion", "random")
-OPTIONS = {"integrated_gradients": {"n_steps": 20}, "layer_integrated_gradients": {"n_steps": 20}}
+# Fewer path points / probes than the defaults, so that every method runs in minutes on a shared CPU.
+OPTIONS = {
+    name: {"n_steps": 20}
+    for name in (
+        "integrated_gradients",
+        "layer_integrated_gradients",
+        "sequential_integrated_gradients",
+        "discretized_integrated_gradients",
+    )
+} | {"reagent": {"max_probe_steps": 200}}
 
 
 def table_for(name: str, n: int):
@@ -156,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parts = parser.add_subparsers(dest="part", required=True)
     table = parts.add_parser("table")
-    table.add_argument("--examples", type=int, default=60)
+    table.add_argument("--examples", type=int, default=12)
     table.add_argument("--write", action="store_true", help="write the tables into benchmarks/README.md")
     timing = parts.add_parser("timing")
     timing.add_argument("--repeats", type=int, default=3)
