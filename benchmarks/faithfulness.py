@@ -144,7 +144,8 @@ def run_timing(args) -> None:
     for _ in range(args.repeats):
         for method in ("integrated_gradients", "saliency"):
             started = time.perf_counter()
-            result = model.attribute(inputs, targets, method=method, show_progress=False, n_steps=50)
+            options = {"n_steps": 50} if method == "integrated_gradients" else {}
+            result = model.attribute(inputs, targets, method=method, show_progress=False, **options)
             times[method].append(time.perf_counter() - started)
             out = result if method == "integrated_gradients" else out
         started = time.perf_counter()
