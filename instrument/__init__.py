@@ -21,6 +21,8 @@ from instrument import demo, kernels, patching  # noqa: E402
 from instrument.aggregation import get_aggregator, list_aggregators, register_aggregator  # noqa: E402
 from instrument.context.ablation import attribute_context_ablation  # noqa: E402
 from instrument.context.pecore import attribute_context  # noqa: E402
+from instrument.evaluation import evaluate  # noqa: E402
+from instrument.evaluation_table import EvaluationTable  # noqa: E402
 from instrument.files.shards import open_attributions  # noqa: E402
 from instrument.merging import merge_attributions  # noqa: E402
 from instrument.models import AttributionModel, load_model  # noqa: E402
@@ -71,6 +73,7 @@ def explain(id: str) -> None:
 
 __all__ = [
     "AttributionModel",
+    "EvaluationTable",
     "FeatureAttributionOutput",
     "FeatureAttributionSequenceOutput",
     "StepFunctionArgs",
@@ -79,6 +82,7 @@ __all__ = [
     "attribute_context",
     "attribute_context_ablation",
     "demo",
+    "evaluate",
     "explain",
     "kernels",
     "list_aggregation_functions",

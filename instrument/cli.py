@@ -16,6 +16,7 @@ from typing import Sequence
 COMMAND_MODULES: tuple = (
     "instrument.commands.dataset",
     "instrument.commands.context",
+    "instrument.commands.evaluate",
     "instrument.commands.plan",
     "instrument.commands.view",
 )  # see _command_modules

@@ -193,6 +193,16 @@ class FeatureAttributionSequenceOutput(Views):
             scores["step_scores"][key] = {name: v[column].item() for name, v in aggregated.step_scores.items()}
         return scores
 
+    def evaluate(self, model: Any, metrics: Any = None, **kwargs):
+        """Faithfulness (and plausibility) of these attributions on `model`: an `EvaluationTable`;
+        see `instrument.evaluation.evaluate`.
+
+            out.evaluate(model, metrics=["comprehensiveness", "deletion"]).show()
+        """
+        from instrument.evaluation import evaluate
+
+        return evaluate(self, model, metrics, **kwargs)
+
     # -- saving and equality (instrument.files, instrument.equality) ----------------------------
 
     def equals(self, other: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
@@ -331,6 +341,16 @@ class FeatureAttributionOutput(Views):
         return save(
             self, path, scores_precision=scores_precision, overwrite=overwrite, format=format, compress=compress
         )
+
+    def evaluate(self, model: Any, metrics: Any = None, **kwargs):
+        """Faithfulness (and plausibility) of these attributions on `model`: an `EvaluationTable`;
+        see `instrument.evaluation.evaluate`.
+
+            out.evaluate(model, metrics=["comprehensiveness", "deletion"]).show()
+        """
+        from instrument.evaluation import evaluate
+
+        return evaluate(self, model, metrics, **kwargs)
 
     @classmethod
     def load(cls, path) -> FeatureAttributionOutput:
