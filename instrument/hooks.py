@@ -1,4 +1,4 @@
-"""Hooks registered together and removed together, errors included.
+"""Hooks registered together and removed together, errors included; `eval_mode`, undone the same way.
 
 with HookHandles() as hooks:
     hooks.forward(model.lm_head, lambda module, args, output: output * 2)
@@ -12,6 +12,7 @@ hooks.remove()
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from torch import nn
@@ -49,3 +50,15 @@ class HookHandles:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Dropout off for the block; each module's own `training` flag restored after, errors included."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag

@@ -13,7 +13,6 @@ output: the last row is the model's own prediction.
 
 from __future__ import annotations
 
-import contextlib
 import html
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,18 +21,6 @@ import torch
 from torch import nn
 
 from instrument.hooks import HookHandles
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Dropout off inside the block; every module's own training flag restored after, errors included."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def lens_logits(model: nn.Module, stack: Sequence[str], batch: dict) -> torch.Tensor:

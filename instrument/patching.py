@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from instrument.lens import eval_mode
+from instrument.hooks import eval_mode
 from instrument.models import AttributionModel, load_model
 from instrument.selection import select_modules
 from instrument.step_args import StepFunctionArgs

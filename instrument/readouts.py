@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from instrument.lens import LensResult, eval_mode, lens_logits, lens_table
+from instrument.hooks import eval_mode
+from instrument.lens import LensResult, lens_logits, lens_table
 from instrument.models import AttributionModel, load_model
 from instrument.selection import resolve_alias
 

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 
 from instrument.engine import Engine, train_mode
-from instrument.lens import eval_mode, lens_depth_of, lens_logits
+from instrument.hooks import eval_mode
+from instrument.lens import lens_depth_of, lens_logits
 from instrument.rows import Rows
 from instrument.selection import resolve_alias
 from instrument.step_args import PerStepRead, StepFunctionArgs, StepInputs

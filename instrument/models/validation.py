@@ -8,7 +8,6 @@ Everything here raises one `ValueError` or `TypeError` naming the argument at fa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import numbers
@@ -17,24 +16,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from instrument.hooks import eval_mode
+
 # Inseq's step function that compares against contrastive inputs and is refused as attributed function
 # unless contrast_force_inputs=True (its gradients mix two forwards).
 FORCED_CONTRAST_STEPS = ("kl_divergence",)
 
 
 # -- model state ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Dropout off for the block; each module's own `training` flag restored after, errors included."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def in_eval_mode(method):
