@@ -48,8 +48,9 @@ KEPT_PER_SLOT = 2.25  # each slot's input gradient, kept to the end, while backw
 FORWARD_HIDDEN = 52.0  # the attribution's other buffers (embeddings, outputs), peaking outside the backward
 # Eager attention, in heads x length² elements: per layer in the graph, per slot in the backward.
 GRAPH_SCORES, SLOT_SCORES = 1.0, 2.0
-# The slots of one backward keep their buffers under this fraction of the graph ("auto" budgets only).
-SLOT_SHARE = 0.5
+# The slots of one backward keep their buffers under this fraction of the graph, or under SLOT_FLOOR bytes
+# where that is more ("auto" budgets only): short inputs keep all their slots in one backward.
+SLOT_SHARE, SLOT_FLOOR = 0.5, 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def plan_gradients(
     graph, per_slot = predict_gradients(shape, length, rows, slots, 1, source_length)[1:3]
     chosen = slots
     if max_memory is None or max_memory == "auto":  # bounded buffers: about half a graph's worth of slots
-        chosen = min(chosen, max(1, int(SLOT_SHARE * graph // max(per_slot, 1))))
+        chosen = min(chosen, max(1, int(max(SLOT_SHARE * graph, SLOT_FLOOR) // max(per_slot, 1))))
     fits = True
     if limit is not None:  # the largest chunk whose predicted peak fits
         while chosen > 1 and predict_gradients(shape, length, rows, slots, chosen, source_length)[0] > limit:

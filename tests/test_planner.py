@@ -159,3 +159,11 @@ def test_plan_command(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "slots per batched backward" in done.stdout and "predicted peak" in done.stdout
+
+
+def test_plan_command_reads_a_demo_model(capsys):
+    from instrument.cli import main
+
+    assert main(["plan", "-m", "demo-lm", "--length", "100", "--max_memory", "1GiB"]) == 0
+    printed = capsys.readouterr().out
+    assert "model demo-lm" in printed and "predicted peak" in printed

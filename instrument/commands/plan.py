@@ -30,7 +30,7 @@ def parse_bytes(text: str) -> int | str:
 
 def add_command(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser("plan", help="predict the peak memory of an attribution and the chunks chosen")
-    parser.add_argument("-m", "--model", required=True, help="a hub name or local directory (its config is read)")
+    parser.add_argument("-m", "--model", required=True, help="a demo model, hub name or local directory (config only)")
     parser.add_argument("-a", "--attribution_method", default="saliency", help="method name; default: saliency")
     parser.add_argument("--length", type=int, required=True, help="prompt tokens")
     parser.add_argument("--generated", type=int, default=32, help="attributed (generated) tokens; default 32")
@@ -47,8 +47,9 @@ def run(args) -> None:
     import transformers
 
     from instrument import planner
+    from instrument.demo import model_path
 
-    config = transformers.AutoConfig.from_pretrained(args.model)
+    config = transformers.AutoConfig.from_pretrained(model_path(args.model) or args.model)
     if args.attn_implementation:
         config._attn_implementation = args.attn_implementation
     dtype = getattr(torch, args.dtype) if args.dtype else None
