@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from instrument.engine import frozen_parameters
 from instrument.hooks import HookHandles
 from instrument.rows import RowAttribution
 from methods.attention import eager_attention
@@ -195,18 +196,6 @@ def _patched_forward(module: nn.Module, rule: Callable):
 
 
 @contextlib.contextmanager
-def _no_parameter_grads(model: nn.Module):
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
 def lrp_rules(model: nn.Module, variant: str = "attnlrp"):
     """Inside the block, gradients of `model`'s forwards follow AttnLRP's rules (`variant="cp"`:
     CP-LRP's), so that input x gradient is the relevance; forward values are unchanged. The model is
@@ -242,7 +231,7 @@ def lrp_rules(model: nn.Module, variant: str = "attnlrp"):
         mode.depth -= 1
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_no_parameter_grads(model))
+        stack.enter_context(frozen_parameters(model))
         if getattr(model.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
             stack.enter_context(eager_attention(model))
         for module, rule in rules:
