@@ -12,10 +12,11 @@ insertion curves of a few methods against random (`benchmarks/faithfulness.png`)
 the section between the faithfulness markers of benchmarks/README.md.
 
 `timing`: on a GPT-2-small-shaped model with random weights (the tokenizer and texts of
-`throughput.py`), 8 examples (prompts of 8 tokens, 6 to 9 forced tokens after them), the evaluation
-of comprehensiveness and sufficiency at 5 cut-offs (both sides, random baseline included: 2 x 10
-perturbed inputs per generated token) against the attribution itself (integrated gradients, 50
-steps, and saliency), repeats interleaved, medians. torch's default thread count.
+`throughput.py`), 8 examples (prompts of 8 tokens, 6 to 9 forced tokens after them): each method
+(integrated gradients with 50 steps, saliency) attributes, then its own output is evaluated on
+comprehensiveness and sufficiency at 5 cut-offs (both sides: 10 perturbed inputs per generated token),
+without and with the random row (20), against the time of that attribution. Repeats interleaved,
+medians, torch's default thread count.
 """
 
 from __future__ import annotations
@@ -139,26 +140,28 @@ def run_timing(args) -> None:
     words = [line.split() for line in CORPUS.splitlines() if len(line.split()) >= 14][:8]
     inputs = [" ".join(w[:8]) for w in words]
     targets = [" ".join(w[: 8 + 6 + k % 4]) for k, w in enumerate(words)]
-    times: dict[str, list[float]] = {"integrated_gradients": [], "saliency": [], "evaluate": []}
-    out = None
+    metrics = ["comprehensiveness", "sufficiency"]
+    methods = {"integrated_gradients": {"n_steps": 50}, "saliency": {}}
+    times: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        for method in ("integrated_gradients", "saliency"):
+        for method, options in methods.items():
             started = time.perf_counter()
-            options = {"n_steps": 50} if method == "integrated_gradients" else {}
-            result = model.attribute(inputs, targets, method=method, show_progress=False, **options)
-            times[method].append(time.perf_counter() - started)
-            out = result if method == "integrated_gradients" else out
-        started = time.perf_counter()
-        table = out.evaluate(model, ["comprehensiveness", "sufficiency"], n_bootstrap=200)
-        times["evaluate"].append(time.perf_counter() - started)
+            out = model.attribute(inputs, targets, method=method, show_progress=False, **options)
+            times.setdefault(f"{method}:attribute", []).append(time.perf_counter() - started)
+            for random_baseline in (False, True):
+                started = time.perf_counter()
+                table = out.evaluate(model, metrics, n_bootstrap=200, random_baseline=random_baseline)
+                key = f"{method}:evaluate" + (" + random" if random_baseline else "")
+                times.setdefault(key, []).append(time.perf_counter() - started)
     steps = len(table.values["random"]["comprehensiveness_aopc"])
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"    PYTHONPATH=. python benchmarks/faithfulness.py {shlex.join(sys.argv[1:])}")
     print(f"8 examples, {steps} generated tokens, 5 cut-offs, torch threads {torch.get_num_threads()}")
-    print("| run | seconds (median) | evaluation / run |\n|---|---|---|")
-    for name in ("integrated_gradients", "saliency"):
-        print(f"| attribute, {name} | {median[name]:.2f} | {median['evaluate'] / median[name]:.2f} |")
-    print(f"| evaluate (comprehensiveness + sufficiency, random row too) | {median['evaluate']:.2f} | |")
+    print("| method | attribution s | evaluation s | evaluation / attribution | with the random row s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for method in methods:
+        a, e, r = (median[f"{method}:{k}"] for k in ("attribute", "evaluate", "evaluate + random"))
+        print(f"| {method} | {a:.2f} | {e:.2f} | {e / a:.2f} | {r:.2f} | {r / a:.2f} |")
     print("all repeats:", {k: [round(x, 2) for x in v] for k, v in times.items()})
 
 

@@ -9,8 +9,9 @@ seeded random weights, its default attention implementation).
 Texts: a word-level tokenizer over 998 made-up words, so that a prompt of N words is N tokens; the 32
 forced continuation tokens follow it. Methods: saliency, integrated gradients (20 steps), attention,
 occlusion. Runners: `ours`, `inseq` (skipped past `--inseq-max` tokens, or where it is not installed),
-and `bare`: one forward of the whole sequence and one backward of the last token's probability to the
-input embeddings (the floor a gradient method's memory is compared with). Each (runner, method, length)
+`bare`: one forward of the whole sequence and one backward of the last token's probability to the
+input embeddings (the floor a gradient method's memory is compared with), and `frozen`: the same with
+no parameter requiring grad and logits at the last positions only (the leanest floor). Each (runner, method, length)
 runs in a fresh subprocess, runners interleaved per setting; measured there: the wall time and the
 process's CPU time (all threads; steadier than wall time on a shared machine) of the one call, and
 the peak resident memory growth over it (VmHWM after resetting it through /proc/self/clear_refs,
@@ -83,14 +84,18 @@ def run_one(runner: str, method: str, length: int) -> dict:
 
         def call():
             return wrapped.attribute(prompt, full, show_progress=False, **OPTIONS[method])
-    else:  # bare: one forward and one input-gradient backward
+    else:  # bare / frozen: one forward and one input-gradient backward
         ids = tokenizer(full, return_tensors="pt")["input_ids"]
         embedding = model.get_input_embeddings()
+        kept = {}
+        if runner == "frozen":  # the leanest floor: no parameter requires grad, logits at one position
+            model.requires_grad_(False)
+            kept = {"logits_to_keep": 2}
 
         def call():
             with torch.enable_grad():
                 embeds = embedding(ids).detach().requires_grad_()
-                logits = model(inputs_embeds=embeds, use_cache=False).logits[0, -2]
+                logits = model(inputs_embeds=embeds, use_cache=False, **kept).logits[0, -2]
                 return torch.autograd.grad(logits.softmax(-1)[ids[0, -1]], embeds)[0]
 
     from instrument.memory import _read_status, _reset_cpu_peak, _trim
@@ -122,7 +127,7 @@ def main(argv=None):
     for length in map(int, args.lengths.split(",")):
         for method in args.methods.split(","):
             for runner in args.runners.split(","):
-                if runner == "bare" and method != "saliency":
+                if runner in ("bare", "frozen") and method != "saliency":
                     continue
                 if runner == "inseq" and length > args.inseq_max:
                     print(f"| {length} | {method} | inseq | not run (> {args.inseq_max} tokens) | |", flush=True)

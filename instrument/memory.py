@@ -13,7 +13,8 @@
   /proc/self/clear_refs, after giving freed heap back with glibc's `malloc_trim`). None where that
   peak cannot be measured.
 
-`instrument.batching` sizes chunks from these figures.
+`instrument.batching` sizes chunks from these figures. `tensor_peak(fn)` is the peak of torch's own
+CPU tensors during `fn()` (the profiler's memory events): what the planner predicts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["available_memory", "free_memory", "measure", "model_devices"]
+__all__ = ["available_memory", "free_memory", "measure", "model_devices", "tensor_peak"]
 
 
 # -- where memory is, and how much is free -----------------------------------------------------------
@@ -262,3 +263,23 @@ class measure:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def tensor_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes torch's CPU allocator hands out during `fn()`, from the profiler's memory events
+    (the CPU counterpart of CUDA's `max_memory_allocated`).
+
+        tensor_peak(lambda: torch.ones(10**6).sum()) >= 4 * 10**6
+    """
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        with open(trace.name) as f:
+            events = json.load(f)["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
