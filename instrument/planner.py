@@ -25,6 +25,7 @@ cap holds for the rest of the call (`instrument.batching.AutoState.cotangent_cap
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "Plan",
     "Shape",
     "budget",
+    "check_checkpoint_layers",
     "check_max_memory",
     "model_shape",
     "plan_gradients",
@@ -51,6 +53,10 @@ GRAPH_SCORES, SLOT_SCORES = 1.0, 2.0
 # The slots of one backward keep their buffers under this fraction of the graph, or under SLOT_FLOOR bytes
 # where that is more ("auto" budgets only): short inputs keep all their slots in one backward.
 SLOT_SHARE, SLOT_FLOOR = 0.5, 128 * 2**20
+# Checkpointed layers (`instrument.engine.checkpointed_layers`) keep this many hidden-wide tensors per
+# token and layer (the layer's input) in the graph; in the backward, about two layers' graphs while one
+# is recomputed; outside it, the first recompute's transients, in layers' graphs without the scores.
+CHECKPOINT_KEPT, CHECKPOINT_LAYERS, CHECKPOINT_RECOMPUTE = 1.0, 2.0, 3.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class Plan:
     slots: int
     budget: int | None
     fits: bool
+    checkpoint: bool = False  # layers recomputed in the backward (activation checkpointing)
 
     def describe(self) -> str:
         gib = 2**30
@@ -136,7 +143,8 @@ class Plan:
         return (
             f"predicted peak {self.peak / gib:.3f} GiB (graph {self.graph / gib:.3f} GiB, "
             f"{self.per_slot / gib:.4f} GiB per slot, inputs and results {self.fixed / gib:.3f} GiB); "
-            f"{self.cotangents} of {self.slots} slots per batched backward; budget {limit}"
+            f"{self.cotangents} of {self.slots} slots per batched backward; budget {limit}; "
+            + ("layers checkpointed (recomputed per layer in the backward)" if self.checkpoint else "no checkpointing")
             + ("" if self.fits else "; does not fit even one slot at a time")
         )
 
@@ -163,21 +171,41 @@ def budget(max_memory: int | str | None, model: Any = None) -> int | None:
     return None if free is None else int(free * (1 - SAFETY_MARGIN))
 
 
+def check_checkpoint_layers(checkpoint_layers: Any) -> None:
+    """True, False or "auto", else ValueError naming `checkpoint_layers`."""
+    if not (isinstance(checkpoint_layers, bool) or checkpoint_layers == "auto"):
+        raise ValueError(f"checkpoint_layers must be True, False or 'auto', got {checkpoint_layers!r}")
+
+
 def predict_gradients(
-    shape: Shape, length: int, rows: int = 1, slots: int = 1, cotangents: int = 1, source_length: int = 0
+    shape: Shape,
+    length: int,
+    rows: int = 1,
+    slots: int = 1,
+    cotangents: int = 1,
+    source_length: int = 0,
+    checkpoint: bool = False,
 ) -> tuple[int, int, int, int]:
     """(peak, graph, per slot, fixed) bytes of one shared-prefix gradient batch: `rows` full rows of
     `length` tokens (plus `source_length` on encoder-decoders), `slots` read per row, `cotangents`
-    of them per batched backward. The peak is the larger of the backward phase (graph, the slots
-    in flight, the gradients kept) and the rest of the call (graph and the other buffers)."""
+    of them per batched backward; `checkpoint`: with checkpointed layers. The peak is the larger of
+    the backward phase (graph, the slots in flight, the gradients kept) and the rest of the call
+    (graph and the other buffers)."""
     b, d, i = shape.bytes, shape.hidden, shape.intermediate
     unit = rows * (length + source_length) * d * b  # one hidden-wide activation of every token
     layers = shape.layers + shape.encoder_layers
     squares = rows * shape.heads * (length**2 + source_length**2 + length * source_length) * b if shape.eager else 0
-    graph = layers * (unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d) + GRAPH_SCORES * squares)
+    layer = unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d) + GRAPH_SCORES * squares
+    graph = layers * layer
+    rest = graph  # what the graph holds outside the backward
+    if checkpoint:  # each layer's input kept; its graph rebuilt, one layer at a time, in the backward
+        rest = layers * unit * CHECKPOINT_KEPT
+        graph = rest + CHECKPOINT_LAYERS * layer
+        rest += CHECKPOINT_RECOMPUTE * unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d)
     per_slot = unit * (SLOT_HIDDEN + SLOT_INTERMEDIATE * i / d) + SLOT_SCORES * squares
-    fixed = max(unit * (1 + KEPT_PER_SLOT * slots), unit * (FORWARD_HIDDEN + slots) - cotangents * per_slot)
-    peak = graph + cotangents * per_slot + fixed
+    backward = graph + cotangents * per_slot + unit * (1 + KEPT_PER_SLOT * slots)
+    peak = max(backward, rest + unit * (FORWARD_HIDDEN + slots))
+    fixed = peak - graph - cotangents * per_slot
     return int(peak), int(graph), int(per_slot), int(fixed)
 
 
@@ -189,22 +217,32 @@ def plan_gradients(
     source_length: int = 0,
     max_memory: int | str | None = "auto",
     dtype: torch.dtype | None = None,
+    checkpoint: bool | str = False,
 ) -> Plan:
-    """How many slots each batched backward carries so that the batch fits `max_memory`.
+    """How many slots each batched backward carries so that the batch fits `max_memory`, and
+    whether its layers are checkpointed (`checkpoint`: True, False, or "auto": where one graph
+    with a single slot per backward does not fit and the checkpointed one fits better).
 
     plan_gradients(model, length=1032, slots=32, max_memory=2**31).cotangents
     """
+    check_checkpoint_layers(checkpoint)
     shape = model if isinstance(model, Shape) else model_shape(model, dtype)
     limit = budget(max_memory, None if isinstance(model, Shape) else model)
     slots = max(int(slots), 1)
-    graph, per_slot = predict_gradients(shape, length, rows, slots, 1, source_length)[1:3]
+    if checkpoint == "auto":  # where one slot per backward does not fit, and recomputing needs less
+        plain, recomputed = (predict_gradients(shape, length, rows, slots, 1, source_length, c)[0] for c in (0, 1))
+        checkpoint = limit is not None and plain > limit and recomputed < plain
+    predict = functools.partial(
+        predict_gradients, shape, length, rows, slots, source_length=source_length, checkpoint=checkpoint
+    )
+    graph, per_slot = predict(1)[1:3]
     chosen = slots
     if max_memory is None or max_memory == "auto":  # bounded buffers: about half a graph's worth of slots
         chosen = min(chosen, max(1, int(max(SLOT_SHARE * graph, SLOT_FLOOR) // max(per_slot, 1))))
     fits = True
     if limit is not None:  # the largest chunk whose predicted peak fits
-        while chosen > 1 and predict_gradients(shape, length, rows, slots, chosen, source_length)[0] > limit:
+        while chosen > 1 and predict(chosen)[0] > limit:
             chosen -= 1
-        fits = predict_gradients(shape, length, rows, slots, chosen, source_length)[0] <= limit
-    peak, graph, per_slot, fixed = predict_gradients(shape, length, rows, slots, chosen, source_length)
-    return Plan(peak, graph, per_slot, fixed, chosen, slots, limit, fits)
+        fits = predict(chosen)[0] <= limit
+    peak, graph, per_slot, fixed = predict(chosen)
+    return Plan(peak, graph, per_slot, fixed, chosen, slots, limit, fits, checkpoint)

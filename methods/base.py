@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from instrument import batching, planner
-from instrument.engine import Engine, frozen_parameters
+from instrument.engine import Engine, checkpointed_layers, frozen_parameters
 from instrument.rows import RowAttribution, Rows, full_rows
 from methods.slopes import activation_slopes
 
@@ -35,6 +35,9 @@ class Request:
     state of the run (`instrument.batching.run_rows`) that `chunks(..., "auto", auto=request.auto)` sizes
     path chunks with (None: a fresh one per call). `max_memory`: the memory budget in bytes that
     batched backwards are planned to fit (`instrument.planner`; "auto": what the device has free).
+    `checkpoint_layers`: recompute each layer in the backward (`instrument.engine.checkpointed_layers`)
+    for gradients w.r.t. the inputs: True, False, or "auto" (where the planner finds that one graph
+    does not fit `max_memory`).
     """
 
     engine: Engine
@@ -45,6 +48,7 @@ class Request:
     attributed_fn: str | None = None
     auto: batching.AutoState | None = None
     max_memory: int | str | None = "auto"
+    checkpoint_layers: bool | str = "auto"
 
     @property
     def attribute_source(self) -> bool:
@@ -64,6 +68,9 @@ class AttributionMethod:
     # Input methods attribute the target prefix only on request; layer methods report whatever side
     # their layers are on.
     attributes_inputs = True
+    # Takes gradients w.r.t. the inputs alone, with no hook inside the layers that captures anything:
+    # its layers can be recomputed in the backward (`Request.checkpoint_layers`).
+    checkpointable = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -147,7 +154,13 @@ def gradients(
     if shared_prefix and layer_patch is None and len(rows) > 1:
         return _shared_prefix(request, rows, wrt, source, target, layers)
     inputs_only = not layers and layer_patch is None
-    with torch.enable_grad(), frozen_parameters(request.engine.model) if inputs_only else contextlib.nullcontext():
+    model = request.engine.model
+    checkpoint = inputs_only and _checkpoint(request, rows)
+    with (
+        torch.enable_grad(),
+        frozen_parameters(model) if inputs_only else contextlib.nullcontext(),
+        checkpointed_layers(model) if checkpoint else contextlib.nullcontext(),
+    ):
         logits, activations = request.engine.forward(rows, source, target, layers, layer_patch)
         scores = request.score(rows, logits, source, target)
         wanted = list(wrt) + [activations[name] for name in layers]
@@ -208,8 +221,10 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
         return value[owner.to(value.device)]
 
     model = request.engine.model
+    plan = plan_slots(request, fr, n_slots, inputs_only=not layers)
     freeze = frozen_parameters(model) if not layers else contextlib.nullcontext()
-    with torch.enable_grad(), activation_slopes(model), freeze:
+    checkpoint = checkpointed_layers(model) if plan.checkpoint else contextlib.nullcontext()
+    with torch.enable_grad(), activation_slopes(model), freeze, checkpoint:
         logits, activations, (states, head_input) = request.engine.forward_reads(fr, full_source, full_target, layers)
         scores = request.score(
             rows,
@@ -226,7 +241,7 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
             if at_head is not None:  # [R, 1, D] -> [S, R, 1, D], row r in its slot
                 roots.append(states)
                 seeds.append(one_hot.to(at_head.dtype).view(n_slots, -1, 1, 1) * at_head)
-        step, start = cotangent_chunk(request, fr, n_slots), 0
+        step, start = cotangent_chunk(request, plan.cotangents, n_slots), 0
         grads: list[torch.Tensor | None] = [None] * len(wanted)
         while start < n_slots:
             part = [seed[start : start + step] for seed in seeds]
@@ -256,11 +271,11 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
     return grads, logits.detach(), {name: per_row_activation(activations[name]) for name in layers}
 
 
-def cotangent_chunk(request: Request, fr, n_slots: int) -> int:
-    """Slots per batched backward: as many as the planner fits in the request's memory budget, at
-    most the cap an earlier out-of-memory error of this call left (`AutoState.cotangent_cap`)."""
+def plan_slots(request: Request, fr, n_slots: int, inputs_only: bool = True) -> planner.Plan:
+    """The planner's plan for one shared-prefix batch of the full rows `fr` in the request's memory
+    budget: slots per batched backward, and whether to checkpoint the layers (inputs only)."""
     source_width = fr.full.source_ids.shape[1] if fr.full.source_ids is not None else 0
-    chosen = planner.plan_gradients(
+    return planner.plan_gradients(
         request.engine.model,
         length=fr.full.target_ids.shape[1],
         source_length=source_width,
@@ -268,7 +283,30 @@ def cotangent_chunk(request: Request, fr, n_slots: int) -> int:
         slots=n_slots,
         max_memory=request.max_memory,
         dtype=request.engine.input_dtype,
-    ).cotangents
+        checkpoint=request.checkpoint_layers if inputs_only else False,
+    )
+
+
+def _checkpoint(request: Request, rows: Rows) -> bool:
+    """Whether one forward and backward of `rows` (no shared prefix) runs with checkpointed layers."""
+    if request.checkpoint_layers != "auto":
+        return bool(request.checkpoint_layers)
+    source_width = rows.source_ids.shape[1] if rows.source_ids is not None else 0
+    return planner.plan_gradients(
+        request.engine.model,
+        length=rows.target_ids.shape[1],
+        source_length=source_width,
+        rows=len(rows),
+        slots=1,
+        max_memory=request.max_memory,
+        dtype=request.engine.input_dtype,
+        checkpoint="auto",
+    ).checkpoint
+
+
+def cotangent_chunk(request: Request, chosen: int, n_slots: int) -> int:
+    """Slots per batched backward: `chosen` (the planner's), at most the cap an earlier
+    out-of-memory error of this call left (`AutoState.cotangent_cap`)."""
     cap = request.auto.cotangent_cap if request.auto is not None else None
     chosen = max(1, min(chosen, cap or n_slots))
     if request.auto is not None:

@@ -27,6 +27,8 @@ def _split(request: Request, grads: list, source, target):
 class Saliency(AttributionMethod):
     """Gradient of the attributed function w.r.t. the input embeddings (absolute value by default)."""
 
+    checkpointable = True
+
     def attribute(self, request: Request, abs: bool = True) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
         grads, logits, _ = gradients(
@@ -43,6 +45,8 @@ class Saliency(AttributionMethod):
 class InputXGradient(AttributionMethod):
     """Gradient times the input embeddings."""
 
+    checkpointable = True
+
     def attribute(self, request: Request) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
         grads, logits, _ = gradients(
@@ -58,6 +62,8 @@ class InputXGradient(AttributionMethod):
 
 class PathMethod(AttributionMethod):
     """Shared by methods integrating gradients along straight paths from baselines to inputs."""
+
+    checkpointable = True
 
     def endpoints(self, request: Request, baselines, include_eos_baseline: bool):
         """Inputs and baselines per side; a side that is not attributed has baseline == input."""

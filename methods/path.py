@@ -274,6 +274,8 @@ class DiscretizedIntegratedGradients(AttributionMethod):
     (`n_steps=50`, `n_neighbors=50`).
     """
 
+    checkpointable = True
+
     def attribute(
         self,
         request: Request,

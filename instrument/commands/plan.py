@@ -3,7 +3,8 @@
     instrument plan -m gpt2 -a saliency --length 1000 --generated 32 --max_memory 2GiB
 
 Reads the model's config only (no weights are loaded); prints the shape it read, the predicted peak
-(above the weights) and the slots per batched backward chosen for the budget (`instrument.planner`).
+(above the weights), the slots per batched backward chosen for the budget and whether the layers are
+checkpointed (recomputed in the backward; `--checkpoint_layers`) (`instrument.planner`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def parse_bytes(text: str) -> int | str:
     return int(float(found.group(1)) * scale.get(unit, 2**40))
 
 
+def _checkpoint(text: str) -> bool | str:
+    choices = {"auto": "auto", "true": True, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"checkpoint_layers: expected true, false or auto, got {text!r}")
+    return choices[text.lower()]
+
+
 def add_command(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser("plan", help="predict the peak memory of an attribution and the chunks chosen")
     parser.add_argument("-m", "--model", required=True, help="a demo model, hub name or local directory (config only)")
@@ -38,6 +46,12 @@ def add_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16...); default: the config's")
     parser.add_argument("--attn_implementation", default=None, help="eager, sdpa...; default: the config's")
     parser.add_argument("--points", type=int, default=1, help="path points per chunk (integrated gradients)")
+    parser.add_argument(
+        "--checkpoint_layers",
+        type=_checkpoint,
+        default="auto",
+        help="recompute layers in the backward: true, false or auto (where one graph does not fit); default auto",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -64,6 +78,11 @@ def run(args) -> None:
         return
     rows = _GRADIENT[method] or args.points
     plan = planner.plan_gradients(
-        shape, length=args.length + args.generated, slots=args.generated, rows=rows, max_memory=args.max_memory
+        shape,
+        length=args.length + args.generated,
+        slots=args.generated,
+        rows=rows,
+        max_memory=args.max_memory,
+        checkpoint=args.checkpoint_layers,
     )
     print(f"{method}, {args.length} + {args.generated} tokens, {rows} full row(s): {plan.describe()}")
