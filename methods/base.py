@@ -7,6 +7,7 @@ result = method.attribute(request)        # RowAttribution for request.rows
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import numbers
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Request:
     auto: batching.AutoState | None = None
     max_memory: int | str | None = "auto"
     checkpoint_layers: bool | str = "auto"
+    reserved_memory: int = 0  # bytes held besides the gradient batch (`path_request`), off the budget
 
     @property
     def attribute_source(self) -> bool:
@@ -284,6 +286,7 @@ def plan_slots(request: Request, fr, n_slots: int, inputs_only: bool = True) -> 
         max_memory=request.max_memory,
         dtype=request.engine.input_dtype,
         checkpoint=request.checkpoint_layers if inputs_only else False,
+        reserved=request.reserved_memory,
     )
 
 
@@ -301,6 +304,8 @@ def _checkpoint(request: Request, rows: Rows) -> bool:
         max_memory=request.max_memory,
         dtype=request.engine.input_dtype,
         checkpoint="auto",
+        reserved=request.reserved_memory,
+        shared_prefix=False,
     ).checkpoint
 
 
@@ -340,24 +345,88 @@ def chunks(
     internal_batch_size: int | str | None,
     rows_per_point: int | None = None,
     auto: batching.AutoState | None = None,
+    request: Request | None = None,
+    shared_prefix: bool = False,
+    extra_rows: int = 0,
 ) -> Iterable[range]:
     """Splits `total` path points, each running `rows_per_point` rows (default: all of `rows`), into
-    chunks of at most `internal_batch_size` rows in all. None: one chunk on accelerators (as
-    Captum), chunks of about `CPU_CHUNK_TOKENS` tokens on the CPU; "auto": chunks sized from the
-    measured free memory with the batching state `auto`, the request's (`instrument.batching.auto_chunks`,
-    an iterator; None: a fresh state).
+    chunks of at most `internal_batch_size` rows in all (None: all points on accelerators, as Captum;
+    about `CPU_CHUNK_TOKENS` tokens a chunk on the CPU), and with a `request`, at most as many points
+    as the memory planner fits in `request.max_memory` (`instrument.planner.plan_points`; with
+    `shared_prefix`, the rows of each point run as `gradients(..., shared_prefix=True)` runs them;
+    `extra_rows`: rows of tensors the method keeps besides inputs, baselines and totals).
+    "auto": chunks sized from the measured free memory with the batching state `auto`, the
+    request's (`instrument.batching.auto_chunks`, an iterator; None: a fresh state).
 
-        for chunk in chunks(n_steps, request.rows, internal_batch_size, auto=request.auto): ...
+        for chunk in chunks(n_steps, request.rows, internal_batch_size, request=request): ...
     """
     batching.check_size("internal_batch_size", internal_batch_size)
     per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)
     if batching.is_auto(internal_batch_size):
-        return batching.auto_chunks(total, per_point, auto)
+        return batching.auto_chunks(total, per_point, auto if auto is not None else getattr(request, "auto", None))
+    source_width = rows.source_ids.shape[1] if rows.source_ids is not None else 0
     if internal_batch_size:
         per_chunk = max(1, internal_batch_size // per_point)
     elif rows.target_ids.device.type == "cpu":
-        width = rows.target_ids.shape[1] + (rows.source_ids.shape[1] if rows.source_ids is not None else 0)
-        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * width))
+        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * (rows.target_ids.shape[1] + source_width)))
     else:
         per_chunk = total
+    if request is not None:
+        per_chunk = min(per_chunk, _planned_points(request, rows, total, per_point, shared_prefix, extra_rows))
     return [range(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]
+
+
+def _path_layout(rows: Rows, per_point: int, shared_prefix: bool, extra_rows: int) -> dict[str, Any]:
+    """How the planner sees a path method's points over `rows` (`planner.predict_path`'s arguments)."""
+    slots, width, forward_rows = 1, rows.target_ids.shape[1], per_point
+    if shared_prefix:  # one full row per example and point, read at each of its slots
+        fr = full_rows(rows)
+        forward_rows, slots, width = len(fr.full), fr.positions.shape[1], fr.full.target_ids.shape[1]
+    return {
+        "length": width,
+        "rows_per_point": forward_rows,
+        "attributed_rows": len(rows),
+        "point_rows": len(rows) if shared_prefix else per_point,
+        "slots": slots,
+        "source_length": rows.source_ids.shape[1] if rows.source_ids is not None else 0,
+        "shared_prefix": shared_prefix,
+        "extra_rows": extra_rows,
+    }
+
+
+def _planned_points(
+    request: Request, rows: Rows, total: int, per_point: int, shared_prefix: bool, extra_rows: int
+) -> int:
+    """Path points per chunk that the planner fits in the request's budget."""
+    return planner.plan_points(
+        request.engine.model,
+        points=total,
+        max_memory=request.max_memory,
+        dtype=request.engine.input_dtype,
+        checkpoint=request.checkpoint_layers,
+        **_path_layout(rows, per_point, shared_prefix, extra_rows),
+    )
+
+
+def path_request(
+    request: Request, rows: Rows, points: int, rows_per_point: int | None = None, shared_prefix=False, extra_rows=0
+) -> Request:
+    """The request for the gradients of a chunk of `points` path points over `rows` (as `chunks`
+    saw them): what the path method holds besides (`planner.path_held`) is off its budget.
+
+        grads = gradients(path_request(request, rows, len(chunk), shared_prefix=True), ...)
+    """
+    layout = _path_layout(
+        rows, max(len(rows) if rows_per_point is None else rows_per_point, 1), shared_prefix, extra_rows
+    )
+    shape = planner.model_shape(request.engine.model, request.engine.input_dtype)
+    held = planner.path_held(
+        shape,
+        layout["length"],
+        points,
+        layout["attributed_rows"],
+        layout["point_rows"],
+        layout["source_length"],
+        extra_rows,
+    )
+    return dataclasses.replace(request, reserved_memory=request.reserved_memory + held)
