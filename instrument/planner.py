@@ -14,9 +14,13 @@ the gradients of one layer's activations, and under eager attention a `heads x l
 coefficients are counts of `hidden`- and `intermediate`-wide tensors per token, fitted to the
 profiler's peaks on small GPT-2-shaped models (tests/test_planner.py checks them within 20% over
 lengths, methods, chunks and attention implementations; GPT-2 small at 256 + 32 tokens: 0.89x).
-Llama-shaped models and path methods' extra buffers (integrated gradients) were off by 20-35% in
-the same checks: not yet covered. Quantized weights (8-/4-bit) change the weights, not the
-activations: they are counted at the compute dtype.
+With checkpointed layers (`checkpoint=True`, `instrument.engine.checkpointed_layers`) the graph is
+each layer's input, plus layers' graphs rebuilt in the backward (tests/test_checkpointing.py); path
+methods (`predict_path`, `plan_points`) add their own tensors (inputs, baselines, totals, the path
+points) to the gradient batch of the points they run together (tests/test_path_planner.py). Not yet
+covered: Llama-shaped models (off by 20-35% in the same checks), eager attention at short lengths
+with many slots (over-predicted by up to 40%), DIG's own preprocessing. Quantized weights (8-/4-bit)
+change the weights, not the activations: they are counted at the compute dtype.
 
 `max_memory`: bytes, or "auto" (the default: what the model's devices have free now, less
 `instrument.batching.SAFETY_MARGIN`). An out-of-memory error still halves the chunks, and that

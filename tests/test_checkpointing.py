@@ -20,6 +20,7 @@ from instrument.engine import checkpointed_layers, layer_blocks
 from tiny_models import tiny_model
 
 TEXTS = {
+    "opt": ("The capital of France is Paris.", "The capital of France is Paris. Berlin is the largest in Germany."),
     "gpt2": ("The capital of France is Paris.", "The capital of France is Paris. Berlin is the largest in Germany."),
     "llama": ("The capital of France is Paris.", "The capital of France is Paris. Berlin is the largest in Germany."),
     "marian": ("The capital of France is Paris.", "Das Haus ist wunderbar."),
@@ -71,6 +72,7 @@ def attributions(out):
         ("gpt2", "integrated_gradients"),
         ("llama", "input_x_gradient"),
         ("llama", "deeplift"),
+        ("opt", "deeplift"),  # ReLU: the rescale rule's hooks inside the layers, run again in the recompute
         ("marian", "saliency"),
         ("marian", "sequential_integrated_gradients"),
     ],
@@ -141,6 +143,19 @@ def deep_gpt2(layers=6):
     )
     config.pad_token_id = 1
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_layer_methods_never_checkpoint(checkpoint_calls):
+    """Methods capturing layer internals would capture them again in the recompute: "auto" leaves
+    them alone, even under a budget nothing fits."""
+    model, tokenizer = deep_gpt2(), word_tokenizer()
+    prompt, full = texts(16, 4)
+    wrapped = instrument.load_model(model, "layer_integrated_gradients", tokenizer=tokenizer, n_steps=2)
+    wrapped.attribute(prompt, full, show_progress=False, max_memory=1024)
+    wrapped.attribute(prompt, full, method="layer_gradient_x_activation", show_progress=False, max_memory=1024)
+    assert not checkpoint_calls
+    wrapped.attribute(prompt, full, method="saliency", show_progress=False, max_memory=1024)
+    assert checkpoint_calls
 
 
 def test_a_budget_only_checkpointing_fits_picks_it(checkpoint_calls):
