@@ -18,6 +18,7 @@ import contextlib
 from typing import Any, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from instrument.hooks import HookHandles
@@ -68,6 +69,54 @@ def frozen_parameters(model: nn.Module):
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+def layer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's stacks of layers (encoder's then decoder's), [] where none is recognised."""
+    try:
+        return [model.get_submodule(name) for name in select_modules(model, "layers")]
+    except (ValueError, KeyError, AttributeError):
+        return []
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module):
+    """Each layer of the model recomputed in the backward instead of keeping its activations, for
+    the block only: the graph then holds the layers' inputs, and one layer's graph at a time.
+
+        with checkpointed_layers(model): grads = torch.autograd.grad(score, input_embeds)
+
+    Each block's `forward` is shadowed by an instance attribute running the original under
+    `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` while gradients are enabled; the
+    instance attribute (or its absence) is restored after, errors included. Hooks on modules inside a
+    block fire again when it is recomputed (up to the last tensor the backward needs): forward hooks
+    that capture would capture twice, so only methods whose hooks inside the layers are pure
+    functions of their inputs (`activation_slopes`, `rescale_rule`) run checkpointed."""
+    blocks = layer_blocks(model)
+    if not blocks:
+        raise ValueError(f"checkpoint_layers: no stack of layers found in {type(model).__name__} to checkpoint")
+    missing = object()
+    saved = []
+    try:
+        for block in blocks:
+            saved.append((block, block.__dict__.get("forward", missing)))
+            block.forward = _checkpointed(block.forward)
+        yield
+    finally:
+        for block, forward in reversed(saved):
+            if forward is missing:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 @contextlib.contextmanager

@@ -14,9 +14,13 @@ the gradients of one layer's activations, and under eager attention a `heads x l
 coefficients are counts of `hidden`- and `intermediate`-wide tensors per token, fitted to the
 profiler's peaks on small GPT-2-shaped models (tests/test_planner.py checks them within 20% over
 lengths, methods, chunks and attention implementations; GPT-2 small at 256 + 32 tokens: 0.89x).
-Llama-shaped models and path methods' extra buffers (integrated gradients) were off by 20-35% in
-the same checks: not yet covered. Quantized weights (8-/4-bit) change the weights, not the
-activations: they are counted at the compute dtype.
+With checkpointed layers (`checkpoint=True`, `instrument.engine.checkpointed_layers`) the graph is
+each layer's input, plus layers' graphs rebuilt in the backward (tests/test_checkpointing.py); path
+methods (`predict_path`, `plan_points`) add their own tensors (inputs, baselines, totals, the path
+points) to the gradient batch of the points they run together (tests/test_path_planner.py). Not yet
+covered: Llama-shaped models (off by 20-35% in the same checks), eager attention at short lengths
+with many slots (over-predicted by up to 40%), DIG's own preprocessing. Quantized weights (8-/4-bit)
+change the weights, not the activations: they are counted at the compute dtype.
 
 `max_memory`: bytes, or "auto" (the default: what the model's devices have free now, less
 `instrument.batching.SAFETY_MARGIN`). An out-of-memory error still halves the chunks, and that
@@ -25,6 +29,7 @@ cap holds for the rest of the call (`instrument.batching.AutoState.cotangent_cap
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +39,14 @@ __all__ = [
     "Plan",
     "Shape",
     "budget",
+    "check_checkpoint_layers",
     "check_max_memory",
     "model_shape",
     "plan_gradients",
+    "plan_points",
     "predict_gradients",
+    "path_held",
+    "predict_path",
 ]
 
 # In elements per token, each a multiple of `hidden` (+ of `intermediate`), fitted to the profiler's
@@ -46,11 +55,18 @@ GRAPH_HIDDEN, GRAPH_INTERMEDIATE = 6.0, 1.0  # the forward graph, per layer
 SLOT_HIDDEN, SLOT_INTERMEDIATE = 4.0, 1.0  # one slot's batched-backward buffers
 KEPT_PER_SLOT = 2.25  # each slot's input gradient, kept to the end, while backwards run
 FORWARD_HIDDEN = 52.0  # the attribution's other buffers (embeddings, outputs), peaking outside the backward
+UNSHARED_FORWARD_HIDDEN = 40.0  # the same where each row runs on its own (no shared prefix: path points)
 # Eager attention, in heads x length² elements: per layer in the graph, per slot in the backward.
 GRAPH_SCORES, SLOT_SCORES = 1.0, 2.0
 # The slots of one backward keep their buffers under this fraction of the graph, or under SLOT_FLOOR bytes
 # where that is more ("auto" budgets only): short inputs keep all their slots in one backward.
 SLOT_SHARE, SLOT_FLOOR = 0.5, 128 * 2**20
+# Checkpointed layers (`instrument.engine.checkpointed_layers`) keep this many hidden-wide tensors per
+# token and layer (the layer's input) in the graph; in the backward, about two layers' graphs while one
+# is recomputed; outside it, the first recompute's transients, in layers' graphs without the scores.
+CHECKPOINT_KEPT, CHECKPOINT_LAYERS, CHECKPOINT_RECOMPUTE = 1.0, 2.0, 3.0
+# Path methods (`predict_path`), per attributed row: inputs, baselines and float32 totals; the path points.
+PATH_KEPT, PATH_PER_POINT = 3.0, 1.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,7 @@ class Plan:
     slots: int
     budget: int | None
     fits: bool
+    checkpoint: bool = False  # layers recomputed in the backward (activation checkpointing)
 
     def describe(self) -> str:
         gib = 2**30
@@ -136,7 +153,8 @@ class Plan:
         return (
             f"predicted peak {self.peak / gib:.3f} GiB (graph {self.graph / gib:.3f} GiB, "
             f"{self.per_slot / gib:.4f} GiB per slot, inputs and results {self.fixed / gib:.3f} GiB); "
-            f"{self.cotangents} of {self.slots} slots per batched backward; budget {limit}"
+            f"{self.cotangents} of {self.slots} slots per batched backward; budget {limit}; "
+            + ("layers checkpointed (recomputed per layer in the backward)" if self.checkpoint else "no checkpointing")
             + ("" if self.fits else "; does not fit even one slot at a time")
         )
 
@@ -163,21 +181,42 @@ def budget(max_memory: int | str | None, model: Any = None) -> int | None:
     return None if free is None else int(free * (1 - SAFETY_MARGIN))
 
 
+def check_checkpoint_layers(checkpoint_layers: Any) -> None:
+    """True, False or "auto", else ValueError naming `checkpoint_layers`."""
+    if not (isinstance(checkpoint_layers, bool) or checkpoint_layers == "auto"):
+        raise ValueError(f"checkpoint_layers must be True, False or 'auto', got {checkpoint_layers!r}")
+
+
 def predict_gradients(
-    shape: Shape, length: int, rows: int = 1, slots: int = 1, cotangents: int = 1, source_length: int = 0
+    shape: Shape,
+    length: int,
+    rows: int = 1,
+    slots: int = 1,
+    cotangents: int = 1,
+    source_length: int = 0,
+    checkpoint: bool = False,
+    forward_hidden: float = FORWARD_HIDDEN,
 ) -> tuple[int, int, int, int]:
     """(peak, graph, per slot, fixed) bytes of one shared-prefix gradient batch: `rows` full rows of
     `length` tokens (plus `source_length` on encoder-decoders), `slots` read per row, `cotangents`
-    of them per batched backward. The peak is the larger of the backward phase (graph, the slots
-    in flight, the gradients kept) and the rest of the call (graph and the other buffers)."""
+    of them per batched backward; `checkpoint`: with checkpointed layers. The peak is the larger of
+    the backward phase (graph, the slots in flight, the gradients kept) and the rest of the call
+    (graph and the other buffers: `forward_hidden` per token, less without a shared prefix)."""
     b, d, i = shape.bytes, shape.hidden, shape.intermediate
     unit = rows * (length + source_length) * d * b  # one hidden-wide activation of every token
     layers = shape.layers + shape.encoder_layers
     squares = rows * shape.heads * (length**2 + source_length**2 + length * source_length) * b if shape.eager else 0
-    graph = layers * (unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d) + GRAPH_SCORES * squares)
+    layer = unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d) + GRAPH_SCORES * squares
+    graph = layers * layer
+    rest = graph  # what the graph holds outside the backward
+    if checkpoint:  # each layer's input kept; its graph rebuilt, one layer at a time, in the backward
+        rest = layers * unit * CHECKPOINT_KEPT
+        graph = rest + CHECKPOINT_LAYERS * layer
+        rest += CHECKPOINT_RECOMPUTE * unit * (GRAPH_HIDDEN + GRAPH_INTERMEDIATE * i / d)
     per_slot = unit * (SLOT_HIDDEN + SLOT_INTERMEDIATE * i / d) + SLOT_SCORES * squares
-    fixed = max(unit * (1 + KEPT_PER_SLOT * slots), unit * (FORWARD_HIDDEN + slots) - cotangents * per_slot)
-    peak = graph + cotangents * per_slot + fixed
+    backward = graph + cotangents * per_slot + unit * (1 + KEPT_PER_SLOT * slots)
+    peak = max(backward, rest + unit * (forward_hidden + slots))
+    fixed = peak - graph - cotangents * per_slot
     return int(peak), int(graph), int(per_slot), int(fixed)
 
 
@@ -189,22 +228,143 @@ def plan_gradients(
     source_length: int = 0,
     max_memory: int | str | None = "auto",
     dtype: torch.dtype | None = None,
+    checkpoint: bool | str = False,
+    reserved: int = 0,
+    shared_prefix: bool = True,
 ) -> Plan:
-    """How many slots each batched backward carries so that the batch fits `max_memory`.
+    """How many slots each batched backward carries so that the batch fits `max_memory`, and
+    whether its layers are checkpointed (`checkpoint`: True, False, or "auto": where one graph
+    with a single slot per backward does not fit and the checkpointed one fits better). `reserved`:
+    bytes the caller holds besides (a path method's own tensors, `path_held`), off the budget;
+    `shared_prefix=False`: each row runs on its own (one slot).
 
     plan_gradients(model, length=1032, slots=32, max_memory=2**31).cotangents
     """
+    check_checkpoint_layers(checkpoint)
     shape = model if isinstance(model, Shape) else model_shape(model, dtype)
     limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    limit = None if limit is None else limit - reserved
     slots = max(int(slots), 1)
-    graph, per_slot = predict_gradients(shape, length, rows, slots, 1, source_length)[1:3]
+    forward = FORWARD_HIDDEN if shared_prefix else UNSHARED_FORWARD_HIDDEN
+    if checkpoint == "auto":  # where one slot per backward does not fit, and recomputing needs less
+        plain, recomputed = (
+            predict_gradients(shape, length, rows, slots, 1, source_length, c, forward)[0] for c in (False, True)
+        )
+        checkpoint = limit is not None and plain > limit and recomputed < plain
+    predict = functools.partial(
+        predict_gradients,
+        shape,
+        length,
+        rows,
+        slots,
+        source_length=source_length,
+        checkpoint=checkpoint,
+        forward_hidden=forward,
+    )
+    graph, per_slot = predict(1)[1:3]
     chosen = slots
     if max_memory is None or max_memory == "auto":  # bounded buffers: about half a graph's worth of slots
         chosen = min(chosen, max(1, int(max(SLOT_SHARE * graph, SLOT_FLOOR) // max(per_slot, 1))))
     fits = True
     if limit is not None:  # the largest chunk whose predicted peak fits
-        while chosen > 1 and predict_gradients(shape, length, rows, slots, chosen, source_length)[0] > limit:
+        while chosen > 1 and predict(chosen)[0] > limit:
             chosen -= 1
-        fits = predict_gradients(shape, length, rows, slots, chosen, source_length)[0] <= limit
-    peak, graph, per_slot, fixed = predict_gradients(shape, length, rows, slots, chosen, source_length)
-    return Plan(peak, graph, per_slot, fixed, chosen, slots, limit, fits)
+        fits = predict(chosen)[0] <= limit
+    peak, graph, per_slot, fixed = predict(chosen)
+    return Plan(peak, graph, per_slot, fixed, chosen, slots, limit, fits, checkpoint)
+
+
+def predict_path(
+    shape: Shape,
+    length: int,
+    points: int,
+    rows_per_point: int,
+    attributed_rows: int,
+    slots: int = 1,
+    cotangents: int = 1,
+    source_length: int = 0,
+    checkpoint: bool = False,
+    point_rows: int | None = None,
+    shared_prefix: bool = True,
+    extra_rows: int = 0,
+) -> int:
+    """Peak bytes of one chunk of a path method (integrated gradients and co.): `points` path points,
+    each `rows_per_point` rows of `length` tokens through the model (the gradient batch of
+    `predict_gradients`), plus the method's own tensors of the `attributed_rows` rows: inputs,
+    baselines and float32 totals, and the path points themselves, `point_rows` rows per point
+    (default `rows_per_point`; more where one forward row serves several rows' points), and
+    `extra_rows` rows of the method's own (gradient SHAP's noise). `shared_prefix`: the gradient
+    batch is `methods.base.gradients(..., shared_prefix=True)`'s (else each row runs on its own)."""
+    forward = FORWARD_HIDDEN if shared_prefix else UNSHARED_FORWARD_HIDDEN
+    peak = predict_gradients(
+        shape, length, points * rows_per_point, slots, cotangents, source_length, checkpoint, forward
+    )[0]
+    point_rows = rows_per_point if point_rows is None else point_rows
+    return peak + path_held(shape, length, points, attributed_rows, point_rows, source_length, extra_rows)
+
+
+def path_held(
+    shape: Shape,
+    length: int,
+    points: int,
+    attributed_rows: int,
+    point_rows: int,
+    source_length: int = 0,
+    extra_rows: int = 0,
+) -> int:
+    """Bytes a path method holds besides its gradient batch (see `predict_path`)."""
+    row = (length + source_length) * shape.hidden * shape.bytes
+    return int(row * (PATH_KEPT * attributed_rows + PATH_PER_POINT * points * point_rows + extra_rows))
+
+
+def plan_points(
+    model: Any,
+    length: int,
+    points: int,
+    rows_per_point: int,
+    attributed_rows: int,
+    slots: int = 1,
+    source_length: int = 0,
+    max_memory: int | str | None = "auto",
+    dtype: torch.dtype | None = None,
+    checkpoint: bool | str = False,
+    point_rows: int | None = None,
+    shared_prefix: bool = True,
+    extra_rows: int = 0,
+) -> int:
+    """How many path points (integrated gradients' interpolation points, each `rows_per_point` rows
+    of `length` tokens through the model, for `attributed_rows` rows) one forward may carry so that
+    its chunk (`predict_path`, one slot per backward) fits `max_memory`: the largest count up to
+    `points`, at least 1. With `checkpoint="auto"`, checkpointed layers where not even one point
+    fits without.
+
+    plan_points(model, length=288, points=50, rows_per_point=1, attributed_rows=32, slots=32, max_memory=2**30)
+    """
+    check_checkpoint_layers(checkpoint)
+    shape = model if isinstance(model, Shape) else model_shape(model, dtype)
+    limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    if limit is None:
+        return max(int(points), 1)
+
+    def peak(count: int, recompute: bool) -> int:
+        return predict_path(
+            shape,
+            length,
+            count,
+            rows_per_point,
+            attributed_rows,
+            slots,
+            1,
+            source_length,
+            recompute,
+            point_rows,
+            shared_prefix,
+            extra_rows,
+        )
+
+    recompute = bool(checkpoint) if checkpoint != "auto" else peak(1, False) > limit > peak(1, True)
+    low, high = 1, max(int(points), 1)
+    while low < high:  # peaks grow with the points: the largest count that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if peak(middle, recompute) <= limit else (low, middle - 1)
+    return low

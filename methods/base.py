@@ -7,6 +7,7 @@ result = method.attribute(request)        # RowAttribution for request.rows
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import numbers
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from instrument import batching, planner
-from instrument.engine import Engine, frozen_parameters
+from instrument.engine import Engine, checkpointed_layers, frozen_parameters
 from instrument.rows import RowAttribution, Rows, full_rows
 from methods.slopes import activation_slopes
 
@@ -35,6 +36,9 @@ class Request:
     state of the run (`instrument.batching.run_rows`) that `chunks(..., "auto", auto=request.auto)` sizes
     path chunks with (None: a fresh one per call). `max_memory`: the memory budget in bytes that
     batched backwards are planned to fit (`instrument.planner`; "auto": what the device has free).
+    `checkpoint_layers`: recompute each layer in the backward (`instrument.engine.checkpointed_layers`)
+    for gradients w.r.t. the inputs: True, False, or "auto" (where the planner finds that one graph
+    does not fit `max_memory`).
     """
 
     engine: Engine
@@ -45,6 +49,8 @@ class Request:
     attributed_fn: str | None = None
     auto: batching.AutoState | None = None
     max_memory: int | str | None = "auto"
+    checkpoint_layers: bool | str = "auto"
+    reserved_memory: int = 0  # bytes held besides the gradient batch (`path_request`), off the budget
 
     @property
     def attribute_source(self) -> bool:
@@ -64,6 +70,9 @@ class AttributionMethod:
     # Input methods attribute the target prefix only on request; layer methods report whatever side
     # their layers are on.
     attributes_inputs = True
+    # Takes gradients w.r.t. the inputs alone, with no hook inside the layers that captures anything:
+    # its layers can be recomputed in the backward (`Request.checkpoint_layers`).
+    checkpointable = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -147,7 +156,13 @@ def gradients(
     if shared_prefix and layer_patch is None and len(rows) > 1:
         return _shared_prefix(request, rows, wrt, source, target, layers)
     inputs_only = not layers and layer_patch is None
-    with torch.enable_grad(), frozen_parameters(request.engine.model) if inputs_only else contextlib.nullcontext():
+    model = request.engine.model
+    checkpoint = inputs_only and _checkpoint(request, rows)
+    with (
+        torch.enable_grad(),
+        frozen_parameters(model) if inputs_only else contextlib.nullcontext(),
+        checkpointed_layers(model) if checkpoint else contextlib.nullcontext(),
+    ):
         logits, activations = request.engine.forward(rows, source, target, layers, layer_patch)
         scores = request.score(rows, logits, source, target)
         wanted = list(wrt) + [activations[name] for name in layers]
@@ -208,8 +223,10 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
         return value[owner.to(value.device)]
 
     model = request.engine.model
+    plan = plan_slots(request, fr, n_slots, inputs_only=not layers)
     freeze = frozen_parameters(model) if not layers else contextlib.nullcontext()
-    with torch.enable_grad(), activation_slopes(model), freeze:
+    checkpoint = checkpointed_layers(model) if plan.checkpoint else contextlib.nullcontext()
+    with torch.enable_grad(), activation_slopes(model), freeze, checkpoint:
         logits, activations, (states, head_input) = request.engine.forward_reads(fr, full_source, full_target, layers)
         scores = request.score(
             rows,
@@ -226,7 +243,7 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
             if at_head is not None:  # [R, 1, D] -> [S, R, 1, D], row r in its slot
                 roots.append(states)
                 seeds.append(one_hot.to(at_head.dtype).view(n_slots, -1, 1, 1) * at_head)
-        step, start = cotangent_chunk(request, fr, n_slots), 0
+        step, start = cotangent_chunk(request, plan.cotangents, n_slots), 0
         grads: list[torch.Tensor | None] = [None] * len(wanted)
         while start < n_slots:
             part = [seed[start : start + step] for seed in seeds]
@@ -256,11 +273,11 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
     return grads, logits.detach(), {name: per_row_activation(activations[name]) for name in layers}
 
 
-def cotangent_chunk(request: Request, fr, n_slots: int) -> int:
-    """Slots per batched backward: as many as the planner fits in the request's memory budget, at
-    most the cap an earlier out-of-memory error of this call left (`AutoState.cotangent_cap`)."""
+def plan_slots(request: Request, fr, n_slots: int, inputs_only: bool = True) -> planner.Plan:
+    """The planner's plan for one shared-prefix batch of the full rows `fr` in the request's memory
+    budget: slots per batched backward, and whether to checkpoint the layers (inputs only)."""
     source_width = fr.full.source_ids.shape[1] if fr.full.source_ids is not None else 0
-    chosen = planner.plan_gradients(
+    return planner.plan_gradients(
         request.engine.model,
         length=fr.full.target_ids.shape[1],
         source_length=source_width,
@@ -268,7 +285,33 @@ def cotangent_chunk(request: Request, fr, n_slots: int) -> int:
         slots=n_slots,
         max_memory=request.max_memory,
         dtype=request.engine.input_dtype,
-    ).cotangents
+        checkpoint=request.checkpoint_layers if inputs_only else False,
+        reserved=request.reserved_memory,
+    )
+
+
+def _checkpoint(request: Request, rows: Rows) -> bool:
+    """Whether one forward and backward of `rows` (no shared prefix) runs with checkpointed layers."""
+    if request.checkpoint_layers != "auto":
+        return bool(request.checkpoint_layers)
+    source_width = rows.source_ids.shape[1] if rows.source_ids is not None else 0
+    return planner.plan_gradients(
+        request.engine.model,
+        length=rows.target_ids.shape[1],
+        source_length=source_width,
+        rows=len(rows),
+        slots=1,
+        max_memory=request.max_memory,
+        dtype=request.engine.input_dtype,
+        checkpoint="auto",
+        reserved=request.reserved_memory,
+        shared_prefix=False,
+    ).checkpoint
+
+
+def cotangent_chunk(request: Request, chosen: int, n_slots: int) -> int:
+    """Slots per batched backward: `chosen` (the planner's), at most the cap an earlier
+    out-of-memory error of this call left (`AutoState.cotangent_cap`)."""
     cap = request.auto.cotangent_cap if request.auto is not None else None
     chosen = max(1, min(chosen, cap or n_slots))
     if request.auto is not None:
@@ -302,24 +345,88 @@ def chunks(
     internal_batch_size: int | str | None,
     rows_per_point: int | None = None,
     auto: batching.AutoState | None = None,
+    request: Request | None = None,
+    shared_prefix: bool = False,
+    extra_rows: int = 0,
 ) -> Iterable[range]:
     """Splits `total` path points, each running `rows_per_point` rows (default: all of `rows`), into
-    chunks of at most `internal_batch_size` rows in all. None: one chunk on accelerators (as
-    Captum), chunks of about `CPU_CHUNK_TOKENS` tokens on the CPU; "auto": chunks sized from the
-    measured free memory with the batching state `auto`, the request's (`instrument.batching.auto_chunks`,
-    an iterator; None: a fresh state).
+    chunks of at most `internal_batch_size` rows in all (None: all points on accelerators, as Captum;
+    about `CPU_CHUNK_TOKENS` tokens a chunk on the CPU), and with a `request`, at most as many points
+    as the memory planner fits in `request.max_memory` (`instrument.planner.plan_points`; with
+    `shared_prefix`, the rows of each point run as `gradients(..., shared_prefix=True)` runs them;
+    `extra_rows`: rows of tensors the method keeps besides inputs, baselines and totals).
+    "auto": chunks sized from the measured free memory with the batching state `auto`, the
+    request's (`instrument.batching.auto_chunks`, an iterator; None: a fresh state).
 
-        for chunk in chunks(n_steps, request.rows, internal_batch_size, auto=request.auto): ...
+        for chunk in chunks(n_steps, request.rows, internal_batch_size, request=request): ...
     """
     batching.check_size("internal_batch_size", internal_batch_size)
     per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)
     if batching.is_auto(internal_batch_size):
-        return batching.auto_chunks(total, per_point, auto)
+        return batching.auto_chunks(total, per_point, auto if auto is not None else getattr(request, "auto", None))
+    source_width = rows.source_ids.shape[1] if rows.source_ids is not None else 0
     if internal_batch_size:
         per_chunk = max(1, internal_batch_size // per_point)
     elif rows.target_ids.device.type == "cpu":
-        width = rows.target_ids.shape[1] + (rows.source_ids.shape[1] if rows.source_ids is not None else 0)
-        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * width))
+        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * (rows.target_ids.shape[1] + source_width)))
     else:
         per_chunk = total
+    if request is not None:
+        per_chunk = min(per_chunk, _planned_points(request, rows, total, per_point, shared_prefix, extra_rows))
     return [range(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]
+
+
+def _path_layout(rows: Rows, per_point: int, shared_prefix: bool, extra_rows: int) -> dict[str, Any]:
+    """How the planner sees a path method's points over `rows` (`planner.predict_path`'s arguments)."""
+    slots, width, forward_rows = 1, rows.target_ids.shape[1], per_point
+    if shared_prefix:  # one full row per example and point, read at each of its slots
+        fr = full_rows(rows)
+        forward_rows, slots, width = len(fr.full), fr.positions.shape[1], fr.full.target_ids.shape[1]
+    return {
+        "length": width,
+        "rows_per_point": forward_rows,
+        "attributed_rows": len(rows),
+        "point_rows": len(rows) if shared_prefix else per_point,
+        "slots": slots,
+        "source_length": rows.source_ids.shape[1] if rows.source_ids is not None else 0,
+        "shared_prefix": shared_prefix,
+        "extra_rows": extra_rows,
+    }
+
+
+def _planned_points(
+    request: Request, rows: Rows, total: int, per_point: int, shared_prefix: bool, extra_rows: int
+) -> int:
+    """Path points per chunk that the planner fits in the request's budget."""
+    return planner.plan_points(
+        request.engine.model,
+        points=total,
+        max_memory=request.max_memory,
+        dtype=request.engine.input_dtype,
+        checkpoint=request.checkpoint_layers,
+        **_path_layout(rows, per_point, shared_prefix, extra_rows),
+    )
+
+
+def path_request(
+    request: Request, rows: Rows, points: int, rows_per_point: int | None = None, shared_prefix=False, extra_rows=0
+) -> Request:
+    """The request for the gradients of a chunk of `points` path points over `rows` (as `chunks`
+    saw them): what the path method holds besides (`planner.path_held`) is off its budget.
+
+        grads = gradients(path_request(request, rows, len(chunk), shared_prefix=True), ...)
+    """
+    layout = _path_layout(
+        rows, max(len(rows) if rows_per_point is None else rows_per_point, 1), shared_prefix, extra_rows
+    )
+    shape = planner.model_shape(request.engine.model, request.engine.input_dtype)
+    held = planner.path_held(
+        shape,
+        layout["length"],
+        points,
+        layout["attributed_rows"],
+        layout["point_rows"],
+        layout["source_length"],
+        extra_rows,
+    )
+    return dataclasses.replace(request, reserved_memory=request.reserved_memory + held)

@@ -11,7 +11,7 @@ import torch
 from instrument import kernels
 from instrument.rows import RowAttribution
 from methods.approximation import approximation
-from methods.base import AttributionMethod, Request, chunks, gradients, leaf
+from methods.base import AttributionMethod, Request, chunks, gradients, leaf, path_request
 from methods.registry import register
 from methods.slopes import rescale_rule
 
@@ -26,6 +26,8 @@ def _split(request: Request, grads: list, source, target):
 @register("saliency")
 class Saliency(AttributionMethod):
     """Gradient of the attributed function w.r.t. the input embeddings (absolute value by default)."""
+
+    checkpointable = True
 
     def attribute(self, request: Request, abs: bool = True) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
@@ -43,6 +45,8 @@ class Saliency(AttributionMethod):
 class InputXGradient(AttributionMethod):
     """Gradient times the input embeddings."""
 
+    checkpointable = True
+
     def attribute(self, request: Request) -> RowAttribution:
         source, target = (leaf(t) for t in request.engine.embed(request.rows))
         grads, logits, _ = gradients(
@@ -58,6 +62,8 @@ class InputXGradient(AttributionMethod):
 
 class PathMethod(AttributionMethod):
     """Shared by methods integrating gradients along straight paths from baselines to inputs."""
+
+    checkpointable = True
 
     def endpoints(self, request: Request, baselines, include_eos_baseline: bool):
         """Inputs and baselines per side; a side that is not attributed has baseline == input."""
@@ -99,11 +105,11 @@ class IntegratedGradients(PathMethod):
         (source, source_base), (target, target_base) = self.endpoints(request, baselines, include_eos_baseline)
         sides = [(source, source_base), (target, target_base)] if source is not None else [(target, target_base)]
         totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
-        for chunk in chunks(n_steps, rows, internal_batch_size, auto=request.auto):
+        for chunk in chunks(n_steps, rows, internal_batch_size, request=request, shared_prefix=True):
             chunk_alphas = torch.tensor([alphas[k] for k in chunk], dtype=torch.float32)
             points = [leaf(kernels.interpolate(x, base, chunk_alphas)) for x, base in sides]
             grads, _, _ = gradients(
-                request,
+                path_request(request, rows, len(chunk), shared_prefix=True),
                 rows.repeat(len(chunk)),
                 points,
                 points[0] if source is not None else None,
@@ -160,14 +166,20 @@ class GradientShap(PathMethod):
         # multiplied once at the end, like integrated gradients. With noise, each sample's own.
         scale_each = multiply_by_inputs and bool(stdevs)
         totals = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _ in sides]
-        for chunk in chunks(n_samples, rows, internal_batch_size, auto=request.auto):
+        # The noise of every sample (float32) and the noised inputs stay to the end.
+        extra = len(rows) * (n_samples + 1) * len(sides)
+        for chunk in chunks(n_samples, rows, internal_batch_size, request=request, extra_rows=extra):
             index = torch.tensor(list(chunk))
             points = []
             for (x, base), noisy in zip(sides, noised):
                 a = alphas[index].to(x).view(len(chunk), len(rows), *([1] * (x.dim() - 1)))
                 points.append(leaf((base + a * (noisy[index] - base)).flatten(0, 1)))
             grads, _, _ = gradients(
-                request, rows.repeat(len(chunk)), points, points[0] if source is not None else None, points[-1]
+                path_request(request, rows, len(chunk), extra_rows=extra),
+                rows.repeat(len(chunk)),
+                points,
+                points[0] if source is not None else None,
+                points[-1],
             )
             mean = [1.0 / n_samples] * len(chunk)
             for total, grad, (x, base), noisy in zip(totals, grads, sides, noised):

@@ -19,7 +19,7 @@ from torch import nn
 from instrument import batching
 from instrument.rows import RowAttribution
 from methods.approximation import approximation
-from methods.base import AttributionMethod, Request, chunks, gradients, leaf
+from methods.base import AttributionMethod, Request, chunks, gradients, leaf, path_request
 from methods.gradient import PathMethod
 from methods.registry import register
 
@@ -70,9 +70,7 @@ class SequentialIntegratedGradients(PathMethod):
         totals = {name: torch.zeros_like(sides[name][0], dtype=torch.float32) for name in moving}
         points = [(u, k) for u in range(len(units)) for k in range(n_steps)]
         device = rows.target_ids.device
-        for chunk in chunks(
-            len(points), rows, internal_batch_size, rows_per_point=1, auto=request.auto
-        ):  # one row per path point
+        for chunk in chunks(len(points), rows, internal_batch_size, rows_per_point=1, request=request):
             picked = [points[j] for j in chunk]
             row_index = torch.tensor([units[u][1] for u, _ in picked], dtype=torch.long, device=device)
             embeds = {}
@@ -87,7 +85,13 @@ class SequentialIntegratedGradients(PathMethod):
                     value[e, i] = base[r, i] + a * (x[r, i] - base[r, i])
                 embeds[name] = leaf(value) if name in moving else value
             wrt = [embeds[name] for name in moving]
-            grads, _, _ = gradients(request, rows.take(row_index), wrt, embeds.get("source"), embeds["target"])
+            grads, _, _ = gradients(
+                path_request(request, rows, len(chunk), rows_per_point=1),
+                rows.take(row_index),
+                wrt,
+                embeds.get("source"),
+                embeds["target"],
+            )
             for name, grad in zip(moving, grads):
                 on_side = [
                     (e, units[u][1], units[u][2], weights[k]) for e, (u, k) in enumerate(picked) if units[u][0] == name
@@ -274,6 +278,8 @@ class DiscretizedIntegratedGradients(AttributionMethod):
     (`n_steps=50`, `n_neighbors=50`).
     """
 
+    checkpointable = True
+
     def attribute(
         self,
         request: Request,
@@ -326,12 +332,13 @@ class DiscretizedIntegratedGradients(AttributionMethod):
         paths = {name: p if len(p) == n_points else p[:1].expand(n_points, *p.shape[1:]) for name, p in paths.items()}
         totals = {name: torch.zeros_like(paths[name][0], dtype=torch.float32) for name in moving}
         # The last point (the input) has step 0: the gradients at points 0 .. n_points - 2 are needed.
-        for chunk in chunks(n_points - 1, rows, internal_batch_size, auto=request.auto):
+        extra = n_points * len(rows) * len(moving)  # the paths, every point of them
+        for chunk in chunks(n_points - 1, rows, internal_batch_size, request=request, extra_rows=extra):
             index = torch.tensor(list(chunk), device=rows.target_ids.device)
             points = {name: p[index].flatten(0, 1) for name, p in paths.items()}
             points = {name: leaf(p) if name in moving else p for name, p in points.items()}
             grads, _, _ = gradients(
-                request,
+                path_request(request, rows, len(chunk), extra_rows=extra),
                 rows.repeat(len(chunk)),
                 [points[name] for name in moving],
                 points.get("source"),

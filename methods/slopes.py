@@ -41,6 +41,10 @@ class _Slope(torch.autograd.Function):
         return grad * slope, None, None
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @contextlib.contextmanager
 def replaced_slopes(modules: Iterable[nn.Module], slope: Slope):
     """Inside the block, each of `modules` (elementwise, one tensor in and out) passes gradients back
@@ -57,8 +61,10 @@ def replaced_slopes(modules: Iterable[nn.Module], slope: Slope):
         ):
             return None
         probe = inputs.detach().requires_grad_()
-        value = module.forward(probe)  # .forward: no hook recursion
-        derivative = torch.autograd.grad(value, probe, torch.ones_like(value))[0]
+        # Its own saved tensors, out of any enclosing saved-tensor hooks (a checkpointed layer's).
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            value = module.forward(probe)  # .forward: no hook recursion
+            derivative = torch.autograd.grad(value, probe, torch.ones_like(value))[0]
         return _Slope.apply(inputs, output.detach(), slope(inputs.detach(), output.detach(), derivative))
 
     with HookHandles() as hooks:

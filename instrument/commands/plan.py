@@ -3,7 +3,8 @@
     instrument plan -m gpt2 -a saliency --length 1000 --generated 32 --max_memory 2GiB
 
 Reads the model's config only (no weights are loaded); prints the shape it read, the predicted peak
-(above the weights) and the slots per batched backward chosen for the budget (`instrument.planner`).
+(above the weights), the slots per batched backward chosen for the budget and whether the layers are
+checkpointed (recomputed in the backward; `--checkpoint_layers`) (`instrument.planner`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def parse_bytes(text: str) -> int | str:
     return int(float(found.group(1)) * scale.get(unit, 2**40))
 
 
+def _checkpoint(text: str) -> bool | str:
+    choices = {"auto": "auto", "true": True, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"checkpoint_layers: expected true, false or auto, got {text!r}")
+    return choices[text.lower()]
+
+
 def add_command(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser("plan", help="predict the peak memory of an attribution and the chunks chosen")
     parser.add_argument("-m", "--model", required=True, help="a demo model, hub name or local directory (config only)")
@@ -37,7 +45,16 @@ def add_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--max_memory", type=parse_bytes, default="auto", help="bytes (2GiB, 500MB) or auto")
     parser.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16...); default: the config's")
     parser.add_argument("--attn_implementation", default=None, help="eager, sdpa...; default: the config's")
-    parser.add_argument("--points", type=int, default=1, help="path points per chunk (integrated gradients)")
+    parser.add_argument("--n_steps", type=int, default=50, help="path points (integrated gradients); default 50")
+    parser.add_argument(
+        "--points", type=int, default=None, help="path points per forward (integrated gradients); default: planned"
+    )
+    parser.add_argument(
+        "--checkpoint_layers",
+        type=_checkpoint,
+        default="auto",
+        help="recompute layers in the backward: true, false or auto (where one graph does not fit); default auto",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -62,8 +79,30 @@ def run(args) -> None:
     if method not in _GRADIENT:
         print(f"{method}: forwards without a batched backward (streamed); nothing for the planner to chunk")
         return
-    rows = _GRADIENT[method] or args.points
+    length, held = args.length + args.generated, 0
+    rows = _GRADIENT[method]
+    if rows is None:  # a path method: points per forward planned like `methods.base.chunks` plans them
+        layout = {"rows_per_point": 1, "attributed_rows": args.generated, "point_rows": args.generated}
+        rows = args.points or planner.plan_points(
+            shape,
+            length,
+            args.n_steps,
+            **layout,
+            slots=args.generated,
+            max_memory=args.max_memory,
+            checkpoint=args.checkpoint_layers,
+        )
+        held = planner.path_held(shape, length, rows, args.generated, args.generated)
+        print(
+            f"{method}: {rows} of {args.n_steps} path points per forward; the path's own tensors {held / 2**30:.3f} GiB"
+        )
     plan = planner.plan_gradients(
-        shape, length=args.length + args.generated, slots=args.generated, rows=rows, max_memory=args.max_memory
+        shape,
+        length=length,
+        slots=args.generated,
+        rows=rows,
+        max_memory=args.max_memory,
+        checkpoint=args.checkpoint_layers,
+        reserved=held,
     )
     print(f"{method}, {args.length} + {args.generated} tokens, {rows} full row(s): {plan.describe()}")

@@ -97,6 +97,7 @@ class AttributionModel:
         attributed_fn: Any = None,
         batch_size: int | str | None = None,
         max_memory: int | str = "auto",
+        checkpoint_layers: bool | str = "auto",
         generate_from_target_prefix: bool = False,
         skip_special_tokens: bool = False,
         generation_args: dict | None = None,
@@ -115,6 +116,11 @@ class AttributionModel:
 
         `max_memory`: bytes a batch may use beyond the weights, or "auto" (what the device has free):
         the memory planner (`instrument.planner`) chunks batched backwards to fit it.
+        `checkpoint_layers`: recompute each layer in the backward rather than keep its activations
+        (memory linear in length; the model is patched for the call only): True, False, or "auto"
+        (where the planner finds that one graph does not fit `max_memory`). Methods taking gradients
+        w.r.t. the input embeddings only (saliency, input_x_gradient, integrated_gradients, deeplift,
+        gradient_shap, sequential and discretized IG); True with any other method is an error.
         `attr_pos_start` / `attr_pos_end` select the target steps `[start, end)` as Inseq 0.7.1 does
         (an end past the target is its end, negatives count from the end, a start inside a decoder-only
         prompt is the prompt's end) and the output's target stops at `attr_pos_end`. Refused where
@@ -151,6 +157,7 @@ class AttributionModel:
         attribute_target = attribute_target or not self.is_encoder_decoder
         batching.check_size("batch_size", batch_size)
         planner.check_max_memory(max_memory)
+        _check_checkpoint_layers(checkpoint_layers, method_name, method_cls)
 
         if targets is None or generate_from_target_prefix:
             target_ids = self.generate(
@@ -165,7 +172,15 @@ class AttributionModel:
 
         batch_size = batch_size or len(examples)
         run = AttributionRun(
-            self.engine, examples, attributor, attributed, scorers, step_kwargs, attribute_target, max_memory
+            self.engine,
+            examples,
+            attributor,
+            attributed,
+            scorers,
+            step_kwargs,
+            attribute_target,
+            max_memory,
+            checkpoint_layers if method_cls.checkpointable else False,
         )
         run.attribute_all(
             batch_size, reference=reference, show_progress=show_progress, label=f"Attributing with {method_name}"
@@ -288,6 +303,17 @@ class AttributionModel:
     def _tokens(self, ids: torch.Tensor) -> list[TokenWithId]:
         ids = ids.tolist()
         return [TokenWithId(token, i) for token, i in zip(self.tokenizer.convert_ids_to_tokens(ids), ids)]
+
+
+def _check_checkpoint_layers(checkpoint_layers, method_name: str, method_cls) -> None:
+    planner.check_checkpoint_layers(checkpoint_layers)
+    if checkpoint_layers is True and not method_cls.checkpointable:
+        raise ValueError(
+            f"checkpoint_layers=True: {method_name!r} does not take gradients w.r.t. the input embeddings "
+            "alone (or captures layer internals, which recomputation would capture twice); layers can be "
+            "checkpointed with saliency, input_x_gradient, integrated_gradients, deeplift, gradient_shap, "
+            "sequential_integrated_gradients and discretized_integrated_gradients"
+        )
 
 
 def attribute_reference(model: AttributionModel, *args, **kwargs) -> FeatureAttributionOutput:

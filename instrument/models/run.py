@@ -39,6 +39,7 @@ class AttributionRun:
     step_kwargs: dict[str, Any]
     attribute_target: bool
     max_memory: int | str = "auto"  # the planner's budget per batch (`instrument.planner.budget`)
+    checkpoint_layers: bool | str = "auto"  # `Request.checkpoint_layers`
     collected: Accumulator = field(init=False)
 
     def __post_init__(self):
@@ -97,6 +98,7 @@ class AttributionRun:
             attributed_fn=self.attributed_fn.identifier,
             auto=auto,
             max_memory=self.max_memory,
+            checkpoint_layers=self.checkpoint_layers,
         )
         result = self.method.attribute(request, **self.method.defaults)
         if self.method.attributes_inputs and not self.attribute_target:
