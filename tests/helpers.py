@@ -8,6 +8,8 @@ with the attributed function written out for Captum.
 import contextlib
 
 import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 import instrument
 
@@ -136,3 +138,33 @@ def close(actual, expected, rtol=1e-6):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     atol = 1e-6 * float(expected.abs().max())
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+# -- the planner's small GPT-2 and word-level texts (a prompt of N words is N tokens) --
+
+WORDS = 200
+
+
+def word_tokenizer():
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>", pad_token="<eos>"
+    )
+
+
+def small_gpt2(attention="sdpa", hidden=64):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=hidden, n_layer=2, n_head=4, vocab_size=WORDS + 2, n_positions=512, bos_token_id=1, eos_token_id=1
+    )
+    config.pad_token_id = 1
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.set_attn_implementation(attention)
+    return model
+
+
+def texts(length, generated):
+    words = [f"w{(7 * i) % WORDS}" for i in range(length + generated)]
+    return " ".join(words[:length]), " ".join(words)

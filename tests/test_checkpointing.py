@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.utils.checkpoint
 import transformers
-from test_planner import WORDS, small_gpt2, tensor_peak, texts, word_tokenizer
 
 import instrument
 from instrument import planner
 from instrument.engine import checkpointed_layers, layer_blocks
+from instrument.memory import tensor_peak
 
+from helpers import WORDS, small_gpt2, texts, word_tokenizer
 from tiny_models import tiny_model
 
 TEXTS = {

@@ -7,10 +7,12 @@ profiler's, and the same attributions under a small budget.
 
 import pytest
 import torch
-from test_planner import small_gpt2, tensor_peak, texts, word_tokenizer
 
 import instrument
 from instrument import planner
+from instrument.memory import tensor_peak
+
+from helpers import small_gpt2, texts, word_tokenizer
 
 GENERATED = 8
 

@@ -1,59 +1,18 @@
 """The memory planner (instrument/planner.py): predicted peaks against the profiler's, budgets, the
 out-of-memory fallback, and `instrument plan`."""
 
-import json
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 import instrument
 from instrument import planner
+from instrument.memory import tensor_peak
 
-WORDS = 200
-
-
-def word_tokenizer():
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>", pad_token="<eos>"
-    )
-
-
-def small_gpt2(attention="sdpa", hidden=64):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=hidden, n_layer=2, n_head=4, vocab_size=WORDS + 2, n_positions=512, bos_token_id=1, eos_token_id=1
-    )
-    config.pad_token_id = 1
-    model = transformers.GPT2LMHeadModel(config).eval()
-    model.set_attn_implementation(attention)
-    return model
-
-
-def texts(length, generated):
-    words = [f"w{(7 * i) % WORDS}" for i in range(length + generated)]
-    return " ".join(words[:length]), " ".join(words)
-
-
-def tensor_peak(fn) -> int:
-    """Peak bytes torch's CPU allocator hands out during `fn()`, from the profiler's memory events
-    (the CPU counterpart of CUDA's max_memory_allocated)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
-        prof.export_chrome_trace(trace.name)
-        with open(trace.name) as f:
-            events = json.load(f)["traceEvents"]
-    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+from helpers import small_gpt2, texts, word_tokenizer
 
 
 def budget_for(model, length, slots, cotangents):
