@@ -14,11 +14,11 @@ Speed: for saliency and integrated gradients (`--n-steps`, default 20), ours (`m
 into a temporary directory of shards, `--batch-size` examples per batch, length-sorted within shards
 of `--shard-size`) and Inseq's attribute-dataset path (what `inseq attribute-dataset` runs once the
 data set is loaded: one `inseq.load_model(...).attribute(inputs, targets, batch_size=...)` call on
-all examples), alternating, on the same model object; examples/s and the ratio, of wall time and of
-this process's CPU time (on a shared machine the CPU-time ratio is the steadier one). Then the
-FLOPs of the matrix multiplications (linear layers and LM head) each side runs, counted from the
-token lengths and ours' batches: their ratio is what the speed ratio tends to where both run their
-matrix multiplications equally fast (a compute-bound CPU).
+all examples), alternating (`--repeats` runs each, medians), on the same model object; examples/s
+and the ratio, of wall time and of this process's CPU time (on a shared machine the CPU-time ratio
+is the steadier one). Then the FLOPs of the matrix multiplications (linear layers and LM head) each
+side runs, counted from the token lengths and ours' batches: their ratio is what the speed ratio
+tends to where both run their matrix multiplications equally fast (a compute-bound CPU).
 
 Memory: for each size in `--memory-examples`, a fresh process of this script attributes that many
 examples with ours (saliency) and reports its peak resident memory during the run (VmHWM, reset at
@@ -34,6 +34,7 @@ import json
 import os
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,11 @@ def peak_memory_run(args) -> None:
     print(json.dumps({"examples": args.memory_run, "base": base, "peak": peak, "seconds": seconds}))
 
 
+def median(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall and the median CPU seconds of some runs."""
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
 def _batch_size(text: str):
     return text if text == "auto" else int(text)
 
@@ -224,6 +230,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating; medians reported")
     parser.add_argument("--no-inseq", action="store_true")
     parser.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,8 +255,15 @@ def main() -> None:
     )
     for method in filter(None, args.methods.split(",")):
         some = rows[: args.ig_examples] if method == "integrated_gradients" and args.ig_examples else rows
-        wall, cpu = ours(model, tokenizer, some, method, args)
-        theirs_s = theirs(inseq, model, tokenizer, some, method, args) if inseq is not None else None
+        runs: dict[str, list] = {"ours": [], "theirs": []}
+        for repeat in range(args.repeats):  # alternating which goes first: ours, Inseq, Inseq, ours, ...
+            for side in ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours"):
+                if side == "ours":
+                    runs["ours"].append(ours(model, tokenizer, some, method, args))
+                elif inseq is not None:
+                    runs["theirs"].append(theirs(inseq, model, tokenizer, some, method, args))
+        wall, cpu = median(runs["ours"])
+        theirs_s = median(runs["theirs"]) if runs["theirs"] else None
         points = args.n_steps if method == "integrated_gradients" else 1
         ours_flops, inseq_flops = flops(model, tokenizer, some, args, points)
         n = len(some)
