@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/dataset.py                                   # the issue's sizes
     PYTHONPATH=. python benchmarks/dataset.py --examples 32 --ig-examples 8 --memory-examples 64,256 --memory-layers 2
     PYTHONPATH=. python benchmarks/dataset.py --device cuda --batch-size 32 --dtype bfloat16
+    PYTHONPATH=. python benchmarks/dataset.py --examples 64 --methods saliency --batch-size auto --memory-examples ""
 
 Model: GPT-2 small's shape (12 layers, 768 wide, vocabulary 50257) with seeded random weights. Data:
 `--examples` prompts of 8 to 64 words (uniform, seeded) drawn from a small word list, each with a
@@ -13,7 +14,11 @@ Speed: for saliency and integrated gradients (`--n-steps`, default 20), ours (`m
 into a temporary directory of shards, `--batch-size` examples per batch, length-sorted within shards
 of `--shard-size`) and Inseq's attribute-dataset path (what `inseq attribute-dataset` runs once the
 data set is loaded: one `inseq.load_model(...).attribute(inputs, targets, batch_size=...)` call on
-all examples), alternating, on the same model object; examples/s and the ratio.
+all examples), alternating (`--repeats` runs each, medians), on the same model object; examples/s
+and the ratio, of wall time and of this process's CPU time (on a shared machine the CPU-time ratio
+is the steadier one). Then the FLOPs of the matrix multiplications (linear layers and LM head) each
+side runs, counted from the token lengths and ours' batches: their ratio is what the speed ratio
+tends to where both run their matrix multiplications equally fast (a compute-bound CPU).
 
 Memory: for each size in `--memory-examples`, a fresh process of this script attributes that many
 examples with ours (saliency) and reports its peak resident memory during the run (VmHWM, reset at
@@ -29,6 +34,7 @@ import json
 import os
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,11 +108,50 @@ def load_inseq():
     return inseq, f"inseq {version('inseq')}"
 
 
-def ours(model, tokenizer, rows, method, args) -> float:
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(started: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds since `clocks()`."""
+    now = clocks()
+    return now[0] - started[0], now[1] - started[1]
+
+
+def flops(model, tokenizer, rows, args, points: int) -> tuple[float, float]:
+    """(ours, Inseq) FLOPs of the matrix multiplications, with gradients w.r.t. the inputs only (a
+    backward through a linear layer costs what its forward does). Inseq, per attributed step of a
+    prefix of n tokens: `points` forwards and backwards of n tokens through the layers and the LM
+    head (which runs at every position). Ours, per batch: `points` forwards of its full rows (padded
+    to the longest), the LM head at the attributed positions only, and a backward of the full rows
+    per attributed position (slot)."""
+    from instrument.models.dataset import CPU_AUTO_PADDING, plan_batches
+
+    config = model.config
+    body = 2 * sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)  # per token
+    head = 2 * config.n_embd * config.vocab_size
+    ours = theirs = 0.0
+    for start in range(0, len(rows), args.shard_size):
+        shard = rows[start : start + args.shard_size]
+        prompts = [len(tokenizer(r["input"])["input_ids"]) for r in shard]
+        targets = [len(tokenizer(r["target"])["input_ids"]) for r in shard]
+        for prompt, target in zip(prompts, targets):
+            theirs += points * sum(2 * (body + head) * n for n in range(prompt, target))
+        lengths = [p + t for p, t in zip(prompts, targets)]  # as ShardAttributor sorts them
+        padding = CPU_AUTO_PADDING if args.batch_size == "auto" and args.device == "cpu" else None
+        for batch in plan_batches(lengths, [0] * len(shard), args.batch_size, None, padding):
+            width = max(targets[i] for i in batch) - 1
+            slots = max(targets[i] - prompts[i] for i in batch)
+            attributed = sum(targets[i] - prompts[i] for i in batch)
+            ours += points * (len(batch) * width * body * (1 + slots) + 2 * head * attributed)
+    return ours, theirs
+
+
+def ours(model, tokenizer, rows, method, args) -> tuple[float, float]:
     wrapped = instrument.load_model(model, method, tokenizer=tokenizer)
     options = {"n_steps": args.n_steps} if method == "integrated_gradients" else {}
     with tempfile.TemporaryDirectory() as directory:
-        started = time.perf_counter()
+        started = clocks()
         wrapped.attribute_dataset(
             rows,
             os.path.join(directory, "out"),
@@ -117,21 +162,21 @@ def ours(model, tokenizer, rows, method, args) -> float:
             show_progress=False,
             **options,
         )
-        return time.perf_counter() - started
+        return since(started)
 
 
-def theirs(inseq, model, tokenizer, rows, method, args) -> float:
+def theirs(inseq, model, tokenizer, rows, method, args) -> tuple[float, float]:
     wrapped = inseq.load_model(model, method, tokenizer=copy.deepcopy(tokenizer))
     options = {"n_steps": args.n_steps} if method == "integrated_gradients" else {}
-    started = time.perf_counter()
+    started = clocks()
     wrapped.attribute(
         [r["input"] for r in rows],
         [r["target"] for r in rows],
-        batch_size=args.batch_size,
+        batch_size=8 if args.batch_size == "auto" else args.batch_size,  # Inseq has no "auto"
         show_progress=False,
         **options,
     )
-    return time.perf_counter() - started
+    return since(started)
 
 
 def peak_memory_run(args) -> None:
@@ -160,6 +205,15 @@ def peak_memory_run(args) -> None:
     print(json.dumps({"examples": args.memory_run, "base": base, "peak": peak, "seconds": seconds}))
 
 
+def median(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall and the median CPU seconds of some runs."""
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def _batch_size(text: str):
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256)
@@ -171,11 +225,12 @@ def main() -> None:
     parser.add_argument("--methods", default="saliency,integrated_gradients")
     parser.add_argument("--n-steps", type=int, default=20)
     parser.add_argument("--continuation-words", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="examples per batch, or 'auto' (ours)")
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating; medians reported")
     parser.add_argument("--no-inseq", action="store_true")
     parser.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,14 +249,32 @@ def main() -> None:
     print(f"{len(rows)} examples, {tokens} target tokens, {args.continuation_words} attributed positions each")
     inseq, about = (None, "skipped (--no-inseq)") if args.no_inseq else load_inseq()
     print("Inseq:", about)
-    print(f"{'method':<22}{'ours ex/s':>11}{'Inseq ex/s':>12}{'ratio':>8}")
+    print(
+        f"{'method':<26}{'ours ex/s':>10}{'Inseq ex/s':>11}{'ratio':>7}{'ours CPU s/ex':>15}{'Inseq CPU s/ex':>16}"
+        f"{'CPU ratio':>10}{'FLOP ratio':>11}"
+    )
     for method in filter(None, args.methods.split(",")):
         some = rows[: args.ig_examples] if method == "integrated_gradients" and args.ig_examples else rows
-        ours_s = ours(model, tokenizer, some, method, args)
-        theirs_s = theirs(inseq, model, tokenizer, some, method, args) if inseq is not None else None
-        ratio = f"{theirs_s / ours_s:7.1f}x" if theirs_s else "      -"
-        inseq_rate = f"{len(some) / theirs_s:12.2f}" if theirs_s else f"{'-':>12}"
-        print(f"{method + f' ({len(some)})':<22}{len(some) / ours_s:11.2f}{inseq_rate}{ratio}", flush=True)
+        runs: dict[str, list] = {"ours": [], "theirs": []}
+        for repeat in range(args.repeats):  # alternating which goes first: ours, Inseq, Inseq, ours, ...
+            for side in ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours"):
+                if side == "ours":
+                    runs["ours"].append(ours(model, tokenizer, some, method, args))
+                elif inseq is not None:
+                    runs["theirs"].append(theirs(inseq, model, tokenizer, some, method, args))
+        wall, cpu = median(runs["ours"])
+        theirs_s = median(runs["theirs"]) if runs["theirs"] else None
+        points = args.n_steps if method == "integrated_gradients" else 1
+        ours_flops, inseq_flops = flops(model, tokenizer, some, args, points)
+        n = len(some)
+        line = f"{method + f' ({n})':<26}{n / wall:10.3f}"
+        if theirs_s:
+            line += f"{n / theirs_s[0]:11.3f}{theirs_s[0] / wall:6.2f}x{cpu / n:15.2f}{theirs_s[1] / n:16.2f}"
+            line += f"{theirs_s[1] / cpu:9.2f}x"
+        else:
+            line += f"{'-':>11}{'-':>7}{cpu / n:15.2f}{'-':>16}{'-':>10}"
+        print(line + f"{inseq_flops / ours_flops:10.2f}x", flush=True)
+        print(f"  matrix-multiply FLOPs: ours {ours_flops / 1e12:.2f} T, Inseq {inseq_flops / 1e12:.2f} T", flush=True)
     sizes = [int(x) for x in args.memory_examples.split(",") if x]
     if sizes:
         print("peak memory of ours (saliency), one fresh process per size:")

@@ -49,6 +49,9 @@ def test_plan_batches_sorts_by_length_and_respects_budgets():
     assert plan_batches([5, 2, 9, 3], [0, 0, 0, 0], 2, None) == [[1, 3], [0, 2]]
     assert plan_batches([5, 2, 9, 3], [0, 0, 0, 0], 8, 10) == [[1, 3], [0], [2]]  # 3 x 5 > 10 tokens
     assert plan_batches([5, 2, 9, 3], [1, 0, 0, 1], "auto", None) == [[1, 2], [3, 0]]  # targets apart
+    # at most 10% padding: 3 x 20 = 60 padded tokens for 41 real ones would be too many
+    assert plan_batches([20, 10, 21, 11], [0, 0, 0, 0], "auto", None, 0.1) == [[1, 3], [0, 2]]
+    assert plan_batches([20, 10, 21, 11], [0, 0, 0, 0], "auto", None) == [[1, 3, 0, 2]]
 
 
 def test_shards_equal_one_attribute_call_and_resume_skips_done_shards(model, tmp_path, monkeypatch):
@@ -123,6 +126,25 @@ def test_unwritable_or_full_output_fails_before_the_first_batch(model, tmp_path,
     monkeypatch.setattr(dataset_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     with pytest.raises(ValueError, match="full"):
         run(model, rows, tmp_path / "out")
+
+
+def test_auto_batches_on_the_cpu_are_length_buckets(model, monkeypatch):
+    """batch_size="auto" on the CPU: a shard's examples in batches padded by at most 10%, equal to `attribute`."""
+    rows = [{"prompt": "a b", "answer": "a b " + " ".join(["c"] * n)} for n in (1, 20, 2, 21)]
+    sizes = []
+    attribute = type(model).attribute
+
+    def spy(self, inputs, *args, **kwargs):
+        sizes.append(sorted(len(t.split()) for t in args[0]))
+        return attribute(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "attribute", spy)
+    out = model.attribute_dataset(
+        rows, input_text_field="prompt", generated_text_field="answer", batch_size="auto", show_progress=False
+    )
+    monkeypatch.undo()
+    assert sizes == [[3, 4], [22, 23]]
+    assert_all_close(out, reference(model, rows))
 
 
 def test_generation_in_memory_and_the_paged_view(model, tmp_path, capsys):

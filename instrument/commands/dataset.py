@@ -107,7 +107,7 @@ def add_command(commands) -> argparse.ArgumentParser:
     add_attribute_flags(parser)
     batch = parser._option_string_actions["--batch_size"]
     batch.type, batch.default = _batch_size, 8
-    batch.help = "examples per batch, or 'auto' (sized from free memory); default 8"
+    batch.help = "examples per batch, or 'auto' (sized from free memory; on the CPU, length buckets); default 8"
     parser._option_string_actions["--save_path"].help = "the output directory (shards and manifest.json); required"
     parser._option_string_actions["--hide"].help = "accepted for `attribute`'s sake: nothing is printed here"
     parser._option_string_actions["--overwrite"].help = "start over: delete the shards and manifest in -o first"

@@ -42,6 +42,12 @@ from instrument.outputs import FeatureAttributionOutput
 
 SHARD_SIZE = 64
 BATCH_SIZE = 8
+# batch_size="auto" on the CPU: a shard's length-sorted examples go in batches padded by at most this share of
+# their tokens. The CPU is compute-bound, so padding costs its FLOPs in full, and a batch of a few examples
+# already runs at the matrix multiplications' peak; one batch of a whole shard of 8-64 word prompts did 1.5x
+# the FLOPs of these buckets (benchmarks/README.md). Accelerators keep the whole shard: there, larger batches
+# pay for their padding.
+CPU_AUTO_PADDING = 0.1
 MIN_FREE_BYTES = 16 * 2**20  # less free disk than this in the output directory: refused before the first batch
 PROGRESS = ".progress-{rank}.json"
 INPUT_FIELDS = ("text", "input")  # tried, in order, when no input_text_field is given
@@ -219,26 +225,37 @@ def shards_of(rows: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[int,
 # -- attributing one shard ---------------------------------------------------------------------------
 
 
-def plan_batches(lengths: list[int], keys: list, batch_size: int | str, max_tokens: int | None) -> list[list[int]]:
+def plan_batches(
+    lengths: list[int], keys: list, batch_size: int | str, max_tokens: int | None, max_padding: float | None = None
+) -> list[list[int]]:
     """Positions of the examples in batches: sorted by (key, length), at most `batch_size` examples (unless
-    "auto": the whole group, which `attribute` splits by memory) and at most `max_tokens` padded tokens.
+    "auto": the whole group, which `attribute` splits by memory), at most `max_tokens` padded tokens, and
+    padded tokens at most `1 + max_padding` times the real ones.
 
         plan_batches([5, 2, 9, 3], [0, 0, 0, 0], 2, None)   # [[1, 3], [0, 2]]
     """
     order = sorted(range(len(lengths)), key=lambda i: (keys[i], lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0  # tokens of the examples in `current`, unpadded
     for i in order:
         full = current and (
             keys[current[0]] != keys[i]
             or (not batching.is_auto(batch_size) and len(current) >= batch_size)
             or (max_tokens is not None and (len(current) + 1) * lengths[i] > max_tokens)
+            or (max_padding is not None and (len(current) + 1) * lengths[i] > (1 + max_padding) * (real + lengths[i]))
         )
         if full:
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += lengths[i]
     return batches + ([current] if current else [])
+
+
+def _on_cpu(model: Any) -> bool:
+    device = getattr(model, "device", None)
+    return device is not None and torch.device(device).type == "cpu"
 
 
 @dataclasses.dataclass
@@ -283,7 +300,8 @@ class ShardAttributor:
         sequences: list = [None] * len(ids)
         generated: list = [None] * len(ids)
         outputs = []
-        for batch in plan_batches(lengths, [t is None for t in targets], self.batch_size, self.max_tokens):
+        padding = CPU_AUTO_PADDING if batching.is_auto(self.batch_size) and _on_cpu(self.model) else None
+        for batch in plan_batches(lengths, [t is None for t in targets], self.batch_size, self.max_tokens, padding):
             given = [targets[i] for i in batch]
             out = self.model.attribute(
                 [inputs[i] for i in batch],
@@ -597,10 +615,11 @@ def attribute_dataset(
     `attribute()`'s (method, step_scores, attributed_fn, n_steps, generation_args...).
 
     Batches: examples sorted by length within each shard of `shard_size` rows, `batch_size` examples ("auto":
-    sized from free memory) and at most `max_tokens_per_batch` padded tokens. A rerun with the same arguments
-    finishes an interrupted job; `overwrite=True` starts over; other arguments are refused. Rows that
-    cannot be attributed raise ValueError naming them, or with `skip_bad_rows=True` are skipped and listed
-    in the manifest. Under torchrun (an initialized process group) each rank takes its share of the shards.
+    sized from free memory; on the CPU, in length buckets padded by at most `CPU_AUTO_PADDING`) and at most
+    `max_tokens_per_batch` padded tokens. A rerun with the same arguments finishes an interrupted job;
+    `overwrite=True` starts over; other arguments are refused. Rows that cannot be attributed raise ValueError
+    naming them, or with `skip_bad_rows=True` are skipped and listed in the manifest. Under torchrun (an
+    initialized process group) each rank takes its share of the shards.
     `backend="ray"`: a pool of `ray_actors` actors with `gpus_per_actor` GPUs each, on the Ray cluster at
     `ray_address` (default: a local one); `model` may then be a `ModelSpec`, loaded by each actor.
     `dataset_info`: recorded in the manifest with the arguments (where the data came from).
