@@ -97,3 +97,27 @@ def test_plan_command_forward_methods(method, capsys):
     assert "predicted peak" in printed and "per forward (no gradients)" in printed
     if method == "occlusion":
         assert "of 32 perturbed copies" in printed
+
+
+@pytest.mark.parametrize("aggregate_fn", ["mean", None])
+def test_attention_budget_runs_examples_in_chunks(aggregate_fn, monkeypatch):
+    model = small_gpt2()
+    wrapped = instrument.load_model(model, "attention", tokenizer=word_tokenizer())
+    options = {"aggregate_fn": aggregate_fn}
+    unbounded = run(wrapped, "attention", 40, 3, max_memory=10**12, **options)
+    whole = tensor_peak(lambda: run(wrapped, "attention", 40, 3, max_memory=10**12, **options))
+    limit = int(predicted(model, "attention", 40, 1) * 1.15)  # one example per forward
+    forward_steps, sizes = Engine.forward_steps, []
+
+    def counted(self, rows, *args, **kwargs):
+        sizes.append(len(rows))
+        return forward_steps(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "forward_steps", counted)
+    bounded = run(wrapped, "attention", 40, 3, max_memory=limit, **options)
+    assert sizes == [1, 1, 1]
+    if aggregate_fn == "mean":
+        small = tensor_peak(lambda: run(wrapped, "attention", 40, 3, max_memory=limit, **options))
+        assert small <= limit < whole
+    for a, b in zip(unbounded, bounded):
+        torch.testing.assert_close(b.target_attributions, a.target_attributions, rtol=1e-6, atol=1e-6, equal_nan=True)
