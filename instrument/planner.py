@@ -17,7 +17,10 @@ lengths, methods, chunks and attention implementations; GPT-2 small at 256 + 32 
 With checkpointed layers (`checkpoint=True`, `instrument.engine.checkpointed_layers`) the graph is
 each layer's input, plus layers' graphs rebuilt in the backward (tests/test_checkpointing.py); path
 methods (`predict_path`, `plan_points`) add their own tensors (inputs, baselines, totals, the path
-points) to the gradient batch of the points they run together (tests/test_path_planner.py). Not yet
+points) to the gradient batch of the points they run together (tests/test_path_planner.py). Methods
+that only run forwards (attention, perturbations) hold one layer's transients at a time, eager
+attention's scores, the logits read and what they keep: `predict_forward`, and `plan_rows` for the
+rows (examples, perturbed copies) per forward (tests/test_forward_planner.py). Not yet
 covered: Llama-shaped models (off by 20-35% in the same checks), eager attention at short lengths
 with many slots (over-predicted by up to 40%), DIG's own preprocessing. Quantized weights (8-/4-bit)
 change the weights, not the activations: they are counted at the compute dtype.
