@@ -75,9 +75,10 @@ PATH_KEPT, PATH_PER_POINT = 3.0, 1.0
 # No-grad forwards (`predict_forward`: attention, perturbation methods), per row and token: one layer's
 # transients in hidden- and intermediate-wide tensors, and eager attention's heads x length² scores
 # (fitted on GPT-2-shaped models, tests/test_forward_planner.py); at the LM head, the logits of the
-# positions read (the forward's, the rows' gathered copies, their probabilities) beside a few hidden states.
+# positions read (the forward's, the rows' gathered copies, their probabilities) beside a few hidden states
+# and the copies of the embeddings the attributed function is given.
 NOGRAD_HIDDEN, NOGRAD_INTERMEDIATE, NOGRAD_SCORES = 7.5, 3.6, 1.3
-NOGRAD_LOGITS, NOGRAD_HEAD_HIDDEN = 3.0, 3.0
+NOGRAD_LOGITS, NOGRAD_HEAD_HIDDEN = 2.2, 3.0
 
 
 @dataclass(frozen=True)
@@ -389,12 +390,14 @@ def predict_forward(
     reads: int = 1,
     kept: int = 0,
     eager: bool | None = None,
+    embed_copies: int = 0,
 ) -> int:
     """Peak bytes (above the weights) of one no-grad forward of `rows` rows of `length` tokens (plus
     `source_length` on encoder-decoders) that reads the logits at `reads` positions per row and keeps
     `kept` bytes per row besides (the attention method's maps): the larger of the layers' phase (one
     layer's transients at a time, eager attention's scores; `eager`: None, the model's implementation)
-    and the LM head's (the logits read, float32).
+    and the LM head's (the logits read, float32, and `embed_copies` copies per row of its embeddings:
+    the perturbation methods give the attributed function each step's perturbed input).
 
         predict_forward(model_shape(model), length=1032, rows=16, reads=32)
     """
@@ -403,7 +406,7 @@ def predict_forward(
     unit = rows * (length + source_length) * d * b
     squares = rows * shape.heads * (length**2 + source_length**2 + length * source_length) * b if eager else 0
     layers = unit * (NOGRAD_HIDDEN + NOGRAD_INTERMEDIATE * i / d) + NOGRAD_SCORES * squares
-    head = NOGRAD_LOGITS * rows * reads * shape.vocab * 4 + NOGRAD_HEAD_HIDDEN * unit
+    head = NOGRAD_LOGITS * rows * reads * shape.vocab * 4 + (NOGRAD_HEAD_HIDDEN + embed_copies) * unit
     return int(max(layers, head) + rows * kept)
 
 
@@ -417,6 +420,7 @@ def plan_rows(
     max_memory: int | str | None = "auto",
     dtype: torch.dtype | None = None,
     eager: bool | None = None,
+    embed_copies: int = 0,
 ) -> int:
     """How many of `rows` rows one no-grad forward may carry so that its peak (`predict_forward`)
     fits `max_memory`: the largest count up to `rows`, at least 1 (all of them where the budget is
@@ -429,5 +433,5 @@ def plan_rows(
     rows = max(int(rows), 1)
     if limit is None:
         return rows
-    per_row = predict_forward(shape, length, 1, source_length, reads, kept, eager)
+    per_row = predict_forward(shape, length, 1, source_length, reads, kept, eager, embed_copies)
     return max(1, min(rows, limit // max(per_row, 1)))  # the peak is linear in the rows

@@ -43,11 +43,11 @@ class Perturber:
 
     def per_eval(self, requested: int, reads: int | None = None, kept: int = 0) -> int:
         """Perturbed copies per forward: `requested`, or as many as the planner fits in the request's
-        `max_memory` (copies of the full rows, `reads` logit positions each: default the steps read).
-        `kept`: bytes per copy the method keeps besides."""
-        return plan_copies(
-            self.request, self.fr.full, requested, self.fr.positions.shape[1] if reads is None else reads, kept
-        )
+        `max_memory` (copies of the full rows, `reads` logit positions each: default the steps read,
+        each scored on its own copy of the embeddings, `run`). `kept`: bytes per copy the method keeps
+        besides."""
+        reads = self.fr.positions.shape[1] if reads is None else reads
+        return plan_copies(self.request, self.fr.full, requested, reads, kept, embed_copies=reads)
 
     def original(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits `[R, V]` and attributed function `[R]` of every row at the unperturbed input."""
@@ -131,10 +131,10 @@ def attributed_sides(request: Request, has_source: bool) -> list[str]:
     return (["source"] if has_source else []) + (["target"] if request.attribute_target else [])
 
 
-def plan_copies(request: Request, rows: Rows, requested: int, reads: int, kept: int = 0) -> int:
+def plan_copies(request: Request, rows: Rows, requested: int, reads: int, kept: int = 0, embed_copies: int = 0) -> int:
     """How many copies of `rows`' rows (full width, `reads` logit positions each) one no-grad forward
     carries: `requested` at most, fewer where `instrument.planner.plan_rows` finds that they do not
-    fit `request.max_memory`."""
+    fit `request.max_memory` (`kept`, `embed_copies`: see `planner.predict_forward`)."""
     source = rows.source_ids.shape[1] if rows.source_ids is not None else 0
     return planner.plan_rows(
         request.engine.model,
@@ -144,4 +144,5 @@ def plan_copies(request: Request, rows: Rows, requested: int, reads: int, kept: 
         reads=reads,
         kept=kept,
         max_memory=request.max_memory,
+        embed_copies=embed_copies,
     )

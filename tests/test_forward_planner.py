@@ -4,6 +4,7 @@ copies per forward, the out-of-memory fallback, and `instrument plan` for these 
 
 import pytest
 import torch
+import transformers
 
 import instrument
 from instrument import planner
@@ -15,16 +16,16 @@ from helpers import small_gpt2, texts, word_tokenizer
 GENERATED = 8
 
 
-def predicted(model, method, length, rows):
+def predicted(model, method, length, rows, generated=GENERATED):
     """The planner's peak for `rows` rows per forward (perturbed copies, or examples for attention)."""
-    shape = planner.model_shape(model)
-    kept = GENERATED * (length + GENERATED) * 4 if method == "attention" else 0
-    eager = True if method == "attention" else None
-    return planner.predict_forward(shape, length + GENERATED, rows, reads=GENERATED, kept=kept, eager=eager)
+    shape, width = planner.model_shape(model), length + generated
+    if method == "attention":  # eager, the mean map of each step kept
+        return planner.predict_forward(shape, width, rows, reads=generated, kept=generated * width * 4, eager=True)
+    return planner.predict_forward(shape, width, rows, reads=generated, embed_copies=generated)
 
 
-def run(wrapped, method, length, rows, **kwargs):
-    prompt, full = texts(length, GENERATED)
+def run(wrapped, method, length, rows, generated=GENERATED, **kwargs):
+    prompt, full = texts(length, generated)
     if method == "attention":  # one forward of every example
         return wrapped.attribute([prompt] * rows, [full] * rows, show_progress=False, **kwargs)
     return wrapped.attribute(prompt, full, show_progress=False, perturbations_per_eval=rows, **kwargs)
@@ -46,13 +47,28 @@ def test_predicted_peak_within_20_percent(attention, method, lengths, counts):
             assert abs(peak - measured) <= 0.2 * measured, (length, rows, peak, measured)
 
 
+@pytest.mark.slow
+def test_predicted_peak_at_the_lm_head():
+    """A large vocabulary and many steps: the peak is at the LM head (logits, per-step embeddings)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=20000, bos_token_id=1, eos_token_id=1)
+    config.pad_token_id = 1
+    model = transformers.GPT2LMHeadModel(config).eval()
+    wrapped = instrument.load_model(model, "occlusion", tokenizer=word_tokenizer())
+    for rows in (4, 8):
+        run(wrapped, "occlusion", 64, rows, generated=32)
+        measured = tensor_peak(lambda: run(wrapped, "occlusion", 64, rows, generated=32))
+        peak = predicted(model, "occlusion", 64, rows, generated=32)
+        assert abs(peak - measured) <= 0.2 * measured, (rows, peak, measured)
+
+
 def test_budget_bounds_the_copies_per_forward():
     model = small_gpt2()
     wrapped = instrument.load_model(model, "occlusion", tokenizer=word_tokenizer())
     unbounded = run(wrapped, "occlusion", 40, 32, max_memory=10**12)
     whole = tensor_peak(lambda: run(wrapped, "occlusion", 40, 32, max_memory=10**12))
     limit = int(predicted(model, "occlusion", 40, 4) * 1.1)
-    assert planner.plan_rows(model, 48, 32, reads=GENERATED, max_memory=limit) == 4
+    assert planner.plan_rows(model, 48, 32, reads=GENERATED, embed_copies=GENERATED, max_memory=limit) == 4
     bounded = run(wrapped, "occlusion", 40, 32, max_memory=limit)
     small = tensor_peak(lambda: run(wrapped, "occlusion", 40, 32, max_memory=limit))
     assert small <= limit < whole

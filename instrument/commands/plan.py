@@ -123,14 +123,16 @@ def _plan_forward(args, shape) -> None:
 
     method, length, gib = args.attribution_method, args.length + args.generated, 2**30
     reads, kept, requested, eager = args.generated, 0, args.perturbations_per_eval, None
+    copies = reads  # occlusion and LIME score each step on its own copy of the perturbed embeddings
     if method == "attention":  # one row per example, eager attention, the mean map of the steps kept
-        requested, eager, kept = 1, True, args.generated * length * 4
+        requested, eager, kept, copies = 1, True, args.generated * length * 4, 0
     elif method == "value_zeroing":  # stops before the LM head, keeps each layer's output
-        reads, kept = 0, shape.layers * length * shape.hidden * 4
+        reads, kept, copies = 0, shape.layers * length * shape.hidden * 4, 0
     elif method == "reagent":
-        reads = 1
-    rows = planner.plan_rows(shape, length, requested, reads=reads, kept=kept, max_memory=args.max_memory, eager=eager)
-    peak = planner.predict_forward(shape, length, rows, reads=reads, kept=kept, eager=eager)
+        reads, copies = 1, 0
+    options = {"reads": reads, "kept": kept, "eager": eager, "embed_copies": copies}
+    rows = planner.plan_rows(shape, length, requested, max_memory=args.max_memory, **options)
+    peak = planner.predict_forward(shape, length, rows, **options)
     limit = planner.budget(args.max_memory)
     what = "row" if method == "attention" else f"of {requested} perturbed copies"
     print(
