@@ -17,7 +17,10 @@ lengths, methods, chunks and attention implementations; GPT-2 small at 256 + 32 
 With checkpointed layers (`checkpoint=True`, `instrument.engine.checkpointed_layers`) the graph is
 each layer's input, plus layers' graphs rebuilt in the backward (tests/test_checkpointing.py); path
 methods (`predict_path`, `plan_points`) add their own tensors (inputs, baselines, totals, the path
-points) to the gradient batch of the points they run together (tests/test_path_planner.py). Not yet
+points) to the gradient batch of the points they run together (tests/test_path_planner.py). Methods
+that only run forwards (attention, perturbations) hold one layer's transients at a time, eager
+attention's scores, the logits read and what they keep: `predict_forward`, and `plan_rows` for the
+rows (examples, perturbed copies) per forward (tests/test_forward_planner.py). Not yet
 covered: Llama-shaped models (off by 20-35% in the same checks), eager attention at short lengths
 with many slots (over-predicted by up to 40%), DIG's own preprocessing. Quantized weights (8-/4-bit)
 change the weights, not the activations: they are counted at the compute dtype.
@@ -44,6 +47,8 @@ __all__ = [
     "model_shape",
     "plan_gradients",
     "plan_points",
+    "plan_rows",
+    "predict_forward",
     "predict_gradients",
     "path_held",
     "predict_path",
@@ -67,6 +72,13 @@ SLOT_SHARE, SLOT_FLOOR = 0.5, 128 * 2**20
 CHECKPOINT_KEPT, CHECKPOINT_LAYERS, CHECKPOINT_RECOMPUTE = 1.0, 2.0, 3.0
 # Path methods (`predict_path`), per attributed row: inputs, baselines and float32 totals; the path points.
 PATH_KEPT, PATH_PER_POINT = 3.0, 1.0
+# No-grad forwards (`predict_forward`: attention, perturbation methods), per row and token: one layer's
+# transients in hidden- and intermediate-wide tensors, and eager attention's heads x length² scores
+# (fitted on GPT-2-shaped models, tests/test_forward_planner.py); at the LM head, the logits of the
+# positions read (the forward's, the rows' gathered copies, their probabilities) beside a few hidden states
+# and the copies of the embeddings the attributed function is given.
+NOGRAD_HIDDEN, NOGRAD_INTERMEDIATE, NOGRAD_SCORES = 7.5, 3.6, 1.3
+NOGRAD_LOGITS, NOGRAD_HEAD_HIDDEN = 2.2, 3.0
 
 
 @dataclass(frozen=True)
@@ -368,3 +380,58 @@ def plan_points(
         middle = (low + high + 1) // 2
         low, high = (middle, high) if peak(middle, recompute) <= limit else (low, middle - 1)
     return low
+
+
+def predict_forward(
+    shape: Shape,
+    length: int,
+    rows: int,
+    source_length: int = 0,
+    reads: int = 1,
+    kept: int = 0,
+    eager: bool | None = None,
+    embed_copies: int = 0,
+) -> int:
+    """Peak bytes (above the weights) of one no-grad forward of `rows` rows of `length` tokens (plus
+    `source_length` on encoder-decoders) that reads the logits at `reads` positions per row and keeps
+    `kept` bytes per row besides (the attention method's maps): the larger of the layers' phase (one
+    layer's transients at a time, eager attention's scores; `eager`: None, the model's implementation)
+    and the LM head's (the logits read, float32, and `embed_copies` copies per row of its embeddings:
+    the perturbation methods give the attributed function each step's perturbed input).
+
+        predict_forward(model_shape(model), length=1032, rows=16, reads=32)
+    """
+    eager = shape.eager if eager is None else eager
+    b, d, i = shape.bytes, shape.hidden, shape.intermediate
+    unit = rows * (length + source_length) * d * b
+    squares = rows * shape.heads * (length**2 + source_length**2 + length * source_length) * b if eager else 0
+    layers = unit * (NOGRAD_HIDDEN + NOGRAD_INTERMEDIATE * i / d) + NOGRAD_SCORES * squares
+    head = NOGRAD_LOGITS * rows * reads * shape.vocab * 4 + (NOGRAD_HEAD_HIDDEN + embed_copies) * unit
+    return int(max(layers, head) + rows * kept)
+
+
+def plan_rows(
+    model: Any,
+    length: int,
+    rows: int,
+    source_length: int = 0,
+    reads: int = 1,
+    kept: int = 0,
+    max_memory: int | str | None = "auto",
+    dtype: torch.dtype | None = None,
+    eager: bool | None = None,
+    embed_copies: int = 0,
+) -> int:
+    """How many of `rows` rows one no-grad forward may carry so that its peak (`predict_forward`)
+    fits `max_memory`: the largest count up to `rows`, at least 1 (all of them where the budget is
+    unknown).
+
+        plan_rows(model, length=1032, rows=32, reads=32, max_memory=2**30)   # perturbed copies per forward
+    """
+    shape = model if isinstance(model, Shape) else model_shape(model, dtype)
+    limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    rows = max(int(rows), 1)
+    if limit is None:
+        return rows
+    per_row = predict_forward(shape, length, 1, source_length, reads, kept, eager, embed_copies)
+    return max(1, min(rows, limit // max(per_row, 1)))  # the peak is linear in the rows

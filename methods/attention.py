@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from instrument import planner
 from instrument.hooks import HookHandles
 from instrument.indices import pick_indices
 from instrument.kernels import reduce_heads
@@ -164,30 +165,58 @@ class Attention(AttributionMethod):
             kinds["target"] = "self"
         if engine.is_encoder_decoder:
             kinds["source"] = source_attention
-        reducers, hooks = {}, []
+        picked = {}
         for side, kind in kinds.items():
             names = attention_modules(model, kind, engine.is_encoder_decoder)
             if not names:
                 raise ValueError(f"Found no {kind} attention modules in {type(model).__name__}")
-            picked = [names[i] for i in pick_indices(layers, len(names), "layers", distinct=True)]
-            reducer = _Reducer(None if kind == "encoder" else fr.positions, heads, aggregate_fn, len(picked))
-            if kind == "encoder":
-                reducer.key_mask = fr.full.source_mask
-            reducers[side] = reducer
-            hooks.extend((model.get_submodule(name), name, reducer) for name in picked)
-        with torch.no_grad(), eager_attention(model), HookHandles() as handles:
-            for module, name, reducer in hooks:
-                handles.forward(module, _hook(name, reducer))
-            logits = engine.forward_steps(fr.full, fr.positions if request.needs_logits else None)[0]
-        logits = fr.gather(logits) if logits is not None else None
+            picked[side] = [names[i] for i in pick_indices(layers, len(names), "layers", distinct=True)]
+        parts = []  # (logits, {side: values}) of each chunk of full rows
+        for index in _row_chunks(request, fr, picked, aggregate_fn):
+            full, positions = fr.full.take(index), fr.positions[index]
+            reducers, hooks = {}, []
+            for side, kind in kinds.items():
+                reducer = _Reducer(None if kind == "encoder" else positions, heads, aggregate_fn, len(picked[side]))
+                if kind == "encoder":
+                    reducer.key_mask = full.source_mask
+                reducers[side] = reducer
+                hooks.extend((model.get_submodule(name), name, reducer) for name in picked[side])
+            with torch.no_grad(), eager_attention(model), HookHandles() as handles:
+                for module, name, reducer in hooks:
+                    handles.forward(module, _hook(name, reducer))
+                logits = engine.forward_steps(full, positions if request.needs_logits else None)[0]
+            parts.append((logits, {side: reducer.result() for side, reducer in reducers.items()}))
+        logits = fr.gather(torch.cat([part[0] for part in parts])) if parts[0][0] is not None else None
         out = {}
-        for side, reducer in reducers.items():
-            values = reducer.result()
-            if kinds[side] == "encoder":
+        for side, kind in kinds.items():
+            values = torch.cat([part[1][side] for part in parts])
+            if kind == "encoder":
                 out[side] = values[fr.owner.to(values.device), 0]
             else:
                 out[side] = fr.gather(values)
         return RowAttribution(source=out.get("source"), target=out.get("target"), logits=logits)
+
+
+def _row_chunks(request: Request, fr, picked: dict, aggregate_fn) -> list[torch.Tensor]:
+    """Full rows per forward, as many as the memory planner fits in `request.max_memory` (eager
+    attention; each row keeps its maps of the steps read: `[steps, keys]`, per layer and head
+    when kept)."""
+    full, steps = fr.full, fr.positions.shape[1]
+    width = full.target_ids.shape[1] + (full.source_ids.shape[1] if full.source_ids is not None else 0)
+    heads = planner.model_shape(request.engine.model).heads
+    maps = sum(len(names) * heads if aggregate_fn is None else 1 for names in picked.values())
+    count = planner.plan_rows(
+        request.engine.model,
+        full.target_ids.shape[1],
+        len(full),
+        source_length=width - full.target_ids.shape[1],
+        reads=steps if request.needs_logits else 0,
+        kept=maps * steps * width * 4,
+        max_memory=request.max_memory,
+        eager=True,
+    )
+    order = torch.arange(len(full), device=fr.positions.device)
+    return list(order.split(count))
 
 
 def _hook(name: str, reducer: _Reducer):

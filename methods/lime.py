@@ -159,8 +159,9 @@ class Lime(AttributionMethod):
             outputs = torch.full((len(rows), n_samples), float("nan"), dtype=torch.float64)
             equal = torch.zeros(len(rows), n_samples, dtype=torch.float64)  # Inseq's similarity: equal elements
             jobs = [(f, k) for f in range(len(fr.full)) for k in range(n_samples)]
-            for start in range(0, len(jobs), perturbations_per_eval):
-                chunk = jobs[start : start + perturbations_per_eval]
+            per_eval = perturber.per_eval(perturbations_per_eval)
+            for start in range(0, len(jobs), per_eval):
+                chunk = jobs[start : start + per_eval]
                 owners = torch.tensor([f for f, _ in chunk], dtype=torch.long)
                 samples = torch.tensor([k for _, k in chunk], dtype=torch.long)
                 embeds = {"source": None, "target": None}

@@ -125,7 +125,7 @@ class Occlusion(AttributionMethod):
                     perturber,
                     _Windows(side, inputs[side], bases[side], windows[side], stride[side]),
                     original=original,
-                    per_eval=perturbations_per_eval,
+                    per_eval=perturber.per_eval(perturbations_per_eval),
                     granular=granular,
                 )
                 for side in sides

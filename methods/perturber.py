@@ -13,13 +13,19 @@ a perturbation (a window on target tokens after its prefix), that perturbation d
 it, so every step gets what the method computes on its own prefix. ReAGent's probes depend on each
 step's own importance scores, so they run per step; the probes of all steps and examples share each
 forward.
+
+Copies per forward: `perturbations_per_eval`, or fewer where the memory planner
+(`instrument.planner.plan_rows`) finds that they do not fit `request.max_memory`
+(`Perturber.per_eval`). A forward that still runs out of memory runs again in halves, and that
+size holds for the rest of the call (`Perturber.run`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from instrument.rows import FullRows
+from instrument import batching, planner
+from instrument.rows import FullRows, Rows
 from methods.base import Request
 
 
@@ -33,6 +39,15 @@ class Perturber:
         self.rows_of: list[list[int]] = [[] for _ in range(len(fr.full))]
         for r, f in enumerate(owner):
             self.rows_of[f].append(r)
+        self.cap: int | None = None  # copies per forward at most, after an out-of-memory error
+
+    def per_eval(self, requested: int, reads: int | None = None, kept: int = 0) -> int:
+        """Perturbed copies per forward: `requested`, or as many as the planner fits in the request's
+        `max_memory` (copies of the full rows, `reads` logit positions each: default the steps read,
+        each scored on its own copy of the embeddings, `run`). `kept`: bytes per copy the method keeps
+        besides."""
+        reads = self.fr.positions.shape[1] if reads is None else reads
+        return plan_copies(self.request, self.fr.full, requested, reads, kept, embed_copies=reads)
 
     def original(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits `[R, V]` and attributed function `[R]` of every row at the unperturbed input."""
@@ -49,6 +64,34 @@ class Perturber:
         `owners[n]` is the full row perturbation n copies, `source` / `target` its embeddings
         (None: unperturbed side); `pairs(n, r) -> bool` filters the pairs (default: every row of
         the example)."""
+        if self.cap is not None and len(owners) > self.cap:
+            return self._split(owners, source, target, pairs, self.cap)
+        try:
+            return self._run(owners, source, target, pairs)
+        except BaseException as error:
+            if not batching.is_out_of_memory(error) or len(owners) == 1:
+                raise
+        batching.free_memory()  # outside the except block: the error's frames are gone
+        self.cap = len(owners) // 2
+        if self.request.auto is not None:
+            self.request.auto.note(
+                f"out of memory with {len(owners)} perturbed copies: {self.cap} per forward from now on"
+            )
+        return self.run(owners, source, target, pairs)
+
+    def _split(self, owners, source, target, pairs, size):
+        parts = []
+        for a in range(0, len(owners), size):
+            b = a + size
+            kept = None if pairs is None else (lambda n, r, a=a: pairs(n + a, r))
+            n, r, scores = self.run(
+                owners[a:b], None if source is None else source[a:b], None if target is None else target[a:b], kept
+            )
+            parts.append((n + a, r, scores))
+        parts = [part for part in parts if len(part[0])] or parts[:1]
+        return tuple(torch.cat(values) for values in zip(*parts))
+
+    def _run(self, owners, source, target, pairs):
         engine, fr, rows = self.engine, self.fr, self.request.rows
         owners_list = owners.tolist()
         index_n, index_r = [], []
@@ -86,3 +129,20 @@ def attributed_sides(request: Request, has_source: bool) -> list[str]:
     """The sides a perturbation method attributes: the source (if any), and the target prefix when
     `attribute_target`."""
     return (["source"] if has_source else []) + (["target"] if request.attribute_target else [])
+
+
+def plan_copies(request: Request, rows: Rows, requested: int, reads: int, kept: int = 0, embed_copies: int = 0) -> int:
+    """How many copies of `rows`' rows (full width, `reads` logit positions each) one no-grad forward
+    carries: `requested` at most, fewer where `instrument.planner.plan_rows` finds that they do not
+    fit `request.max_memory` (`kept`, `embed_copies`: see `planner.predict_forward`)."""
+    source = rows.source_ids.shape[1] if rows.source_ids is not None else 0
+    return planner.plan_rows(
+        request.engine.model,
+        rows.target_ids.shape[1],
+        requested,
+        source_length=source,
+        reads=reads,
+        kept=kept,
+        max_memory=request.max_memory,
+        embed_copies=embed_copies,
+    )

@@ -12,7 +12,7 @@ import torch
 
 from instrument.rows import RowAttribution
 from methods.base import AttributionMethod, Request
-from methods.perturber import attributed_sides, side_lengths
+from methods.perturber import attributed_sides, plan_copies, side_lengths
 from methods.registry import register
 
 # Built-in step functions that are not probabilities: ReAGent's update would be NaN with them.
@@ -216,7 +216,7 @@ class Reagent(AttributionMethod):
         of each probe's row with its tokens replaced, in forwards of at most `batch_size` rows."""
         engine, rows = request.engine, request.rows
         scores, hits = [], []
-        size = batch_size or len(probes)
+        size = batch_size or plan_copies(request, rows, len(probes), reads=1)
         for start in range(0, len(probes), size):
             chunk, ids = probes[start : start + size], replaced[start : start + size]
             index = torch.tensor([probe.r for probe in chunk], dtype=torch.long, device=rows.target_ids.device)

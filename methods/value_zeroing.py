@@ -259,6 +259,7 @@ class ValueZeroing(AttributionMethod):
         mask = full.source_mask if side == "source" else full.target_mask
         perturbations = [(f, j) for f, j in mask.nonzero().tolist()]
         result = torch.zeros(len(rows), mask.shape[1], len(stack.picked))
+        per_eval = _per_eval(perturber, stack, clean, per_eval, full.target_ids.shape[1])
         for start in range(0, len(perturbations), per_eval):
             chunk = perturbations[start : start + per_eval]
             owners = torch.tensor([f for f, _ in chunk], dtype=torch.long, device=full.target_ids.device)
@@ -299,6 +300,7 @@ class ValueZeroing(AttributionMethod):
         perturbations = [(f, j) for f, j in mask.nonzero().tolist()]
         result = torch.zeros(len(full), width, width, len(stack.picked))
         encoder = stack.model.get_encoder()
+        per_eval = _per_eval(perturber, stack, clean, per_eval, width)
         for start in range(0, len(perturbations), per_eval):
             chunk = perturbations[start : start + per_eval]
             owners = torch.tensor([f for f, _ in chunk], dtype=torch.long, device=full.target_ids.device)
@@ -318,6 +320,13 @@ class ValueZeroing(AttributionMethod):
             )  # [N, S, layers]
             result[owners.cpu(), zero_at.cpu()] = distances
         return result
+
+
+def _per_eval(perturber: Perturber, stack: _Stack, clean: dict, requested: int, width: int) -> int:
+    """Zeroed copies per forward: the planner's choice (`Perturber.per_eval`); the forwards stop
+    before the LM head and keep each picked layer's output."""
+    hidden = next(iter(clean.values())).shape[-1]
+    return perturber.per_eval(requested, reads=0, kept=len(stack.picked) * width * hidden * 4)
 
 
 class _Stack:

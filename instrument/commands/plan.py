@@ -4,7 +4,9 @@
 
 Reads the model's config only (no weights are loaded); prints the shape it read, the predicted peak
 (above the weights), the slots per batched backward chosen for the budget and whether the layers are
-checkpointed (recomputed in the backward; `--checkpoint_layers`) (`instrument.planner`).
+checkpointed (recomputed in the backward; `--checkpoint_layers`) (`instrument.planner`). For the
+methods that only run forwards (attention, occlusion, LIME, value zeroing, ReAGent): the predicted
+peak of one forward and the perturbed copies it carries (`planner.predict_forward`, `plan_rows`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import re
 # Rows of one forward per example: deeplift runs inputs and baselines together; path methods one
 # row per path point of a chunk.
 _GRADIENT = {"saliency": 1, "input_x_gradient": 1, "deeplift": 2, "integrated_gradients": None}
+# No-grad forwards: perturbed copies of the full row (the attention method: the row itself, eagerly).
+_FORWARD = ("attention", "occlusion", "lime", "value_zeroing", "reagent")
 
 
 def parse_bytes(text: str) -> int | str:
@@ -45,6 +49,9 @@ def add_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--max_memory", type=parse_bytes, default="auto", help="bytes (2GiB, 500MB) or auto")
     parser.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16...); default: the config's")
     parser.add_argument("--attn_implementation", default=None, help="eager, sdpa...; default: the config's")
+    parser.add_argument(
+        "--perturbations_per_eval", type=int, default=32, help="perturbed copies per forward asked for; default 32"
+    )
     parser.add_argument("--n_steps", type=int, default=50, help="path points (integrated gradients); default 50")
     parser.add_argument(
         "--points", type=int, default=None, help="path points per forward (integrated gradients); default: planned"
@@ -76,6 +83,9 @@ def run(args) -> None:
     shape = planner.model_shape(config, dtype)
     print(f"model {args.model}: {shape}")
     method = args.attribution_method
+    if method in _FORWARD:
+        _plan_forward(args, shape)
+        return
     if method not in _GRADIENT:
         print(f"{method}: forwards without a batched backward (streamed); nothing for the planner to chunk")
         return
@@ -106,3 +116,28 @@ def run(args) -> None:
         reserved=held,
     )
     print(f"{method}, {args.length} + {args.generated} tokens, {rows} full row(s): {plan.describe()}")
+
+
+def _plan_forward(args, shape) -> None:
+    from instrument import planner
+
+    method, length, gib = args.attribution_method, args.length + args.generated, 2**30
+    reads, kept, requested, eager = args.generated, 0, args.perturbations_per_eval, None
+    copies = reads  # occlusion and LIME score each step on its own copy of the perturbed embeddings
+    if method == "attention":  # one row per example, eager attention, the mean map of the steps kept
+        requested, eager, kept, copies = 1, True, args.generated * length * 4, 0
+    elif method == "value_zeroing":  # stops before the LM head, keeps each layer's output
+        reads, kept, copies = 0, shape.layers * length * shape.hidden * 4, 0
+    elif method == "reagent":
+        reads, copies = 1, 0
+    options = {"reads": reads, "kept": kept, "eager": eager, "embed_copies": copies}
+    rows = planner.plan_rows(shape, length, requested, max_memory=args.max_memory, **options)
+    peak = planner.predict_forward(shape, length, rows, **options)
+    limit = planner.budget(args.max_memory)
+    what = "row" if method == "attention" else f"of {requested} perturbed copies"
+    print(
+        f"{method}, {args.length} + {args.generated} tokens: predicted peak {peak / gib:.3f} GiB, "
+        f"{rows} {what} per forward (no gradients); budget "
+        + ("unbounded" if limit is None else f"{limit / gib:.3f} GiB")
+        + ("" if limit is None or peak <= limit else "; does not fit even one row")
+    )
