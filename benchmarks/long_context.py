@@ -50,7 +50,7 @@ SHAPES = {
 }
 
 
-def build(length: int, setting: dict):
+def build(length: int, setting: dict, generated: int = GENERATED):
     """(model, tokenizer, prompt, prompt + continuation) for a prompt of `length` tokens; `setting`:
     model shape, device, dtype and quantization (a random checkpoint saved, then loaded quantized)."""
     import tempfile
@@ -66,7 +66,7 @@ def build(length: int, setting: dict):
         tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>", pad_token="<eos>"
     )
     torch.manual_seed(0)
-    positions = max(1024, length + GENERATED)
+    positions = max(1024, length + generated)
     ids = dict(bos_token_id=1, eos_token_id=1, pad_token_id=1)
     if setting["model"] == "gpt2-small":
         config, cls = transformers.GPT2Config(n_positions=positions, **ids), transformers.GPT2LMHeadModel
@@ -90,7 +90,7 @@ def build(length: int, setting: dict):
                 folder, quantization_config=quantization, device_map=setting["device"], dtype=dtype
             ).eval()
     generator = torch.Generator().manual_seed(1)
-    words = [f"w{int(i)}" for i in torch.randint(0, WORDS, (length + GENERATED,), generator=generator)]
+    words = [f"w{int(i)}" for i in torch.randint(0, WORDS, (length + generated,), generator=generator)]
     return model, tokenizer, " ".join(words[:length]), " ".join(words)
 
 

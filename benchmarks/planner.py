@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/planner.py --lengths 256 --cotangents 1,8 --attention eager
 
 transformers' `GPT2Config` defaults, seeded random weights, float32, saliency of 8 forced tokens after
-a prompt of each length (word-level tokenizer: N words are N tokens). For each (length, cotangents
+a prompt of each length (the model and texts of `long_context.py`: N words are N tokens). For each (length, cotangents
 per batched backward) the budget is set so that the planner picks that many
 (`max_memory` = its predicted peak + 1 byte); the measured peak is torch's CPU tensor memory during
 the call (`instrument.memory.tensor_peak`, the profiler's memory events). Prints a Markdown table.
@@ -17,30 +17,15 @@ import os
 import sys
 
 import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
+from benchmarks.long_context import build  # noqa: E402
 from instrument import planner  # noqa: E402
 from instrument.memory import tensor_peak  # noqa: E402
 
 GENERATED = 8
-WORDS = 500
-
-
-def build(attention: str):
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>", pad_token="<eos>"
-    )
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(bos_token_id=1, eos_token_id=1, pad_token_id=1)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    model.set_attn_implementation(attention)
-    return model, tokenizer
+SETTING = {"model": "gpt2-small", "device": "cpu", "dtype": "float32", "quantization": "none"}
 
 
 def main(argv=None) -> None:
@@ -49,8 +34,6 @@ def main(argv=None) -> None:
     parser.add_argument("--cotangents", default="1,4,8", help="slots per batched backward (of 8)")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     args = parser.parse_args(argv)
-    model, tokenizer = build(args.attention)
-    wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
     print(f"    PYTHONPATH=. python benchmarks/planner.py {' '.join(sys.argv[1:])}")
     print(
         f"GPT-2 small shape, {args.attention}, saliency of {GENERATED} tokens, torch threads {torch.get_num_threads()}"
@@ -58,8 +41,9 @@ def main(argv=None) -> None:
     print("| prompt tokens | slots per backward | predicted MiB | measured MiB | predicted / measured |")
     print("|---|---|---|---|---|")
     for length in map(int, args.lengths.split(",")):
-        words = [f"w{(7 * i) % WORDS}" for i in range(length + GENERATED)]
-        prompt, full = " ".join(words[:length]), " ".join(words)
+        model, tokenizer, prompt, full = build(length, SETTING, generated=GENERATED)
+        model.set_attn_implementation(args.attention)
+        wrapped = instrument.load_model(model, "saliency", tokenizer=tokenizer)
         for cotangents in map(int, args.cotangents.split(",")):
             shape = planner.model_shape(model)
             limit = planner.predict_gradients(shape, length + GENERATED, 1, GENERATED, cotangents)[0] + 1
