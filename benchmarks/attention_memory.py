@@ -36,6 +36,7 @@ import transformers
 # the `kernels` package that transformers imports when it is installed.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
+from benchmarks.throughput import bpe_tokenizer  # noqa: E402
 
 WORDS = (
     "The quick brown fox jumps over the lazy dog while the farmer watches from his porch and "
@@ -57,23 +58,7 @@ def reset_peak() -> bool:
 
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [" ".join(WORDS)] * 50,
-        vocab_size=600,
-        min_frequency=1,
-        show_progress=False,
-        special_tokens=["<|endoftext|>", "<unk>"],
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        unk_token="<unk>",
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    return bpe_tokenizer([" ".join(WORDS)] * 50, vocab_size=600)
 
 
 def text_of(tokenizer, tokens: int) -> str:

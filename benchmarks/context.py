@@ -37,6 +37,7 @@ import transformers
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
+from benchmarks.throughput import bpe_tokenizer, gpt2_small  # noqa: E402
 
 WORDS = (
     "the code of lux is seven and the door was red while a small bird sang over green hills near old towns "
@@ -57,34 +58,11 @@ def texts(tokenizer) -> tuple[str, str]:
 
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import ByteLevelBPETokenizer
-
-    corpus = " ".join(WORDS) + " " + CURRENT + " ."
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [corpus] * 50, vocab_size=600, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<unk>"]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        unk_token="<unk>",
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    return bpe_tokenizer([" ".join(WORDS) + " " + CURRENT + " ."] * 50, vocab_size=600)
 
 
 def build_model(tokenizer) -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=768,
-        n_layer=12,
-        n_head=12,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return gpt2_small(tokenizer, vocab_size=len(tokenizer))
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ import transformers
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import instrument  # noqa: E402
+from benchmarks.throughput import bpe_tokenizer, gpt2_small  # noqa: E402
 
 WORDS = (
     "the quick brown fox jumps over lazy dog while farmer watches from his porch and thinks about long winter "
@@ -55,34 +56,11 @@ WORDS = (
 
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    corpus = [" ".join(WORDS)] * 50 + [" " + w for w in WORDS] * 20
-    bpe.train_from_iterator(
-        corpus, vocab_size=600, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<unk>"]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        unk_token="<unk>",
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+    return bpe_tokenizer([" ".join(WORDS)] * 50 + [" " + w for w in WORDS] * 20, vocab_size=600)
 
 
 def build_model(tokenizer, device, dtype, layers: int = 12) -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=768,
-        n_layer=layers,
-        n_head=12,
-        vocab_size=50257,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return transformers.GPT2LMHeadModel(config).eval().to(device=device, dtype=dtype)
+    return gpt2_small(tokenizer, layers=layers).to(device=device, dtype=dtype)
 
 
 def make_rows(count: int, continuation: int, seed: int = 0) -> list[dict]:

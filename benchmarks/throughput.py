@@ -71,13 +71,14 @@ METHODS = (
 N_STEPS = 50
 
 
-def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE trained offline on CORPUS: every word of the benchmark texts is one token."""
+def bpe_tokenizer(corpus: list[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on `corpus` (the benchmarks' texts), `<|endoftext|>` as BOS, EOS
+    and PAD. Other benchmarks build their tokenizers with it."""
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        [CORPUS] * 20, vocab_size=1000, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<unk>"]
+        corpus, vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<unk>"]
     )
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
@@ -88,20 +89,29 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer) -> transformers.GPT2LMHeadModel:
+def gpt2_small(tokenizer, vocab_size: int = 50257, layers: int = 12) -> transformers.GPT2LMHeadModel:
     """GPT-2 small's shape with seeded random weights; special token ids follow the tokenizer
-    (Inseq reads EOS / BOS / PAD from the model config)."""
+    (Inseq reads EOS / BOS / PAD from the model config). Other benchmarks build their models with it."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_embd=768,
-        n_layer=12,
+        n_layer=layers,
         n_head=12,
-        vocab_size=50257,
+        vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on CORPUS: every word of the benchmark texts is one token."""
+    return bpe_tokenizer([CORPUS] * 20, vocab_size=1000)
+
+
+def build_model(tokenizer) -> transformers.GPT2LMHeadModel:
+    return gpt2_small(tokenizer)
 
 
 def check_texts(tokenizer) -> torch.Tensor:
