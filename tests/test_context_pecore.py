@@ -479,4 +479,5 @@ def test_pecore_finds_the_answering_sentence_of_demo_lm_lookups():
         top = max(range(len(scores)), key=scores.__getitem__)
         start = sum(lengths[:index])
         cci_hits += start <= top < start + lengths[index]
+    print(f"demo-lm lookup: CTI selects the answer in {cti_hits}/200, CCI's top cue in its sentence {cci_hits}/200")
     assert cti_hits >= 0.8 * len(cases) and cci_hits >= 0.8 * len(cases), (cti_hits, cci_hits)

@@ -10,9 +10,8 @@
   prepositions after their noun phrases and the verb to the end; one token = one word.
 - `demo-lm`: a GPT-2 (n_embd 64, 2 layers) that knows the capitals and languages of 120 invented
   countries: "the capital of X is" -> Y; and answers "the code of kelo is ba47 . the code of mira is
-  tu11 . the code of kelo is" with a code of its context (`lookup_examples`; codes are random per
-  case, so the answer's probability comes from the answering sentence; it picks the right code
-  ~1/4 of the time: it copies codes but binds them to names only weakly).
+  tu11 . the code of kelo is" with "ba47", the code its context gives kelo (`lookup_examples`; codes
+  are random per case, so the answer can only come from the answering sentence).
 
 Both were trained by `scripts/train_demo_models.py` on the generators in `instrument.demo.tasks`.
 """
