@@ -70,7 +70,7 @@ def table_for(name: str, n: int):
             seconds = time.perf_counter() - started
             result = out.evaluate(model, alignments=alignments, method=method, n_bootstrap=300)
         except Exception as error:  # a method this model cannot run: said in the README, not hidden
-            failed[method] = f"{type(error).__name__}: {error}".splitlines()[0][:120]
+            failed[method] = f"{type(error).__name__}: {error}".splitlines()[0]
             continue
         result.seconds[method] = seconds
         table = result if table is None else table + result

@@ -81,6 +81,17 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def train_step(model, optimizer, scheduler, input_ids, labels, pad_token_id: int) -> float:
+    """One optimizer step on a right-padded batch; returns its loss."""
+    loss = model(input_ids=input_ids, attention_mask=(input_ids != pad_token_id).long(), labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 # -- demo-mt ----------------------------------------------------------------------------------------------
 
 
@@ -126,16 +137,9 @@ def train_mt(args, out: Path) -> dict:
         batch = order[step * args.batch_size : (step + 1) * args.batch_size]
         input_ids = pad([sources[i] for i in batch], tokenizer.pad_token_id)
         labels = pad([targets[i] for i in batch], -100)
-        loss = model(
-            input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels
-        ).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, scheduler, input_ids, labels, tokenizer.pad_token_id)
         if step % 100 == 0 or step == args.mt_steps - 1:
-            print(f"mt step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+            print(f"mt step {step:5d} loss {loss:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
     model.eval()
     model.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=tokenizer.pad_token_id,
@@ -215,16 +219,9 @@ def train_lm(args, out: Path) -> dict:
             rows += [copy_row(rng, tokenizer) for _ in range(n_copy)]
             input_ids = pad([ids for ids, _ in rows], tokenizer.pad_token_id)
             labels = pad([target for _, target in rows], -100)
-            loss = model(
-                input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels
-            ).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, scheduler, input_ids, labels, tokenizer.pad_token_id)
             if step % 100 == 0 or step == args.lm_steps - 1:
-                print(f"lm step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+                print(f"lm step {step:5d} loss {loss:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
     model.eval()
     model.generation_config = transformers.GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=8, do_sample=False
