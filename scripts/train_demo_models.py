@@ -1,4 +1,4 @@
-"""Trains the two demo models shipped in `instrument/demo/` on their synthetic tasks (CPU, a few minutes).
+"""Trains the two demo models shipped in `instrument/demo/` on their synthetic tasks (CPU, about 11 minutes).
 
     PYTHONPATH=. python scripts/train_demo_models.py             # both, into instrument/demo/demo-{lm,mt}
     PYTHONPATH=. python scripts/train_demo_models.py --only mt --out /tmp/demo
