@@ -154,7 +154,7 @@ def test_demo_lm_takes_the_code_from_its_context(lm):
     accuracy = sum(p == a for p, (_, _, a, _) in zip(predicted, cases)) / len(cases)
     print(f"demo-lm lookup: greedy accuracy {accuracy:.3f}, a code of the context {from_context:.3f}")
     assert from_context >= 0.95 and accuracy >= 0.9  # measured: 1.0 and 1.0
-    assert (with_it > 3 * without_it).float().mean() >= 0.95  # measured: 0.99 (10x: 0.92)
+    assert (with_it > 10 * without_it).float().mean() >= 0.95  # measured: 1.0 (medians 0.999 and 4e-7)
 
 
 # -- attributions against the ground truth ----------------------------------------------------------------
