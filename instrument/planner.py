@@ -232,6 +232,13 @@ def predict_gradients(
     return int(peak), int(graph), int(per_slot), int(fixed)
 
 
+def _shape_and_limit(model: Any, dtype: torch.dtype | None, max_memory: int | str | None) -> tuple[Shape, int | None]:
+    """The model's `Shape` (a Shape is taken as is) and its budget in bytes (`budget`)."""
+    if isinstance(model, Shape):
+        return model, budget(max_memory, None)
+    return model_shape(model, dtype), budget(max_memory, model)
+
+
 def plan_gradients(
     model: Any,
     length: int,
@@ -253,8 +260,7 @@ def plan_gradients(
     plan_gradients(model, length=1032, slots=32, max_memory=2**31).cotangents
     """
     check_checkpoint_layers(checkpoint)
-    shape = model if isinstance(model, Shape) else model_shape(model, dtype)
-    limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    shape, limit = _shape_and_limit(model, dtype, max_memory)
     limit = None if limit is None else limit - reserved
     slots = max(int(slots), 1)
     forward = FORWARD_HIDDEN if shared_prefix else UNSHARED_FORWARD_HIDDEN
@@ -353,8 +359,7 @@ def plan_points(
     plan_points(model, length=288, points=50, rows_per_point=1, attributed_rows=32, slots=32, max_memory=2**30)
     """
     check_checkpoint_layers(checkpoint)
-    shape = model if isinstance(model, Shape) else model_shape(model, dtype)
-    limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    shape, limit = _shape_and_limit(model, dtype, max_memory)
     if limit is None:
         return max(int(points), 1)
 
@@ -428,8 +433,7 @@ def plan_rows(
 
         plan_rows(model, length=1032, rows=32, reads=32, max_memory=2**30)   # perturbed copies per forward
     """
-    shape = model if isinstance(model, Shape) else model_shape(model, dtype)
-    limit = budget(max_memory, None if isinstance(model, Shape) else model)
+    shape, limit = _shape_and_limit(model, dtype, max_memory)
     rows = max(int(rows), 1)
     if limit is None:
         return rows

@@ -84,6 +84,11 @@ class Rows:
         return len(self.example)
 
     @property
+    def source_length(self) -> int:
+        """The padded source width (0 without a source: decoder-only rows)."""
+        return self.source_ids.shape[1] if self.source_ids is not None else 0
+
+    @property
     def last(self) -> torch.Tensor:
         """Index of each row's last real target position (where its prediction is read)."""
         return self.target_mask.sum(1) - 1

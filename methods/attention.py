@@ -202,14 +202,14 @@ def _row_chunks(request: Request, fr, picked: dict, aggregate_fn) -> list[torch.
     attention; each row keeps its maps of the steps read: `[steps, keys]`, per layer and head
     when kept)."""
     full, steps = fr.full, fr.positions.shape[1]
-    width = full.target_ids.shape[1] + (full.source_ids.shape[1] if full.source_ids is not None else 0)
+    width = full.target_ids.shape[1] + full.source_length
     heads = planner.model_shape(request.engine.model).heads
     maps = sum(len(names) * heads if aggregate_fn is None else 1 for names in picked.values())
     count = planner.plan_rows(
         request.engine.model,
         full.target_ids.shape[1],
         len(full),
-        source_length=width - full.target_ids.shape[1],
+        source_length=full.source_length,
         reads=steps if request.needs_logits else 0,
         kept=maps * steps * width * 4,
         max_memory=request.max_memory,

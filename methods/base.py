@@ -276,37 +276,29 @@ def _shared_prefix(request: Request, rows: Rows, wrt: list[torch.Tensor], source
 def plan_slots(request: Request, fr, n_slots: int, inputs_only: bool = True) -> planner.Plan:
     """The planner's plan for one shared-prefix batch of the full rows `fr` in the request's memory
     budget: slots per batched backward, and whether to checkpoint the layers (inputs only)."""
-    source_width = fr.full.source_ids.shape[1] if fr.full.source_ids is not None else 0
-    return planner.plan_gradients(
-        request.engine.model,
-        length=fr.full.target_ids.shape[1],
-        source_length=source_width,
-        rows=len(fr.full),
-        slots=n_slots,
-        max_memory=request.max_memory,
-        dtype=request.engine.input_dtype,
-        checkpoint=request.checkpoint_layers if inputs_only else False,
-        reserved=request.reserved_memory,
-    )
+    return _plan(request, fr.full, n_slots, request.checkpoint_layers if inputs_only else False)
 
 
 def _checkpoint(request: Request, rows: Rows) -> bool:
     """Whether one forward and backward of `rows` (no shared prefix) runs with checkpointed layers."""
     if request.checkpoint_layers != "auto":
         return bool(request.checkpoint_layers)
-    source_width = rows.source_ids.shape[1] if rows.source_ids is not None else 0
+    return _plan(request, rows, 1, "auto", shared_prefix=False).checkpoint
+
+
+def _plan(request: Request, rows: Rows, slots: int, checkpoint: bool | str, shared_prefix: bool = True) -> planner.Plan:
     return planner.plan_gradients(
         request.engine.model,
         length=rows.target_ids.shape[1],
-        source_length=source_width,
+        source_length=rows.source_length,
         rows=len(rows),
-        slots=1,
+        slots=slots,
         max_memory=request.max_memory,
         dtype=request.engine.input_dtype,
-        checkpoint="auto",
+        checkpoint=checkpoint,
         reserved=request.reserved_memory,
-        shared_prefix=False,
-    ).checkpoint
+        shared_prefix=shared_prefix,
+    )
 
 
 def cotangent_chunk(request: Request, chosen: int, n_slots: int) -> int:
@@ -364,11 +356,10 @@ def chunks(
     per_point = max(len(rows) if rows_per_point is None else rows_per_point, 1)
     if batching.is_auto(internal_batch_size):
         return batching.auto_chunks(total, per_point, auto if auto is not None else getattr(request, "auto", None))
-    source_width = rows.source_ids.shape[1] if rows.source_ids is not None else 0
     if internal_batch_size:
         per_chunk = max(1, internal_batch_size // per_point)
     elif rows.target_ids.device.type == "cpu":
-        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * (rows.target_ids.shape[1] + source_width)))
+        per_chunk = max(1, CPU_CHUNK_TOKENS // (per_point * (rows.target_ids.shape[1] + rows.source_length)))
     else:
         per_chunk = total
     if request is not None:
@@ -388,7 +379,7 @@ def _path_layout(rows: Rows, per_point: int, shared_prefix: bool, extra_rows: in
         "attributed_rows": len(rows),
         "point_rows": len(rows) if shared_prefix else per_point,
         "slots": slots,
-        "source_length": rows.source_ids.shape[1] if rows.source_ids is not None else 0,
+        "source_length": rows.source_length,
         "shared_prefix": shared_prefix,
         "extra_rows": extra_rows,
     }

@@ -135,12 +135,11 @@ def plan_copies(request: Request, rows: Rows, requested: int, reads: int, kept: 
     """How many copies of `rows`' rows (full width, `reads` logit positions each) one no-grad forward
     carries: `requested` at most, fewer where `instrument.planner.plan_rows` finds that they do not
     fit `request.max_memory` (`kept`, `embed_copies`: see `planner.predict_forward`)."""
-    source = rows.source_ids.shape[1] if rows.source_ids is not None else 0
     return planner.plan_rows(
         request.engine.model,
         rows.target_ids.shape[1],
         requested,
-        source_length=source,
+        source_length=rows.source_length,
         reads=reads,
         kept=kept,
         max_memory=request.max_memory,
